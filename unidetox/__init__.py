@@ -1,0 +1,14 @@
+"""unidetox: UniDetox (Lu et al., ICLR 2025) for any HuggingFace causal LM."""
+
+__version__ = "0.1.0"
+
+from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer  # noqa: E402
+from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ContrastiveDetoxSampler",
+    "contrastive_scores",
+    "embedded_model_path",
+    "load_model_and_tokenizer",
+]

