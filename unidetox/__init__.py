@@ -2,12 +2,17 @@
 
 __version__ = "0.1.0"
 
+from unidetox.distilled import DistilledDetoxDataset  # noqa: E402
 from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer  # noqa: E402
 from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
+from unidetox.scoring import ProfanityCheckScorer, ToxicityScorer  # noqa: E402
 
 __all__ = [
     "EMBEDDED_MODELS",
     "ContrastiveDetoxSampler",
+    "DistilledDetoxDataset",
+    "ProfanityCheckScorer",
+    "ToxicityScorer",
     "contrastive_scores",
     "embedded_model_path",
     "load_model_and_tokenizer",
