@@ -1,0 +1,133 @@
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_gemma3, tiny_llama, word_tokenizer
+from transformers import LogitsProcessorList
+
+from unidetox import ContrastiveDetoxSampler
+from unidetox.fused import contrastive_generate, fused_contrastive_generate, is_lora_anti_expert
+
+VOCAB = 64
+PROMPTS = ["the cat sat on", "a good", "science helps us understand the", "music"]
+
+
+def lora_pair(make=tiny_llama, target_modules="all-linear", seed=0):
+    """(plain base, peft model = base + random LoRA adapter as the anti-expert)."""
+    base = make(VOCAB, seed=seed)
+    torch.manual_seed(123)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=target_modules, init_lora_weights=False, lora_dropout=0.0)
+    lora = get_peft_model(copy.deepcopy(base), config).eval()
+    return base, lora
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer(padding_side="left")
+
+
+def two_model(base, anti, inputs, **kwargs):
+    sampler = ContrastiveDetoxSampler(anti, alpha=kwargs.pop("alpha", 0.1), attention_mask=inputs["attention_mask"])
+    return base.generate(**inputs, logits_processor=LogitsProcessorList([sampler]), return_dict_in_generate=True,
+                         output_scores=True, **kwargs)
+
+
+def assert_same_scores(fused_scores, ref_scores):
+    assert len(fused_scores) == len(ref_scores)
+    for f, r in zip(fused_scores, ref_scores, strict=True):
+        assert torch.equal(torch.isfinite(f), torch.isfinite(r))
+        finite = torch.isfinite(r)
+        torch.testing.assert_close(f[finite], r[finite], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_fused_greedy_scores_equal_two_model_sampler(make, tokenizer):
+    base, lora = lora_pair(make)
+    assert is_lora_anti_expert(lora)
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = two_model(base, lora, inputs, **kwargs)
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
+                                       eos_token_id=[], **{k: v for k, v in kwargs.items() if k != "eos_token_id"})
+    assert torch.equal(fused.sequences, ref.sequences)
+    assert_same_scores(fused.scores, ref.scores)
+
+
+def test_fused_sampling_same_seed_same_tokens(tokenizer):
+    base, lora = lora_pair()
+    inputs = tokenizer(PROMPTS * 3, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+    torch.manual_seed(7)
+    ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
+    torch.manual_seed(7)
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
+                                       eos_token_id=[], **kwargs)
+    assert torch.equal(fused.sequences, ref.sequences)
+    assert_same_scores(fused.scores, ref.scores)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert len({tuple(row.tolist()) for row in fused.sequences[:, prompt_len:]}) > 1, "samples should differ"
+
+
+def test_fused_with_eos_and_warpers_matches_generate(tokenizer):
+    base, lora = lora_pair()
+    inputs = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True)
+    # pick an EOS that the contrastive scores actually emit, so rows finish at different steps
+    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=6,
+                                       do_sample=False, eos_token_id=[], pad_token_id=0)
+    eos = int(probe.sequences[0, inputs["input_ids"].shape[1] + 2])
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=5, top_p=0.9, temperature=0.7, pad_token_id=0,
+                  eos_token_id=eos, alpha=0.05)
+    torch.manual_seed(3)
+    ref = two_model(base, lora, inputs, **kwargs)
+    torch.manual_seed(3)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True, **kwargs)
+    assert torch.equal(fused.sequences, ref.sequences)
+    assert (fused.sequences == eos).any()
+
+
+def test_min_new_tokens_suppresses_eos_like_generate(tokenizer):
+    base, lora = lora_pair()
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3,
+                                       do_sample=False, eos_token_id=[], pad_token_id=0)
+    eos = int(probe.sequences[0, -3])  # the first greedy token of row 0 becomes EOS
+    kwargs = dict(max_new_tokens=6, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    ref = two_model(base, lora, inputs, **kwargs)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], **kwargs)
+    assert torch.equal(fused.sequences, ref.sequences)
+    assert fused.sequences[0, inputs["input_ids"].shape[1]] != eos
+
+
+def test_general_lora_path_via_peft_adapter_names(tokenizer):
+    """LoRA on the embedding layer cannot use the slicing hooks; peft's mixed-batch inference is used instead."""
+    base, lora = lora_pair(target_modules=["embed_tokens", "q_proj", "v_proj"])
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
+                                       eos_token_id=[], **kwargs)
+    assert torch.equal(fused.sequences, ref.sequences)
+    assert_same_scores(fused.scores, ref.scores)
+
+
+def test_adapter_state_is_restored(tokenizer):
+    _, lora = lora_pair()
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    before = lora(**inputs).logits
+    fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3)
+    after = lora(**inputs).logits
+    assert torch.equal(before, after), "the adapter must be active again and no hook left behind"
+    assert all(not m._forward_hooks for m in lora.modules())
+
+
+def test_contrastive_generate_dispatch_errors(tokenizer):
+    base, lora = lora_pair()
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="anti_expert"):
+        contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"])
+    with pytest.raises(ValueError, match="fused=True"):
+        contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"], anti_expert=lora, fused=True)
+    with pytest.raises(ValueError, match="alpha"):
+        contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], alpha=2.0)

@@ -1,0 +1,302 @@
+"""Contrastive decoding at nearly the cost of one model when the anti-expert is the base plus a LoRA adapter.
+
+With two separate models every token costs two full forward passes. When the anti-expert is ``base + LoRA``,
+both distributions come from ONE forward over a doubled batch ``[x; x]``: the base weights are read once per
+step for both halves and only the adapter's small matrices run on the second half. Each half keeps its own KV
+cache rows, so the result is the two-model :class:`~unidetox.ContrastiveDetoxSampler` computed differently:
+same scores (up to float noise) and, for the same seed, the same tokens (the sampling step draws from the global
+torch RNG exactly as ``generate()`` does).
+
+:func:`contrastive_generate` is the entry point; it picks the fused path automatically for a peft LoRA model
+and falls back to ``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler` for a separate anti-expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores, validate_alpha_beta
+
+
+@dataclass
+class ContrastiveGenerateOutput:
+    """``sequences``: prompt + new tokens, shape ``(batch, prompt_len + new)``; ``scores``: per-step contrastive
+    scores (after temperature / top-k / top-p), only when requested."""
+
+    sequences: torch.LongTensor
+    scores: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _peft_lora_layers(model, adapter_name: str):
+    from peft.tuners.lora import LoraLayer
+
+    # Embedding LoRA keeps its weights in `lora_embedding_A/B`, linear/conv LoRA in `lora_A/B`.
+    return [
+        m for m in model.modules()
+        if isinstance(m, LoraLayer) and (adapter_name in m.lora_A or adapter_name in getattr(m, "lora_embedding_A", {}))
+    ]
+
+
+def is_lora_anti_expert(model, adapter_name: str | None = None) -> bool:
+    """True when ``model`` is a peft model carrying a LoRA adapter (``adapter_name`` or the active one)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    if not isinstance(model, PeftModel):
+        return False
+    adapter_name = adapter_name or model.active_adapter
+    return bool(_peft_lora_layers(model, adapter_name))
+
+
+def _fast_path_supported(layers, adapter_name: str) -> bool:
+    """Plain ``nn.Linear`` LoRA (no DoRA or other variants, not merged) can use the slicing hooks below."""
+    import torch.nn as nn
+
+    for layer in layers:
+        if adapter_name not in layer.lora_A or not isinstance(layer.get_base_layer(), nn.Linear):
+            return False
+        if getattr(layer, "merged", False) or adapter_name in getattr(layer, "lora_variant", {}):
+            return False
+        if getattr(layer, "use_dora", {}).get(adapter_name, False):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lora_on_second_half(peft_model, adapter_name: str, half: int) -> Iterator[None]:
+    """Within the context, ``peft_model``'s LoRA adapter applies to batch rows ``half:`` only.
+
+    Fast path (plain Linear LoRA): the adapter is disabled, and a forward hook on every LoRA layer adds
+    ``B(A(x[half:])) * scaling`` to the second half of the base layer's output (contiguous slices, no index
+    lists). Other LoRA flavours use peft's own mixed-batch inference (``adapter_names`` per row).
+    """
+    layers = _peft_lora_layers(peft_model, adapter_name)
+    if not layers:
+        raise ValueError(f"The model has no LoRA adapter named {adapter_name!r}; adapters: "
+                         f"{list(getattr(peft_model, 'peft_config', {}))}.")
+    if not _fast_path_supported(layers, adapter_name):
+        yield None  # the caller passes adapter_names instead (see _FusedForward)
+        return
+
+    def add_lora_delta(module, args, output):
+        x = args[0]
+        lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        delta = lora_b(lora_a(x[half:].to(lora_a.weight.dtype))) * module.scaling[adapter_name]
+        output[half:] += delta.to(output.dtype)
+        return output
+
+    handles = []
+    with peft_model.disable_adapter():
+        try:
+            handles = [layer.register_forward_hook(add_lora_delta) for layer in layers]
+            yield None
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _FusedForward:
+    """Runs the doubled batch through the LoRA model: rows ``:B`` are the base, rows ``B:`` the anti-expert."""
+
+    def __init__(self, peft_model, adapter_name: str, half: int):
+        self.peft_model = peft_model
+        self.inner = peft_model.get_base_model()
+        self.adapter_name = adapter_name
+        self.half = half
+        self.fast = _fast_path_supported(_peft_lora_layers(peft_model, adapter_name), adapter_name)
+
+    def __call__(self, **kwargs):
+        if self.fast:
+            return self.inner(**kwargs)
+        names = ["__base__"] * self.half + [self.adapter_name] * self.half
+        return self.peft_model(**kwargs, adapter_names=names)
+
+
+def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    # Same warpers, same order and same conditions as generate(): temperature, top-k, top-p.
+    warpers = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def _as_id_list(token_ids) -> list[int]:
+    if token_ids is None:
+        return []
+    if isinstance(token_ids, int):
+        return [token_ids]
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.flatten().tolist()
+    return list(token_ids)
+
+
+@torch.no_grad()
+def fused_contrastive_generate(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    *,
+    adapter_name: str | None = None,
+    alpha: float = 0.1,
+    beta: float | None = None,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    output_scores: bool = False,
+) -> ContrastiveGenerateOutput:
+    """UniDetox contrastive decoding with a LoRA anti-expert in one forward per step (see module docstring).
+
+    ``model`` is a peft model: with the adapter disabled it is the base, with ``adapter_name`` (default: the active
+    adapter) it is the anti-expert. Arguments mirror ``generate()``; EOS handling matches it (finished rows are
+    filled with ``pad_token_id``; generation stops when every row has finished).
+    """
+    validate_alpha_beta(alpha, beta)
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` has to be >= 1, but is {max_new_tokens}.")
+    adapter_name = adapter_name or model.active_adapter
+    if not is_lora_anti_expert(model, adapter_name):
+        raise ValueError("fused_contrastive_generate needs a peft model with a LoRA adapter as the anti-expert.")
+    # Like generate(): unset EOS/pad come from the model's generation config.
+    generation_config = model.get_base_model().generation_config
+    if eos_token_id is None:
+        eos_token_id = generation_config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = generation_config.pad_token_id
+        if pad_token_id is None and eos_token_id is not None:
+            pad_token_id = _as_id_list(eos_token_id)[0]
+    eos_ids = _as_id_list(eos_token_id)
+    if eos_ids and pad_token_id is None:
+        raise ValueError("`pad_token_id` is needed to fill finished rows when `eos_token_id` is set.")
+    warpers = _warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` has shape {tuple(mask.shape)} but `input_ids` {tuple(input_ids.shape)}.")
+    eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
+
+    forward = _FusedForward(model, adapter_name, batch)
+    was_training = model.training
+    model.eval()
+    sequences = input_ids
+    scores_out: list[torch.Tensor] = []
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    try:
+        with lora_on_second_half(model, adapter_name, batch):
+            doubled_mask = torch.cat([mask, mask])
+            positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)
+            out = forward(input_ids=torch.cat([input_ids, input_ids]), attention_mask=doubled_mask,
+                          position_ids=positions, use_cache=True)
+            for step in range(max_new_tokens):
+                logits = out.logits[:, -1].float()
+                base_logits, anti_logits = logits[:batch], logits[batch:]
+                if step < min_new_tokens and eos_tensor is not None:
+                    # generate() applies MinNewTokensLengthLogitsProcessor to the base logits before our processor.
+                    base_logits = base_logits.index_fill(-1, eos_tensor, -math.inf)
+                scores = contrastive_scores(base_logits, anti_logits, alpha, beta)
+                scores = warpers(sequences, scores)
+                if output_scores:
+                    scores_out.append(scores)
+                if do_sample:
+                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    next_tokens = scores.argmax(dim=-1)
+                if eos_tensor is not None:
+                    next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+                sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+                if eos_tensor is not None:
+                    unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
+                    if not bool(unfinished.any()):
+                        break
+                if step == max_new_tokens - 1:
+                    break
+                doubled_mask = torch.cat([doubled_mask, doubled_mask.new_ones(2 * batch, 1)], dim=-1)
+                positions = positions[:, -1:] + 1
+                out = forward(input_ids=torch.cat([next_tokens, next_tokens])[:, None], attention_mask=doubled_mask,
+                              position_ids=positions, cache=out.cache, use_cache=True)
+    finally:
+        model.train(was_training)
+    return ContrastiveGenerateOutput(sequences, tuple(scores_out) if output_scores else None)
+
+
+@torch.no_grad()
+def contrastive_generate(
+    base,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    *,
+    anti_expert=None,
+    adapter_name: str | None = None,
+    alpha: float = 0.1,
+    beta: float | None = None,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    output_scores: bool = False,
+    fused: bool | None = None,
+) -> ContrastiveGenerateOutput:
+    """UniDetox contrastive decoding; fused when the anti-expert is a LoRA adapter on the base.
+
+    Args:
+        base: the base causal LM, or a peft LoRA model whose adapter *is* the anti-expert (then leave
+            ``anti_expert`` as ``None`` or pass the same object).
+        anti_expert: a separate anti-expert model (same vocabulary), for the two-model path.
+        fused: ``None`` picks automatically; ``True`` requires the fused path; ``False`` requires the two-model
+            path (``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler`).
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from unidetox.fused import contrastive_generate
+        >>> lora_model = get_peft_model(base, LoraConfig(target_modules="all-linear"))  # doctest: +SKIP
+        >>> # ... train the adapter on toxic text (unidetox.anti_expert), then:
+        >>> out = contrastive_generate(lora_model, input_ids, attention_mask, max_new_tokens=64)  # doctest: +SKIP
+    """
+    lora_model = base if anti_expert is None or anti_expert is base else None
+    can_fuse = lora_model is not None and is_lora_anti_expert(lora_model, adapter_name)
+    if fused and not can_fuse:
+        raise ValueError("fused=True needs `base` to be a peft LoRA model whose adapter is the anti-expert "
+                         "(and `anti_expert` None or the same object).")
+    if anti_expert is None and not can_fuse:
+        raise ValueError("Pass `anti_expert`, or a peft LoRA model as `base` whose adapter is the anti-expert.")
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    if can_fuse and fused is not False:
+        return fused_contrastive_generate(
+            base, input_ids, attention_mask, adapter_name=adapter_name, alpha=alpha, beta=beta,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, output_scores=output_scores, **sampling,
+        )
+    if anti_expert is None or anti_expert is base:
+        raise ValueError("fused=False needs a separate `anti_expert` model (e.g. a merged copy of the LoRA model).")
+    sampler = ContrastiveDetoxSampler(anti_expert, alpha=alpha, beta=beta, attention_mask=attention_mask)
+    out = base.generate(
+        input_ids=input_ids, attention_mask=attention_mask, logits_processor=LogitsProcessorList([sampler]),
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, return_dict_in_generate=True, output_scores=output_scores, **sampling,
+    )
+    return ContrastiveGenerateOutput(out.sequences, out.scores if output_scores else None)
