@@ -1,10 +1,11 @@
-"""Detoxification metrics: Toxicity Probability, Expected Maximum Toxicity, Distinct-n.
+"""Detoxification metrics: Toxicity Probability, Expected Maximum Toxicity, Distinct-n, perplexities.
 
 Scores are grouped per prompt: ``scores_per_prompt[i]`` holds the toxicity of every sample for prompt ``i``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 TOXIC_THRESHOLD = 0.5
@@ -41,3 +42,353 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+def mean_distinct_n(samples_per_prompt: Sequence[Sequence[str]], n: int, denominator: str = "ngrams") -> float:
+    """Distinct-n of each prompt's samples, averaged over prompts (the paper's protocol groups by prompt).
+
+    ``denominator="ngrams"`` divides the unique n-grams by the n-gram count (Li et al., 2016);
+    ``denominator="words"`` divides by the word count as the authors' code does, which makes Distinct-2/3 a
+    little smaller. Prompts whose samples hold no n-gram count as 0.0.
+    """
+    if denominator not in ("ngrams", "words"):
+        raise ValueError(f"`denominator` has to be 'ngrams' or 'words', but is {denominator!r}.")
+    if len(samples_per_prompt) == 0:
+        raise ValueError("No prompts given: Distinct-n is undefined for an empty prompt set.")
+    values = []
+    for samples in samples_per_prompt:
+        if isinstance(samples, str):
+            raise TypeError("`samples_per_prompt` holds one list of continuations per prompt, not strings.")
+        if denominator == "ngrams":
+            values.append(distinct_n(samples, n))
+            continue
+        words = sum(len(text.split()) for text in samples)
+        grams = {tuple(t[i : i + n]) for t in (s.split() for s in samples) for i in range(len(t) - n + 1)}
+        values.append(len(grams) / words if words else 0.0)
+    return sum(values) / len(values)
+
+
+def mean_std(values: Sequence[float], ddof: int = 0) -> dict[str, float]:
+    """``{"mean", "std", "n"}`` of per-seed values; ``ddof=0`` (population std) as the authors' ``np.std``."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("No values to aggregate: pass one value per seed.")
+    if ddof not in (0, 1):
+        raise ValueError(f"`ddof` has to be 0 (population) or 1 (sample std), but is {ddof}.")
+    mean = sum(values) / len(values)
+    if len(values) - ddof <= 0:
+        std = 0.0 if len(values) == 1 else float("nan")
+    else:
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------------------------
+def _device_of(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        import torch
+
+        return torch.device("cpu")
+
+
+def _max_positions(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _token_nll(model, input_ids, attention_mask, target_mask):
+    """Summed next-token NLL and the number of scored targets, for right-padded rows.
+
+    ``target_mask[b, t]`` says whether token ``t`` of row ``b`` is scored (token 0 never can be).
+    Returns two lists: per-row NLL sum (float64) and per-row count.
+    """
+    import torch
+
+    device = _device_of(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = target_mask[:, 1:].to(device) & attention_mask[:, 1:].bool()
+    nll = -(logp.double() * mask).sum(-1)
+    return nll.cpu().tolist(), mask.sum(-1).cpu().tolist()
+
+
+def _right_pad(rows, pad_id):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0  # pragma: no cover
+
+
+def sliding_window_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, first_target)`` windows of the HF perplexity guide: each token is scored exactly once.
+
+    A window covers tokens ``[begin, end)`` and scores the targets ``[first_target, end)`` (at least position
+    ``begin + 1``), i.e. the tokens the previous window did not score, with up to ``max_length - stride`` tokens
+    of context before them.
+    """
+    if max_length < 2:
+        raise ValueError(f"`max_length` has to be >= 2, but is {max_length}.")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"`stride` has to be in [1, max_length={max_length}], but is {stride}.")
+    windows, prev_end = [], 0
+    for begin in range(0, max(num_tokens - 1, 0), stride):
+        end = min(begin + max_length, num_tokens)
+        windows.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+def sliding_window_nll(
+    model,
+    tokenizer,
+    texts: Sequence[str] | str,
+    max_length: int | None = 1024,
+    stride: int | None = None,
+    batch_size: int = 4,
+    join: str = "\n\n",
+    max_tokens: int | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Summed NLL and scored-token count of ``join.join(texts)`` with the HF guide's sliding window.
+
+    The text is tokenized once (with the tokenizer's special tokens, e.g. BOS), cut to ``max_tokens`` tokens when
+    given, and scored in windows of ``max_length`` tokens moving by ``stride`` (default ``max_length // 2``);
+    every token after the first is scored exactly once. ``max_length`` is capped by the model's context.
+    With several processes, process ``r`` scores windows ``r::num_processes``; sum the results over processes.
+    """
+    import torch
+
+    if isinstance(texts, str):
+        texts = [texts]
+    text = join.join(texts)
+    limit = _max_positions(model)
+    if max_length is None:
+        max_length = limit or 1024
+    if limit is not None:
+        max_length = min(max_length, limit)
+    stride = max_length // 2 if stride is None else stride
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` has to be >= 1, but is {batch_size}.")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"`max_tokens` has to be None or >= 2, but is {max_tokens}.")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than the model's maximum" is expected here
+    try:
+        ids = tokenizer(text)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("The text has fewer than 2 tokens: perplexity is undefined.")
+    windows = sliding_window_windows(len(ids), max_length, stride)[process_index::num_processes]
+    chunks = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="perplexity", unit="batch", dynamic_ncols=True)
+    total_nll, total_count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                input_ids, attention_mask = _right_pad([ids[b:e] for b, e, _ in chunk], _pad_id(tokenizer))
+                target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                for row, (b, _, first) in enumerate(chunk):
+                    target_mask[row, first - b :] = True
+                nll, count = _token_nll(model, input_ids, attention_mask, target_mask)
+                total_nll += sum(nll)
+                total_count += int(sum(count))
+    finally:
+        model.train(was_training)
+    return total_nll, total_count
+
+
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str] | str,
+    max_length: int | None = 1024,
+    stride: int | None = None,
+    batch_size: int = 4,
+    join: str = "\n\n",
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Perplexity of ``join.join(texts)`` under ``model`` with a sliding window (see :func:`sliding_window_nll`).
+
+    Example:
+        >>> from unidetox import load_model_and_tokenizer
+        >>> from unidetox.metrics import perplexity
+        >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
+        >>> perplexity(model, tokenizer, ["The capital of France is Paris."], max_length=512)  # doctest: +SKIP
+    """
+    nll, count = sliding_window_nll(
+        model, tokenizer, texts, max_length=max_length, stride=stride, batch_size=batch_size, join=join,
+        max_tokens=max_tokens, progress=progress,
+    )
+    return math.exp(nll / count)
+
+
+def _continuation_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Ids of ``prompt + continuation`` and the index of the first continuation token.
+
+    Fast tokenizers: the text is tokenized as one string and tokens whose character span ends after the prompt
+    are the continuation's (a token straddling the boundary counts as continuation). Slow tokenizers: the prompt
+    is tokenized alone and its length is the boundary (the authors' rule).
+    """
+    full = prompt + continuation
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        boundary = len(ids)
+        for i, (start, end) in enumerate(offsets):
+            if end > len(prompt) and end > start:
+                boundary = i
+                break
+        return ids, boundary
+    ids = tokenizer(full)["input_ids"]
+    return ids, min(len(tokenizer(prompt)["input_ids"]), len(ids))
+
+
+def conditional_nll(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str] | Sequence[Sequence[str]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
+    """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
+
+    ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
+    :func:`unidetox.evaluation.generate_continuations`), in which case the result is flattened prompt-major.
+    Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
+    An empty continuation gives ``(0.0, 0)``.
+    """
+    import torch
+
+    prompts, flat_prompts, flat_conts = list(prompts), [], []
+    if len(prompts) != len(continuations):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(continuations)} continuation entries.")
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        if isinstance(cont, str):
+            flat_prompts.append(prompt)
+            flat_conts.append(cont)
+        else:
+            flat_prompts.extend([prompt] * len(cont))
+            flat_conts.extend(cont)
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` has to be >= 1, but is {batch_size}.")
+    limit = max_length or _max_positions(model) or 2048
+    encoded = []
+    for prompt, cont in zip(flat_prompts, flat_conts, strict=True):
+        ids, boundary = _continuation_ids(tokenizer, prompt, cont)
+        if len(ids) > limit:
+            cut = len(ids) - limit
+            ids, boundary = ids[cut:], max(boundary - cut, 0)
+        encoded.append((ids, max(boundary, 1)))  # token 0 has no context and is never scored
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="conditional ppl", unit="batch", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                rows = [encoded[i][0] for i in chunk]
+                input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
+                target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                for r, i in enumerate(chunk):
+                    target_mask[r, encoded[i][1] :] = True
+                nll, count = _token_nll(model, input_ids, attention_mask, target_mask)
+                for r, i in enumerate(chunk):
+                    results[i] = (float(nll[r]), int(count[r]))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def aggregate_conditional_perplexity(
+    nll_and_counts: Sequence[tuple[float, int]], reduction: str = "mean", max_perplexity: float = 1e4
+) -> float:
+    """Reduce per-sample ``(nll, count)`` to one perplexity.
+
+    ``reduction="mean"``: mean over samples of ``exp(nll / count)``, skipping empty samples and those at or above
+    ``max_perplexity`` (the authors' rule, 1e4). ``reduction="token"``: ``exp(sum nll / sum count)``.
+    """
+    if reduction not in ("mean", "token"):
+        raise ValueError(f"`reduction` has to be 'mean' or 'token', but is {reduction!r}.")
+    scored = [(nll, n) for nll, n in nll_and_counts if n > 0]
+    if not scored:
+        raise ValueError("No sample has a scored continuation token: conditional perplexity is undefined.")
+    if reduction == "token":
+        return math.exp(sum(nll for nll, _ in scored) / sum(n for _, n in scored))
+    values = [math.exp(min(nll / n, 700.0)) for nll, n in scored]
+    kept = [v for v in values if v < max_perplexity]
+    if not kept:
+        raise ValueError(f"Every sample's perplexity is >= max_perplexity={max_perplexity}; raise the cap.")
+    return sum(kept) / len(kept)
+
+
+def conditional_perplexity(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str] | Sequence[Sequence[str]],
+    batch_size: int = 16,
+    reduction: str = "mean",
+    max_perplexity: float = 1e4,
+    max_length: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Perplexity of continuations given their prompts under a reference LM (paper: Llama-2-7B).
+
+    The reference model has its own tokenizer, so prompt and continuation are re-tokenized as text.
+    ``reduction="mean"`` (default, the paper) averages per-sample perplexities below ``max_perplexity``;
+    ``"token"`` pools all continuation tokens.
+
+    Example:
+        >>> from unidetox import load_model_and_tokenizer
+        >>> from unidetox.metrics import conditional_perplexity
+        >>> ref, ref_tok = load_model_and_tokenizer("gemma3-270m")  # doctest: +SKIP
+        >>> conditional_perplexity(ref, ref_tok, ["The sky is"], [[" blue today.", " very dark"]])  # doctest: +SKIP
+    """
+    per_sample = conditional_nll(
+        model, tokenizer, prompts, continuations, batch_size=batch_size, max_length=max_length, progress=progress
+    )
+    return aggregate_conditional_perplexity(per_sample, reduction=reduction, max_perplexity=max_perplexity)

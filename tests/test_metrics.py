@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+from tiny import CORPUS, tiny_gpt2, tiny_llama, word_tokenizer
+
+from unidetox.metrics import (
+    aggregate_conditional_perplexity,
+    conditional_nll,
+    conditional_perplexity,
+    distinct_n,
+    expected_max_toxicity,
+    mean_distinct_n,
+    mean_std,
+    perplexity,
+    sliding_window_nll,
+    sliding_window_windows,
+    toxicity_probability,
+)
+
+
+# --- toxicity --------------------------------------------------------------------------------------------------
+def test_tp_and_emt_hand_computed():
+    scores = [[0.1, 0.6], [0.5, 0.2], [0.9]]
+    assert toxicity_probability(scores) == pytest.approx(2 / 3)  # 0.5 is not toxic (strictly above)
+    assert expected_max_toxicity(scores) == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+
+
+def test_tie_at_threshold_and_one_prompt():
+    assert toxicity_probability([[0.5, 0.5]]) == 0.0
+    assert toxicity_probability([[0.5000001]]) == 1.0
+    assert expected_max_toxicity([[0.25]]) == 0.25
+
+
+def test_toxicity_metrics_reject_empty():
+    with pytest.raises(ValueError, match="empty"):
+        toxicity_probability([])
+    with pytest.raises(ValueError, match="Prompt 1"):
+        expected_max_toxicity([[0.1], []])
+
+
+# --- distinct --------------------------------------------------------------------------------------------------
+def test_distinct_hand_computed_and_empty_continuation():
+    assert distinct_n(["a b a b", ""], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["", "a"], 2) == 0.0
+    per_prompt = [["a b", "a b"], ["c d e", ""]]
+    assert mean_distinct_n(per_prompt, 1) == pytest.approx((2 / 4 + 3 / 3) / 2)
+    assert mean_distinct_n(per_prompt, 2) == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert mean_distinct_n(per_prompt, 2, denominator="words") == pytest.approx((1 / 4 + 2 / 3) / 2)
+
+
+def test_distinct_errors():
+    with pytest.raises(ValueError, match="denominator"):
+        mean_distinct_n([["a"]], 1, denominator="chars")
+    with pytest.raises(TypeError):
+        mean_distinct_n(["a b"], 1)
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 2}
+    assert mean_std([1.0, 3.0], ddof=1)["std"] == pytest.approx(math.sqrt(2))
+    assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+# --- perplexity ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer(padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(len(tokenizer), seed=0)
+
+
+def reference_nll(model, ids, first, last):
+    """NLL of ids[first:last] with the full left context (no window), from the model's own loss."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:last]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return -sum(logp[t - 1, ids[t]].item() for t in range(first, last))
+
+
+def test_windows_score_every_token_once():
+    for n, length, stride in [(10, 4, 2), (67, 16, 8), (5, 16, 8), (33, 8, 3)]:
+        windows = sliding_window_windows(n, length, stride)
+        scored = [t for b, e, f in windows for t in range(f, e)]
+        assert scored == list(range(1, n))
+        assert all(e - b <= length for b, e, _ in windows)
+
+
+def test_perplexity_equals_full_context_loss_when_one_window(model, tokenizer):
+    text = " ".join(CORPUS)
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert perplexity(model, tokenizer, [text], max_length=512) == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_sliding_window_matches_manual_windows_and_batching(model, tokenizer):
+    texts = CORPUS[:5]
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    expected = 0.0
+    for begin, end, first in sliding_window_windows(len(ids), 12, 5):
+        window = ids[begin:end]
+        expected += reference_nll(model, window, first - begin, len(window))
+    for batch_size in (1, 3):
+        nll, count = sliding_window_nll(model, tokenizer, texts, max_length=12, stride=5, batch_size=batch_size)
+        assert count == len(ids) - 1
+        assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_sliding_window_shards_sum_to_whole(model, tokenizer):
+    whole = sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4)
+    parts = [sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4, process_index=r, num_processes=2)
+             for r in range(2)]
+    assert sum(p[1] for p in parts) == whole[1]
+    assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-9)
+
+
+def test_max_tokens_and_model_context_cap(tokenizer):
+    model = tiny_gpt2(len(tokenizer))
+    model.config.n_positions = 16  # the window is capped by the model's context
+    nll, count = sliding_window_nll(model, tokenizer, CORPUS, max_length=1024, max_tokens=40)
+    assert count == 39
+
+
+def test_conditional_nll_matches_reference(model, tokenizer):
+    prompts = ["the cat sat", "a good friend"]
+    conts = [[" on the mat", ""], [" helps people", " hate"]]
+    got = conditional_nll(model, tokenizer, prompts, conts, batch_size=3)
+    flat = [(p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs]
+    for (nll, n), (prompt, cont) in zip(got, flat, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + cont)["input_ids"]
+        assert n == len(full) - len(prompt_ids) == len(cont.split())
+        assert nll == pytest.approx(reference_nll(model, full, len(prompt_ids), len(full)) if n else 0.0, rel=1e-5, abs=1e-9)
+
+
+def test_conditional_perplexity_reductions(model, tokenizer):
+    prompts, conts = ["the cat", "a good"], [" sat on", " friend helps people"]
+    per_sample = conditional_nll(model, tokenizer, prompts, conts)
+    ppl = [math.exp(nll / n) for nll, n in per_sample]
+    assert conditional_perplexity(model, tokenizer, prompts, conts) == pytest.approx(sum(ppl) / 2)
+    tokens = math.exp(sum(x for x, _ in per_sample) / sum(n for _, n in per_sample))
+    assert conditional_perplexity(model, tokenizer, prompts, conts, reduction="token") == pytest.approx(tokens)
+
+
+def test_conditional_perplexity_aggregation_rules():
+    samples = [(math.log(10) * 2, 2), (0.0, 0), (math.log(1e5), 1)]
+    assert aggregate_conditional_perplexity(samples) == pytest.approx(10.0)  # empty + >=1e4 dropped
+    assert aggregate_conditional_perplexity(samples, max_perplexity=1e6) == pytest.approx((10 + 1e5) / 2)
+    with pytest.raises(ValueError, match="No sample"):
+        aggregate_conditional_perplexity([(0.0, 0)])
+
+
+def test_conditional_errors(model, tokenizer):
+    with pytest.raises(ValueError, match="continuation entries"):
+        conditional_nll(model, tokenizer, ["a"], ["b", "c"])
