@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 class ToxicityScorer(ABC):
@@ -62,3 +63,304 @@ class ProfanityCheckScorer(ToxicityScorer):
         if not texts:
             return []
         return self._predict_prob(texts).tolist()
+
+
+class DetoxifyScorer(ToxicityScorer):
+    """Detoxify (Hanu & Unitary, 2020), the paper's classifier: the ``toxicity`` head of the ``original`` model.
+
+    Needs ``pip install "unidetox[detoxify]"``. Detoxify downloads its checkpoint from GitHub on first use; offline,
+    pass ``checkpoint=`` a local ``.ckpt`` file.
+
+    Example:
+        >>> from unidetox.scoring import DetoxifyScorer
+        >>> scorer = DetoxifyScorer("original")  # doctest: +SKIP
+        >>> scorer(["have a nice day", "you are an idiot"])  # doctest: +SKIP
+        [0.0006..., 0.98...]
+    """
+
+    name = "detoxify"
+
+    def __init__(
+        self,
+        model_type: str = "original",
+        checkpoint: str | None = None,
+        device: str | None = None,
+        attribute: str = "toxicity",
+        batch_size: int = 64,
+    ):
+        super().__init__(batch_size)
+        try:
+            from detoxify import Detoxify
+        except ImportError as err:
+            raise ImportError(
+                'DetoxifyScorer needs the detoxify package: pip install "unidetox[detoxify]" (or pip install detoxify).'
+            ) from err
+        if model_type not in ("original", "unbiased", "multilingual"):
+            raise ValueError(f"`model_type` has to be 'original', 'unbiased' or 'multilingual', but is {model_type!r}.")
+        device = device or ("cuda" if _cuda_available() else "cpu")
+        try:
+            self._model = Detoxify(model_type, checkpoint=checkpoint, device=device)
+        except Exception as err:
+            raise RuntimeError(
+                f"Could not load the Detoxify '{model_type}' weights ({type(err).__name__}: {err}). Detoxify downloads "
+                "them from GitHub releases on first use; offline, download the .ckpt elsewhere and pass "
+                "checkpoint=PATH (recipes: scorer.checkpoint=PATH), or use scorer=profanity_check."
+            ) from err
+        self.attribute = attribute
+        self.name = f"detoxify-{model_type}"
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        out = self._model.predict(texts)
+        if self.attribute not in out:
+            raise ValueError(f"Detoxify has no attribute {self.attribute!r}; it returns {sorted(out)}.")
+        values = out[self.attribute]
+        return [float(v) for v in (values if isinstance(values, list) else list(values))]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+TOXIC_LABEL_NAMES = ("toxic", "toxicity", "hate", "hateful", "offensive", "hate_speech")
+
+
+class HFClassifierScorer(ToxicityScorer):
+    """Any ``text-classification`` model from the hub or a local folder; the score is ``label``'s probability.
+
+    The pipeline applies the model's own output function (softmax for single-label, sigmoid for multi-label
+    checkpoints such as ``unitary/toxic-bert``). ``label`` defaults to the one label whose name says toxic/hate/
+    offensive; when there is not exactly one such label, pass it.
+
+    Example:
+        >>> from unidetox.scoring import HFClassifierScorer
+        >>> scorer = HFClassifierScorer("tomh/toxigen_roberta", label="LABEL_1")  # doctest: +SKIP
+        >>> scorer(["have a nice day"])  # doctest: +SKIP
+        [0.01...]
+    """
+
+    name = "hf_classifier"
+
+    def __init__(
+        self,
+        model_id_or_path: str,
+        label: str | None = None,
+        batch_size: int = 32,
+        device: str | int | None = None,
+        max_length: int = 512,
+    ):
+        super().__init__(batch_size)
+        if not model_id_or_path:
+            raise ValueError("HFClassifierScorer needs `model_id_or_path` (recipes: scorer.model=ID_OR_PATH).")
+        from transformers import pipeline
+
+        if device is None:
+            device = 0 if _cuda_available() else -1
+        try:
+            self._pipe = pipeline(
+                "text-classification", model=model_id_or_path, device=device, top_k=None, truncation=True,
+                max_length=max_length,
+            )
+        except Exception as err:
+            raise RuntimeError(
+                f"Could not load the classifier {model_id_or_path!r} ({type(err).__name__}: {err}). Pass a local "
+                "folder with config.json, weights and tokenizer, or a hub id on a machine with hub access."
+            ) from err
+        labels = [str(v) for v in self._pipe.model.config.id2label.values()]
+        if label is None:
+            matches = [name for name in labels if name.lower() in TOXIC_LABEL_NAMES]
+            if len(matches) != 1:
+                raise ValueError(
+                    f"Cannot tell which label of {model_id_or_path!r} means toxic: its labels are {labels}. "
+                    "Pass label=... (recipes: scorer.label=...)."
+                )
+            label = matches[0]
+        if label not in labels:
+            raise ValueError(f"{model_id_or_path!r} has no label {label!r}; its labels are {labels}.")
+        self.label = label
+        self.model_id_or_path = model_id_or_path
+        self._pipe_batch_size = batch_size
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        outputs = self._pipe(texts, batch_size=self._pipe_batch_size)
+        return [next(float(d["score"]) for d in out if d["label"] == self.label) for out in outputs]
+
+
+class PerspectiveScorer(ToxicityScorer):
+    """Google's Perspective API (``TOXICITY`` summary score), rate-limited to ``qps`` requests/s with retries.
+
+    Requests are spaced at least ``1 / qps`` seconds apart (the default quota is 1 QPS). HTTP 429 and 5xx answers
+    and connection errors are retried up to ``max_retries`` times with exponential backoff (honouring
+    ``Retry-After``); other errors raise. Empty texts score 0.0 without a request (the API rejects them).
+
+    Example:
+        >>> from unidetox.scoring import PerspectiveScorer
+        >>> scorer = PerspectiveScorer(api_key="...", qps=1)  # doctest: +SKIP
+        >>> scorer(["you are an idiot"])  # doctest: +SKIP
+        [0.93...]
+    """
+
+    name = "perspective"
+    URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
+    ENV_VAR = "PERSPECTIVE_API_KEY"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        qps: float = 1.0,
+        attribute: str = "TOXICITY",
+        languages: Sequence[str] = ("en",),
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        timeout_s: float = 30.0,
+        session=None,
+        clock=None,
+        sleep=None,
+    ):
+        import os
+        import time
+
+        super().__init__(batch_size=64)
+        api_key = api_key or os.environ.get(self.ENV_VAR)
+        if not api_key:
+            raise ValueError(
+                f"PerspectiveScorer needs an API key: pass api_key=... (recipes: scorer.api_key=...) or set "
+                f"${self.ENV_VAR}. Keys come from https://developers.perspectiveapi.com."
+            )
+        if not qps > 0:
+            raise ValueError(f"`qps` has to be > 0, but is {qps}.")
+        if max_retries < 0:
+            raise ValueError(f"`max_retries` has to be >= 0, but is {max_retries}.")
+        if session is None:
+            try:
+                import requests
+            except ImportError as err:  # pragma: no cover - requests ships with transformers' deps
+                raise ImportError("PerspectiveScorer needs `pip install requests`.") from err
+            session = requests.Session()
+        self.api_key, self.qps, self.attribute = api_key, float(qps), attribute
+        self.languages, self.max_retries, self.backoff_s, self.timeout_s = list(languages), max_retries, backoff_s, timeout_s
+        self._session = session
+        self._clock = clock or time.monotonic
+        self._sleep = sleep or time.sleep
+        self._next_request_at = 0.0
+
+    def _wait_for_slot(self) -> None:
+        now = self._clock()
+        if now < self._next_request_at:
+            self._sleep(self._next_request_at - now)
+            now = self._clock()
+        self._next_request_at = max(now, self._next_request_at) + 1.0 / self.qps
+
+    def _score_one(self, text: str) -> float:
+        if not text.strip():
+            return 0.0
+        payload = {
+            "comment": {"text": text},
+            "requestedAttributes": {self.attribute: {}},
+            "languages": self.languages,
+            "doNotStore": True,
+        }
+        last_error = None
+        for attempt in range(self.max_retries + 1):
+            self._wait_for_slot()
+            try:
+                response = self._session.post(
+                    self.URL, params={"key": self.api_key}, json=payload, timeout=self.timeout_s
+                )
+            except Exception as err:  # connection reset, timeout, DNS: transient
+                last_error = f"{type(err).__name__}: {err}"
+                retry_after = None
+            else:
+                status = response.status_code
+                if status == 200:
+                    return float(response.json()["attributeScores"][self.attribute]["summaryScore"]["value"])
+                last_error = f"HTTP {status}: {getattr(response, 'text', '')[:300]}"
+                if status != 429 and status < 500:
+                    raise RuntimeError(f"Perspective API refused the request ({last_error}); check the key and quota.")
+                retry_after = (getattr(response, "headers", None) or {}).get("Retry-After")
+            if attempt == self.max_retries:
+                break
+            delay = self.backoff_s * 2**attempt
+            if retry_after is not None:
+                try:
+                    delay = max(delay, float(retry_after))
+                except ValueError:
+                    pass
+            self._sleep(delay)
+        raise RuntimeError(f"Perspective API failed after {self.max_retries + 1} attempts; last error: {last_error}")
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        return [self._score_one(text) for text in texts]
+
+
+SCORERS = {
+    "profanity_check": ProfanityCheckScorer,
+    "detoxify": DetoxifyScorer,
+    "hf_classifier": HFClassifierScorer,
+    "perspective": PerspectiveScorer,
+}
+
+
+@dataclass
+class ScorerConfig:
+    """Which toxicity scorer to build (:func:`build_scorer`); unused fields are ignored by the other scorers.
+
+    Example:
+        >>> from unidetox.scoring import ScorerConfig, build_scorer
+        >>> scorer = build_scorer(ScorerConfig(name="profanity_check"))
+        >>> len(scorer(["hello there"]))
+        1
+    """
+
+    name: str = field(default="profanity_check", metadata={"help": f"One of {sorted(SCORERS)}."})
+    batch_size: int | None = field(default=None, metadata={"help": "Texts per classifier call (scorer default)."})
+    model: str | None = field(default=None, metadata={"help": "hf_classifier: hub id or local folder."})
+    label: str | None = field(default=None, metadata={"help": "hf_classifier: the toxic label's name."})
+    model_type: str = field(default="original", metadata={"help": "detoxify: original / unbiased / multilingual."})
+    checkpoint: str | None = field(default=None, metadata={"help": "detoxify: a local .ckpt (offline use)."})
+    device: str | None = field(default=None, metadata={"help": "detoxify / hf_classifier device (default: auto)."})
+    api_key: str | None = field(default=None, metadata={"help": "perspective: API key (or $PERSPECTIVE_API_KEY)."})
+    qps: float = field(default=1.0, metadata={"help": "perspective: requests per second."})
+    max_retries: int = field(default=5, metadata={"help": "perspective: retries on 429/5xx/connection errors."})
+
+    def __post_init__(self):
+        if self.name not in SCORERS:
+            raise ValueError(f"Unknown scorer {self.name!r}; choose one of {sorted(SCORERS)} (recipes: scorer=NAME).")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"`batch_size` has to be None or >= 1, but is {self.batch_size}.")
+
+    def to_public_dict(self) -> dict:
+        """The config without secrets, for reports."""
+        out = {k: v for k, v in self.__dict__.items() if v is not None}
+        if "api_key" in out:
+            out["api_key"] = "***"
+        return out
+
+
+def build_scorer(config: ScorerConfig | str | dict = "profanity_check", **overrides) -> ToxicityScorer:
+    """Build a scorer from a :class:`ScorerConfig`, a dict of its fields, or a name (``"profanity_check"``).
+
+    There is no fallback: a scorer that cannot load raises with what to install or configure.
+    """
+    if isinstance(config, str):
+        config = ScorerConfig(name=config, **overrides)
+    elif isinstance(config, dict):
+        config = ScorerConfig(**{**config, **overrides})
+    elif overrides:
+        config = ScorerConfig(**{**config.__dict__, **overrides})
+    extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
+    if config.name == "profanity_check":
+        return ProfanityCheckScorer(**extra)
+    if config.name == "detoxify":
+        return DetoxifyScorer(config.model_type, checkpoint=config.checkpoint, device=config.device, **extra)
+    if config.name == "hf_classifier":
+        return HFClassifierScorer(config.model, label=config.label, device=config.device, **extra)
+    return PerspectiveScorer(api_key=config.api_key, qps=config.qps, max_retries=config.max_retries)
