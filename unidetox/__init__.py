@@ -6,6 +6,7 @@ from unidetox.distilled import DistilledDetoxDataset  # noqa: E402
 from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer  # noqa: E402
 from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
 from unidetox.scoring import ProfanityCheckScorer, ToxicityScorer  # noqa: E402
+from unidetox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer  # noqa: E402
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -13,6 +14,8 @@ __all__ = [
     "DistilledDetoxDataset",
     "ProfanityCheckScorer",
     "ToxicityScorer",
+    "UniversalDetoxConfig",
+    "UniversalDetoxTrainer",
     "contrastive_scores",
     "embedded_model_path",
     "load_model_and_tokenizer",
