@@ -160,3 +160,13 @@ def test_conditional_perplexity_aggregation_rules():
 def test_conditional_errors(model, tokenizer):
     with pytest.raises(ValueError, match="continuation entries"):
         conditional_nll(model, tokenizer, ["a"], ["b", "c"])
+
+
+def test_left_padded_batches_equal_one_by_one_with_absolute_positions(tokenizer):
+    model = tiny_gpt2(len(tokenizer))  # learned positions: wrong position ids under padding would change the NLL
+    prompts = ["the cat sat on the mat near the door", "hate", "a good friend"]
+    conts = [" and the sun", " awful stupid ugly kill", " helps"]
+    batched = conditional_nll(model, tokenizer, prompts, conts, batch_size=3)
+    single = [conditional_nll(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in zip(prompts, conts, strict=True)]
+    assert [n for _, n in batched] == [n for _, n in single] == [3, 4, 1]
+    assert [x for x, _ in batched] == pytest.approx([x for x, _ in single], rel=1e-5)

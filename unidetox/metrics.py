@@ -104,34 +104,57 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def _token_nll(model, input_ids, attention_mask, target_mask):
-    """Summed next-token NLL and the number of scored targets, for right-padded rows.
+def _accepts(model, name: str) -> bool:
+    import inspect
 
-    ``target_mask[b, t]`` says whether token ``t`` of row ``b`` is scored (token 0 never can be).
-    Returns two lists: per-row NLL sum (float64) and per-row count.
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+NLL_CHUNK_POSITIONS = 64  # positions per log-sum-exp chunk: a 262k vocabulary never gets a full log_softmax copy
+
+
+def _token_nll(model, rows: Sequence[Sequence[int]], first_targets: Sequence[int], pad_id: int):
+    """Summed next-token NLL of ``rows[i][first_targets[i]:]`` given the tokens before, one batched forward.
+
+    Rows are left-padded with position ids from the attention mask (so every row sees exactly what it sees
+    alone), and only the positions that predict scored tokens get logits (``logits_to_keep`` when the model
+    supports it). The NLL is computed in chunks of positions with a log-sum-exp, never materialising a second
+    ``(batch, length, vocab)`` tensor. Returns per-row NLL sums (float64) and scored-token counts.
     """
     import torch
 
     device = _device_of(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = target_mask[:, 1:].to(device) & attention_mask[:, 1:].bool()
-    nll = -(logp.double() * mask).sum(-1)
-    return nll.cpu().tolist(), mask.sum(-1).cpu().tolist()
-
-
-def _right_pad(rows, pad_id):
-    import torch
-
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
+    target_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, first) in enumerate(zip(rows, first_targets, strict=True)):
+        offset = width - len(row)
+        ids[i, offset:] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, offset:] = 1
+        target_mask[i, offset + max(int(first), 1) :] = True
+    scored_positions = target_mask.any(0).nonzero()
+    if len(scored_positions) == 0:
+        return [0.0] * len(rows), [0] * len(rows)
+    keep = width - int(scored_positions[0]) + 1  # logits of the positions predicting the scored tokens
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits
+    logits = logits[:, -keep:-1]  # predicts targets at padded positions [width - keep + 1, width)
+    targets = ids[:, width - keep + 1 :].to(logits.device)
+    scored = target_mask[:, width - keep + 1 :].to(logits.device)
+    nll = torch.zeros(len(rows), dtype=torch.float64, device=logits.device)
+    for start in range(0, logits.shape[1], NLL_CHUNK_POSITIONS):
+        chunk = logits[:, start : start + NLL_CHUNK_POSITIONS].float()
+        target_logit = chunk.gather(-1, targets[:, start : start + NLL_CHUNK_POSITIONS, None]).squeeze(-1)
+        token_nll = torch.logsumexp(chunk, dim=-1) - target_logit
+        nll += (token_nll.double() * scored[:, start : start + NLL_CHUNK_POSITIONS]).sum(-1)
+    return nll.cpu().tolist(), scored.sum(-1).cpu().tolist()
 
 
 def _pad_id(tokenizer) -> int:
@@ -221,11 +244,8 @@ def sliding_window_nll(
     try:
         with torch.no_grad():
             for chunk in chunks:
-                input_ids, attention_mask = _right_pad([ids[b:e] for b, e, _ in chunk], _pad_id(tokenizer))
-                target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-                for row, (b, _, first) in enumerate(chunk):
-                    target_mask[row, first - b :] = True
-                nll, count = _token_nll(model, input_ids, attention_mask, target_mask)
+                rows = [ids[b:e] for b, e, _ in chunk]
+                nll, count = _token_nll(model, rows, [first - b for b, _, first in chunk], _pad_id(tokenizer))
                 total_nll += sum(nll)
                 total_count += int(sum(count))
     finally:
@@ -331,11 +351,7 @@ def conditional_nll(
         with torch.no_grad():
             for chunk in chunks:
                 rows = [encoded[i][0] for i in chunk]
-                input_ids, attention_mask = _right_pad(rows, _pad_id(tokenizer))
-                target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-                for r, i in enumerate(chunk):
-                    target_mask[r, encoded[i][1] :] = True
-                nll, count = _token_nll(model, input_ids, attention_mask, target_mask)
+                nll, count = _token_nll(model, rows, [encoded[i][1] for i in chunk], _pad_id(tokenizer))
                 for r, i in enumerate(chunk):
                     results[i] = (float(nll[r]), int(count[r]))
     finally:
