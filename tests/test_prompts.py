@@ -116,3 +116,15 @@ def test_local_toxigen_fewshot(shared_data):
     assert all(p.text.endswith("\n-") and "\\n" not in p.text and p.category in CATEGORIES for p in prompts)
     both = load_prompts(source="toxigen_fewshot", data_dir=str(shared_data), per_group=2, kinds=["hate", "neutral"])
     assert Counter(p.label for p in both) == {"hate": 32, "neutral": 30}
+
+
+def test_auto_source_detection(tmp_path):
+    toxigen_like = tmp_path / "tox.csv"
+    toxigen_like.write_text("text,target_group,label\n\"b'hello there'\",women,neutral\n")
+    other = tmp_path / "other.csv"
+    other.write_text("prompt\nhi\n")
+    assert PromptsConfig().source == "toxigen_local"
+    assert PromptsConfig(path=str(tmp_path)).source == "toxigen_fewshot"
+    assert PromptsConfig(path=str(toxigen_like)).source == "toxigen_local"
+    assert PromptsConfig(path=str(other)).source == "file"
+    assert load_prompts(path=str(toxigen_like)) == [Prompt("hello there", "gender_lgbtq", "women", "neutral")]

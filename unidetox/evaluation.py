@@ -279,3 +279,462 @@ def generate_continuations(
         progress=progress,
     )
     return group_by_prompt(samples, len(prompts), num_samples)
+
+
+# ===============================================================================================================
+# The evaluation harness: several models x seeds -> scored generations, perplexities, MMLU, report
+# ===============================================================================================================
+@dataclass
+class PerplexityConfig:
+    """Fluency measurements: conditional perplexity under a reference LM and WikiText-2 perplexity."""
+
+    reference_model: str | None = field(
+        default="gemma3-270m",
+        metadata={"help": "Reference LM for the conditional perplexity of continuations (paper: "
+                  "meta-llama/Llama-2-7b-hf); hub id, path or embedded name. null disables it."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass for conditional perplexity."})
+    max_perplexity: float = field(default=1e4, metadata={"help": "Samples at or above this are dropped (authors)."})
+    wikitext: bool = field(default=True, metadata={"help": "Measure each model's WikiText-2 test perplexity."})
+    wikitext_path: str | None = field(
+        default=None, metadata={"help": "wiki.test.raw (default: data_dir/wikitext2/wiki.test.raw)."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "WikiText sliding window length (capped by the model)."})
+    stride: int = field(default=512, metadata={"help": "WikiText sliding window stride."})
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "Score only the first N WikiText tokens (quick CPU runs); None = all."}
+    )
+    wikitext_batch_size: int = field(default=2, metadata={"help": "Windows per forward pass."})
+
+    def __post_init__(self):
+        if self.reference_model in ("", "none", "None"):
+            self.reference_model = None
+        if self.batch_size < 1 or self.wikitext_batch_size < 1:
+            raise ValueError(f"Batch sizes have to be >= 1, got {self.batch_size} and {self.wikitext_batch_size}.")
+        if not 1 <= self.stride <= self.max_length:
+            raise ValueError(f"`stride` has to be in [1, max_length={self.max_length}], but is {self.stride}.")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"`max_tokens` has to be None or >= 2, but is {self.max_tokens}.")
+        if not self.max_perplexity > 1:
+            raise ValueError(f"`max_perplexity` has to be > 1, but is {self.max_perplexity}.")
+
+
+@dataclass
+class DecodingConfig:
+    """Optional inference-time UniDetox: sample with a ``ContrastiveDetoxSampler`` against an anti-expert."""
+
+    anti_expert: str | None = field(
+        default=None, metadata={"help": "Toxic model sharing the evaluated models' vocabulary; enables the method."}
+    )
+    alpha: float = field(default=0.1, metadata={"help": "Adaptive plausibility threshold (paper: 0.1)."})
+    beta: float | None = field(default=None, metadata={"help": "None: log p_base - log p_anti (paper)."})
+    also_plain: bool = field(default=True, metadata={"help": "Also evaluate each model with plain sampling."})
+
+    def __post_init__(self):
+        from unidetox.sampler import validate_alpha_beta
+
+        if self.anti_expert in ("", "none", "None"):
+            self.anti_expert = None
+        validate_alpha_beta(self.alpha, self.beta)
+
+
+@dataclass
+class _Entry:
+    key: str  # name in the report
+    name_or_path: str
+    contrastive: bool
+
+
+def model_slug(key: str) -> str:
+    """A file-system-safe, unique folder name for a model key."""
+    import re
+
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key.strip("/"))[-60:].strip("_") or "model"
+    return f"{readable}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _fingerprint(obj) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Processes:
+    """This process's place in an ``accelerate launch`` run (or a single process), with gather and barrier."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.index, self.count = self.state.process_index, self.state.num_processes
+        self.is_main = self.state.is_main_process
+        self.device = self.state.device
+
+    def gather(self, items: list) -> list:
+        if self.count == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def wait(self) -> None:
+        if self.count > 1:
+            self.state.wait_for_everyone()
+
+
+def _load(name_or_path: str, dtype: str | None, device):
+    """A model and its tokenizer by hub id, path or embedded name; a LoRA adapter folder is merged into its base."""
+    from pathlib import Path
+
+    import torch
+
+    from unidetox.models import load_model_and_tokenizer, load_tokenizer
+
+    kwargs = {}
+    if dtype not in (None, "auto"):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
+        kwargs["dtype"] = getattr(torch, dtype)
+    elif dtype == "auto":
+        kwargs["dtype"] = "auto"
+    path = Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file():
+        import json
+
+        from unidetox.anti_expert import load_anti_expert
+
+        model = load_anti_expert(path, **kwargs)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        tokenizer = load_tokenizer(path if has_tokenizer or not base else base)
+    else:
+        model, tokenizer = load_model_and_tokenizer(name_or_path, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def _read_json(path):
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_evaluation(
+    models: Sequence[str],
+    seeds: Sequence[int],
+    output_dir,
+    prompts,
+    eval_config: ToxicityEvalConfig | None = None,
+    scorer_config=None,
+    perplexity_config: PerplexityConfig | None = None,
+    mmlu_config=None,
+    decoding_config: DecodingConfig | None = None,
+    prompts_info: dict | None = None,
+    data_dir=None,
+    dtype: str | None = None,
+    config_dict: dict | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Evaluate ``models`` on ``prompts`` for every seed; write the report files to ``output_dir``.
+
+    Work is cached under ``output_dir/parts/<model>/``: generations + scores per (model, seed), conditional
+    perplexity per (model, seed), WikiText perplexity and MMLU per model. Each part records a fingerprint of the
+    settings that produced it, so an interrupted run resumes where it stopped and a changed setting redoes only
+    the parts it affects. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
+    the main process writes the files. Returns the report on the main process (``None`` on the others).
+    """
+    import time
+    from pathlib import Path
+
+    from unidetox.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
+    from unidetox.report import (
+        read_jsonl,
+        seed_toxicity_metrics,
+        summarize_seeds,
+        write_json,
+        write_jsonl,
+        write_report,
+    )
+    from unidetox.scoring import ScorerConfig, build_scorer
+
+    started = time.perf_counter()
+    eval_config = eval_config or ToxicityEvalConfig()
+    scorer_config = scorer_config or ScorerConfig()
+    perplexity_config = perplexity_config or PerplexityConfig()
+    mmlu_config = mmlu_config or MMLUConfig(enabled=False)
+    decoding_config = decoding_config or DecodingConfig()
+    if not models:
+        raise ValueError("No models to evaluate: pass models=[NAME_OR_PATH, ...].")
+    if len(set(models)) != len(models):
+        raise ValueError(f"`models` lists a model twice: {list(models)}.")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"`seeds` has to be a non-empty list of distinct integers, but is {list(seeds)}.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("No prompts to evaluate.")
+    procs = _Processes()
+    out = Path(output_dir)
+    parts_root = out / "parts"
+    if procs.is_main:
+        parts_root.mkdir(parents=True, exist_ok=True)
+    procs.wait()
+
+    entries: list[_Entry] = []
+    for name in models:
+        name = str(name)
+        if decoding_config.anti_expert is None or decoding_config.also_plain:
+            entries.append(_Entry(name, name, False))
+        if decoding_config.anti_expert is not None:
+            beta = "" if decoding_config.beta is None else f", beta={decoding_config.beta}"
+            entries.append(_Entry(f"{name} + UniDetox decoding (alpha={decoding_config.alpha}{beta})", name, True))
+
+    prompt_ids = [p.id for p in prompts]
+    generation_settings = {
+        "prompts": _fingerprint(prompt_ids),
+        "num_samples": eval_config.num_samples, "max_new_tokens": eval_config.max_new_tokens,
+        "top_p": eval_config.top_p, "temperature": eval_config.temperature, "batch_size": eval_config.batch_size,
+        "scorer": scorer_config.to_public_dict(), "dtype": dtype,
+    }
+
+    def gen_fingerprint(entry: _Entry, seed: int) -> str:
+        decoding = {"anti_expert": decoding_config.anti_expert, "alpha": decoding_config.alpha,
+                    "beta": decoding_config.beta} if entry.contrastive else None
+        return _fingerprint({**generation_settings, "model": entry.name_or_path, "seed": seed, "decoding": decoding})
+
+    def part_dir(entry: _Entry) -> Path:
+        return parts_root / model_slug(entry.key)
+
+    def is_done(meta_path: Path, fingerprint: str) -> bool:
+        meta = _read_json(meta_path)
+        return bool(meta) and meta.get("fingerprint") == fingerprint
+
+    wikitext_settings = {"path": None, "max_length": perplexity_config.max_length,
+                         "stride": perplexity_config.stride, "max_tokens": perplexity_config.max_tokens}
+    wikitext_path = None
+    if perplexity_config.wikitext:
+        from unidetox.paths import default_data_dir, require_file
+
+        wikitext_path = Path(perplexity_config.wikitext_path or Path(data_dir or default_data_dir()) / "wikitext2" / "wiki.test.raw")
+        require_file(wikitext_path, "WikiText-2 test file (perplexity.wikitext_path=...; perplexity.wikitext=false skips it)")
+        wikitext_settings["path"] = str(wikitext_path)
+    mmlu_questions = mmlu_dev = None
+    if mmlu_config.enabled:
+        mmlu_questions, mmlu_dev = load_mmlu(mmlu_config, data_dir)
+    scorer = None
+    anti_expert = None
+
+    # ---- per model: generations + scores per seed, WikiText, MMLU ------------------------------------------
+    for name in dict.fromkeys(e.name_or_path for e in entries):
+        mine = [e for e in entries if e.name_or_path == name]
+        todo_gen = [(e, s) for e in mine for s in seeds
+                    if not is_done(part_dir(e) / f"seed{s}.json", gen_fingerprint(e, s))]
+        plain = next((e for e in mine if not e.contrastive), None) or mine[0]
+        wikitext_fp = _fingerprint({"model": name, "dtype": dtype, **wikitext_settings})
+        need_wikitext = perplexity_config.wikitext and not is_done(part_dir(plain) / "wikitext.json", wikitext_fp)
+        mmlu_fp = _fingerprint({"model": name, "dtype": dtype, "mmlu": mmlu_config.__dict__})
+        need_mmlu = mmlu_config.enabled and not is_done(part_dir(plain) / "mmlu.json", mmlu_fp)
+        if not (todo_gen or need_wikitext or need_mmlu):
+            continue
+        model, tokenizer = _load(name, dtype, procs.device)
+        for entry, seed in todo_gen:
+            if scorer is None:
+                scorer_kwargs = {}
+                if scorer_config.name == "perspective" and procs.count > 1:
+                    scorer_kwargs["qps"] = scorer_config.qps / procs.count  # the quota is shared
+                scorer = build_scorer(scorer_config, **scorer_kwargs)
+            factory = None
+            if entry.contrastive:
+                if anti_expert is None:
+                    anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
+                from unidetox.sampler import ContrastiveDetoxSampler
+
+                def factory(mask, anti=anti_expert):
+                    return ContrastiveDetoxSampler(anti, alpha=decoding_config.alpha, beta=decoding_config.beta,
+                                                   attention_mask=mask)
+            t0 = time.perf_counter()
+            samples = generate_samples(
+                model, tokenizer, [p.text for p in prompts], eval_config.num_samples,
+                max_new_tokens=eval_config.max_new_tokens, top_p=eval_config.top_p,
+                temperature=eval_config.temperature, seed=seed, batch_size=eval_config.batch_size,
+                sampler_factory=factory, process_index=procs.index, num_processes=procs.count,
+                progress=progress and procs.is_main,
+            )
+            t1 = time.perf_counter()
+            scores = scorer([s.continuation for s in samples])
+            t2 = time.perf_counter()
+            records = [
+                {"model": entry.key, "seed": seed, "prompt_index": s.prompt_index, "prompt_id": prompts[s.prompt_index].id,
+                 "prompt": prompts[s.prompt_index].text, "category": prompts[s.prompt_index].category,
+                 "group": prompts[s.prompt_index].group, "sample_index": s.sample_index,
+                 "continuation": s.continuation, "toxicity": score, "num_tokens": s.num_tokens}
+                for s, score in zip(samples, scores, strict=True)
+            ]
+            gathered = procs.gather(records)
+            timings = procs.gather([{"generation_s": t1 - t0, "scoring_s": t2 - t1}])
+            if procs.is_main:
+                gathered.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+                group_by_prompt([_as_sample(r) for r in gathered], len(prompts), eval_config.num_samples)  # complete?
+                write_jsonl(gathered, part_dir(entry) / f"seed{seed}.jsonl")
+                write_json({
+                    "fingerprint": gen_fingerprint(entry, seed), "model": entry.key, "name_or_path": name, "seed": seed,
+                    "contrastive": entry.contrastive,
+                    "generation_s": max(t["generation_s"] for t in timings),
+                    "scoring_s": max(t["scoring_s"] for t in timings),
+                    "generated_tokens": sum(r["num_tokens"] for r in gathered),
+                    "num_processes": procs.count,
+                }, part_dir(entry) / f"seed{seed}.json")
+            procs.wait()
+        if need_wikitext:
+            from unidetox.metrics import sliding_window_nll
+
+            text = wikitext_path.read_text(encoding="utf-8").replace("\r\n", "\n")
+            t0 = time.perf_counter()
+            nll, count = sliding_window_nll(
+                model, tokenizer, [text], max_length=perplexity_config.max_length, stride=perplexity_config.stride,
+                batch_size=perplexity_config.wikitext_batch_size, max_tokens=perplexity_config.max_tokens,
+                process_index=procs.index, num_processes=procs.count, progress=progress and procs.is_main,
+            )
+            sums = procs.gather([(nll, count, time.perf_counter() - t0)])
+            if procs.is_main:
+                import math
+
+                total_nll, total_count = sum(s[0] for s in sums), sum(s[1] for s in sums)
+                write_json({"fingerprint": wikitext_fp, "perplexity": math.exp(total_nll / total_count),
+                            "nll": total_nll, "num_tokens": total_count, "seconds": max(s[2] for s in sums),
+                            **wikitext_settings}, part_dir(plain) / "wikitext.json")
+            procs.wait()
+        if need_mmlu:
+            t0 = time.perf_counter()
+            records = score_mmlu_questions(model, tokenizer, mmlu_questions, mmlu_dev, mmlu_config,
+                                           procs.index, procs.count, progress=progress and procs.is_main)
+            gathered = procs.gather(records)
+            seconds = max(procs.gather([time.perf_counter() - t0]))
+            if procs.is_main:
+                gathered.sort(key=lambda r: r["index"])
+                write_json({"fingerprint": mmlu_fp, **summarize_mmlu(gathered), "seconds": seconds,
+                            "config": dict(mmlu_config.__dict__), "records": gathered}, part_dir(plain) / "mmlu.json")
+            procs.wait()
+        del model
+
+    # ---- conditional perplexity of every (model, seed) under the reference LM -----------------------------
+    reference = perplexity_config.reference_model
+    if reference is not None:
+        from unidetox.metrics import aggregate_conditional_perplexity, conditional_nll
+
+        def cond_fp(entry, seed):
+            return _fingerprint({"generations": gen_fingerprint(entry, seed), "reference": reference, "dtype": dtype})
+
+        todo = [(e, s) for e in entries for s in seeds
+                if not is_done(part_dir(e) / f"conditional_ppl_seed{s}.json", cond_fp(e, s))]
+        if todo:
+            ref_model, ref_tokenizer = _load(reference, dtype, procs.device)
+            for entry, seed in todo:
+                records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
+                mine_idx = list(range(len(records)))[procs.index :: procs.count]
+                t0 = time.perf_counter()
+                per_sample = conditional_nll(
+                    ref_model, ref_tokenizer, [records[i]["prompt"] for i in mine_idx],
+                    [records[i]["continuation"] for i in mine_idx], batch_size=perplexity_config.batch_size,
+                    progress=progress and procs.is_main,
+                )
+                gathered = procs.gather([(i, nll, n) for i, (nll, n) in zip(mine_idx, per_sample, strict=True)])
+                seconds = max(procs.gather([time.perf_counter() - t0]))
+                if procs.is_main:
+                    gathered.sort()
+                    pairs = [(nll, n) for _, nll, n in gathered]
+                    write_json({
+                        "fingerprint": cond_fp(entry, seed), "reference_model": reference, "seconds": seconds,
+                        "conditional_perplexity": aggregate_conditional_perplexity(
+                            pairs, "mean", perplexity_config.max_perplexity),
+                        "conditional_perplexity_token": aggregate_conditional_perplexity(pairs, "token"),
+                        "max_perplexity": perplexity_config.max_perplexity,
+                        "per_sample_nll": [nll for nll, _ in pairs], "per_sample_tokens": [n for _, n in pairs],
+                    }, part_dir(entry) / f"conditional_ppl_seed{seed}.json")
+                procs.wait()
+            del ref_model
+
+    # ---- assemble the report (main process) --------------------------------------------------------------
+    if not procs.is_main:
+        procs.wait()
+        return None
+    all_records = []
+    report_models = {}
+    for entry in entries:
+        per_seed, timing = {}, {"generation_s": 0.0, "generated_tokens": 0, "scoring_s": 0.0}
+        cond_seconds = 0.0
+        for seed in seeds:
+            records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
+            meta = _read_json(part_dir(entry) / f"seed{seed}.json")
+            all_records.extend(records)
+            metrics = seed_toxicity_metrics(records, eval_config.toxic_threshold)
+            metrics.update({k: meta[k] for k in ("generation_s", "scoring_s", "generated_tokens")})
+            cond = _read_json(part_dir(entry) / f"conditional_ppl_seed{seed}.json") if reference else None
+            if cond:
+                metrics["conditional_perplexity"] = cond["conditional_perplexity"]
+                metrics["conditional_perplexity_token"] = cond["conditional_perplexity_token"]
+                cond_seconds += cond["seconds"]
+            per_seed[str(seed)] = metrics
+            for key in timing:
+                timing[key] += meta[key]
+        summary = summarize_seeds(per_seed)
+        timing["tokens_per_s"] = timing["generated_tokens"] / timing["generation_s"] if timing["generation_s"] else None
+        timing["conditional_perplexity_s"] = cond_seconds if reference else None
+        plain = next((e for e in entries if e.name_or_path == entry.name_or_path and not e.contrastive), None)
+        wikitext = mmlu = None
+        if plain is not None and perplexity_config.wikitext:
+            wikitext = _read_json(part_dir(plain) / "wikitext.json")
+            timing["wikitext_s"] = wikitext["seconds"]
+            wikitext = {k: wikitext[k] for k in ("perplexity", "num_tokens", "max_length", "stride", "max_tokens")}
+        if plain is not None and mmlu_config.enabled:
+            mmlu_part = _read_json(part_dir(plain) / "mmlu.json")
+            timing["mmlu_s"] = mmlu_part["seconds"]
+            mmlu = {k: mmlu_part[k] for k in ("accuracy", "macro_accuracy", "num_questions", "num_subjects", "per_subject")}
+        report_models[entry.key] = {
+            "name_or_path": entry.name_or_path,
+            "decoding": ({"method": "unidetox_contrastive", "anti_expert": decoding_config.anti_expert,
+                          "alpha": decoding_config.alpha, "beta": decoding_config.beta}
+                         if entry.contrastive else {"method": "sampling"}),
+            **summary,
+            "wikitext_perplexity": wikitext,
+            "mmlu": mmlu,
+            "per_seed": per_seed,
+            "timings": timing,
+        }
+    write_jsonl(all_records, out / "generations.jsonl")
+    import torch
+    import transformers
+
+    report = {
+        "models": report_models,
+        "seeds": list(seeds),
+        "prompts": {**(prompts_info or {}), "num_prompts": len(prompts), "fingerprint": _fingerprint(prompt_ids),
+                    "per_category": _count_categories(prompts)},
+        "eval": asdict(eval_config),
+        "scorer": scorer_config.to_public_dict(),
+        "reference_model": reference,
+        "perplexity": asdict(perplexity_config),
+        "mmlu": asdict(mmlu_config),
+        "decoding": asdict(decoding_config),
+        "config": config_dict,
+        "num_processes": procs.count,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "wall_time_s": time.perf_counter() - started,
+    }
+    write_report(report, out)
+    procs.wait()
+    return report
+
+
+def _count_categories(prompts) -> dict:
+    counts: dict = {}
+    for p in prompts:
+        counts[str(p.category)] = counts.get(str(p.category), 0) + 1
+    return counts
+
+
+def _as_sample(record: dict) -> GeneratedSample:
+    return GeneratedSample(record["prompt_index"], record["sample_index"], record["continuation"], [],
+                           record["num_tokens"], -1)

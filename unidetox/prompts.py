@@ -104,7 +104,8 @@ class PromptsConfig:
 
     source: str = dataclasses.field(
         default="auto",
-        metadata={"help": f"One of {SOURCES}. 'auto' reads `path` as a file when it is set, else 'toxigen_local'."},
+        metadata={"help": f"One of {SOURCES}. 'auto': no path -> toxigen_local; a folder -> toxigen_fewshot; a CSV "
+                  "with a target_group column -> toxigen_local; any other file -> file."},
     )
     path: str | None = dataclasses.field(
         default=None,
@@ -147,7 +148,7 @@ class PromptsConfig:
         if self.source not in SOURCES:
             raise ValueError(f"`source` has to be one of {SOURCES}, but is {self.source!r}.")
         if self.source == "auto":
-            self.source = "file" if self.path else "toxigen_local"
+            self.source = detect_source(self.path)
         if self.source == "file" and not self.path:
             raise ValueError("`source='file'` needs `path` (recipes: prompts.path=FILE).")
         if self.split not in ("all", "validation", "test"):
@@ -169,6 +170,21 @@ class PromptsConfig:
     @property
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+
+def detect_source(path: str | os.PathLike | None) -> str:
+    """The source ``auto`` stands for: see :attr:`PromptsConfig.source`."""
+    if not path:
+        return "toxigen_local"
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "toxigen_fewshot"
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            header = fh.readline().strip().split(",")
+        if "target_group" in header and "text" in header:
+            return "toxigen_local"
+    return "file"
 
 
 # ---------------------------------------------------------------------------------------------------------------
