@@ -99,7 +99,6 @@ def test_config_fields_have_help():
         ({"max_steps": 0}, "max_steps"),
         ({"max_steps": -1}, "max_steps"),
         ({"learning_rate": 0.0}, "learning_rate"),
-        ({"max_steps": 10, "save_steps": 20}, "save_steps"),
         ({"packing": True, "max_length": None}, "max_length"),
         ({"max_length": 1}, "max_length"),
     ],

@@ -155,9 +155,9 @@ class UniversalDetoxConfig(SFTConfig):
         if self.add_bos_token not in (None, True, False):
             raise ValueError(f"`add_bos_token` has to be None, True or False, but is {self.add_bos_token!r}.")
         if self.save_strategy == "steps" and self.save_steps >= 1 and self.save_steps > self.max_steps:
-            raise ValueError(
-                f"`save_steps` ({self.save_steps}) is larger than `max_steps` ({self.max_steps}): only the final model "
-                "would be saved and there would be nothing to select from. Lower save_steps."
+            logger.warning(
+                "save_steps=%s > max_steps=%s: only the final step is checkpointed, so checkpoint selection has a "
+                "single candidate. Lower save_steps to compare several.", self.save_steps, self.max_steps,
             )
         if self.save_total_limit is not None:
             logger.warning(
