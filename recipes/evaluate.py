@@ -6,7 +6,8 @@
         eval.num_samples=10 seeds=[0,1] mmlu.limit=2 perplexity.max_tokens=20000 output_dir=runs/eval
     accelerate launch recipes/evaluate.py models=[/path/to/detoxed] prompts.path=rtp.jsonl prompts.field=prompt.text
     accelerate launch recipes/evaluate.py prompts=toxigen_hub scorer=detoxify perplexity.reference_model=meta-llama/Llama-2-7b-hf
-    accelerate launch --num_processes 2 --cpu recipes/evaluate.py ...       # prompts sharded, results gathered once
+    accelerate launch --multi_gpu --num_processes 2 recipes/evaluate.py ... # sharded, gathered once (GPUs or CPUs;
+    torchrun --nproc_per_node 2 recipes/evaluate.py ...                     #  `--cpu` alone starts one process)
 
 Writes ``<output_dir>/report.json``, ``report.md``, ``toxicity_vs_perplexity.png``, ``toxicity_by_category.png``,
 ``generations.jsonl`` and ``config.yaml``; finished (model, seed) parts under ``<output_dir>/parts`` are reused when

@@ -363,9 +363,15 @@ class _Processes:
     """This process's place in an ``accelerate launch`` run (or a single process), with gather and barrier."""
 
     def __init__(self):
+        import os
+
+        import torch
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # Without cpu=True, accelerate only forms a process group for accelerators: `torchrun` or
+        # `accelerate launch --multi_gpu --num_processes N` on a CPU machine would run N independent copies.
+        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+        self.state = PartialState(cpu=use_cpu)
         self.index, self.count = self.state.process_index, self.state.num_processes
         self.is_main = self.state.is_main_process
         self.device = self.state.device
@@ -398,6 +404,8 @@ def _load(name_or_path: str, dtype: str | None, device):
     elif dtype == "auto":
         kwargs["dtype"] = "auto"
     path = Path(name_or_path).expanduser()
+    if not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
+        raise FileNotFoundError(f"No model at {path}: pass an existing checkpoint folder, a hub id or an embedded name.")
     if (path / "adapter_config.json").is_file():
         import json
 
