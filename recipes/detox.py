@@ -179,10 +179,11 @@ def summary_markdown(summary: dict) -> str:
         f"{summary['num_target_tokens']} target tokens)",
         f"- config: {json.dumps(summary['config'])}",
         "",
-        "| steps | train wall time (s) | trained tokens | tokens/s | first loss | last loss |",
-        "|---|---|---|---|---|---|",
-        f"| {t['global_step']} | {t['train_runtime_s']} | {t['num_tokens']} | {t['tokens_per_second']} | "
-        f"{t['first_logged_loss']} | {t['last_logged_loss']} |",
+        "| steps | train() wall time (s) | of which validation (s) | trained tokens | tokens/s (excl. validation) "
+        "| first loss | last loss |",
+        "|---|---|---|---|---|---|---|",
+        f"| {t['global_step']} | {t['train_runtime_s']} | {t['eval_seconds']} | {t['num_tokens']} | "
+        f"{t['tokens_per_second']} | {t['first_logged_loss']} | {t['last_logged_loss']} |",
         "",
     ]
     evals = summary.get("eval") or []
@@ -254,6 +255,9 @@ def main(overrides: list[str] | None = None) -> dict:
         losses = [h["loss"] for h in history if "loss" in h]
         num_tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
         runtime = result.metrics.get("train_runtime")
+        # train_runtime includes the validation runs of the callback (this session's); tokens/s excludes them.
+        eval_s = round(sum(r["eval_seconds"] for r in callback.records), 2) if callback is not None else 0.0
+        train_only = runtime - eval_s if runtime else None
         summary = {
             "output_dir": str(out),
             "command": " ".join(["accelerate launch recipes/detox.py", *overrides]),
@@ -269,10 +273,13 @@ def main(overrides: list[str] | None = None) -> dict:
             "train": {
                 "global_step": trainer.state.global_step,
                 "train_runtime_s": runtime,
+                "eval_seconds": eval_s,
+                "train_seconds_excluding_eval": round(train_only, 2) if train_only else None,
                 "wall_time_s": round(wall, 2),
                 "num_tokens": num_tokens,
-                # Tokens of this session (a resumed run counts only the steps it ran itself).
-                "tokens_per_second": round(num_tokens / runtime, 2) if num_tokens and runtime else None,
+                # Trained (non-padding) tokens per second of optimisation, validation runs excluded. A resumed
+                # run counts only the steps and time of its own session.
+                "tokens_per_second": round(num_tokens / train_only, 2) if num_tokens and train_only else None,
                 "train_loss": result.metrics.get("train_loss"),
                 "first_logged_loss": losses[0] if losses else None,
                 "last_logged_loss": losses[-1] if losses else None,

@@ -119,7 +119,11 @@ def test_recipe_end_to_end_with_a_local_model(tmp_path):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert [r["step"] for r in summary["eval"]] == [0, 2, 4]
-    assert summary["train"]["global_step"] == 4 and summary["train"]["tokens_per_second"] > 0
+    train = summary["train"]
+    assert train["global_step"] == 4 and train["tokens_per_second"] > 0
+    assert 0 < train["eval_seconds"] < train["train_runtime_s"]  # validation time is reported apart
+    assert train["tokens_per_second"] == pytest.approx(
+        train["num_tokens"] / (train["train_runtime_s"] - train["eval_seconds"]), rel=1e-3)
     assert len(summary["train"]["loss_curve"]) == 4
     selection = json.loads((out / "selected_checkpoint.json").read_text())
     assert selection["step"] in (2, 4) and Path(selection["merged_path"], "config.json").is_file()
