@@ -343,3 +343,10 @@ def test_clear_errors(tmp_path):
         UniversalDetoxTrainer(model=model, args=make_args(tmp_path), train_dataset=datasets.Dataset.from_dict({"text": ["a"]}))
     with pytest.raises(TypeError, match="model"):
         UniversalDetoxTrainer(model=42, args=make_args(tmp_path), train_dataset=datasets.Dataset.from_dict({"text": ["a"]}))
+
+
+def test_uncached_hub_id_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not-a-real-model"):
+        UniversalDetoxTrainer(model="unidetox-tests/not-a-real-model", args=make_args(tmp_path),
+                              train_dataset=datasets.Dataset.from_dict({"text": ["a"]}))

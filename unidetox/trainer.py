@@ -342,7 +342,14 @@ class UniversalDetoxTrainer(SFTTrainer):
             self.base_model_name = str(model)
             model_path = resolve_model_path(model)  # embedded names -> their provisioned directory
             if processing_class is None:
-                processing_class = load_tokenizer(model_path)
+                try:
+                    processing_class = load_tokenizer(model_path)
+                except OSError as err:
+                    raise OSError(
+                        f"Cannot load the tokenizer of model {self.base_model_name!r}: it is not a local directory "
+                        "and the hub copy is unreachable or not cached. Pass a local checkpoint path, an embedded name "
+                        "(smollm2-135m, gemma3-270m), or make the hub reachable (unset HF_HUB_OFFLINE)."
+                    ) from err
             model = model_path  # SFTTrainer loads it with args.model_init_kwargs (fp32 by default)
         elif isinstance(model, torch.nn.Module):
             config = getattr(model, "config", None)
