@@ -1,11 +1,20 @@
-"""Tokens/s of plain sampling vs UniDetox contrastive sampling (cached and naive anti-expert).
+"""Tokens/s of plain sampling vs UniDetox contrastive sampling.
 
-    python benchmarks/sampler_throughput.py                      # smollm2-135m, batch 32, 64 new tokens
+    # LoRA anti-expert (r=16, all linear layers): plain vs two-model sampler vs fused one-forward path
+    python benchmarks/sampler_throughput.py
+    # a separate anti-expert (perturbed full copy): plain vs sampler (own KV cache) vs naive (no cache)
+    python benchmarks/sampler_throughput.py --anti-expert perturbed --modes plain,sampler,naive
     python benchmarks/sampler_throughput.py --batch-size 64 --device cuda --dtype bfloat16
 
-The anti-expert is a copy of the base with Gaussian-perturbed weights (same vocabulary, same cost). Modes are
-interleaved over repeats and the median is reported, so machine noise hits all modes alike; the ratios to plain
-``generate`` are printed last.
+Modes:
+- ``plain``: ``generate`` of the base alone.
+- ``sampler``: ``generate`` + :class:`ContrastiveDetoxSampler` with a separate anti-expert model (for ``--anti-expert
+  lora``: the LoRA model merged into a full copy, the usual two-model set-up).
+- ``naive``: the anti-expert recomputes the whole sequence every step (no KV cache).
+- ``fused``: :func:`unidetox.fused.fused_contrastive_generate`, base and LoRA anti-expert in one doubled forward.
+
+Modes are interleaved over repeats and the median is reported, so machine noise hits all modes alike; the ratios to
+plain ``generate`` are printed last.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler, contrastive_scores, load_model_and_tokenizer
+from unidetox.fused import fused_contrastive_generate
 
 
 class NaiveContrastiveSampler(LogitsProcessor):
@@ -55,14 +65,31 @@ def main():
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--skip-naive", action="store_true", help="the naive mode is quadratic in length")
+    parser.add_argument("--anti-expert", choices=["lora", "perturbed"], default="lora")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--modes", default=None, help="comma-separated; default plain,sampler,fused (lora) or "
+                        "plain,sampler,naive (perturbed); naive is quadratic in length")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
     base, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
     base.to(args.device).eval()
-    anti = perturbed_copy(base, scale=0.05, seed=0).eval()
+    lora_model = None
+    if args.anti_expert == "perturbed":
+        anti = perturbed_copy(base, scale=0.05, seed=0).eval()
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        config = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear",
+                            lora_dropout=0.0, init_lora_weights="gaussian")
+        lora_model = get_peft_model(copy.deepcopy(base), config).eval()
+        with torch.no_grad():  # a trained adapter has non-zero B; random B keeps the benchmark honest
+            for name, p in lora_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+        anti = copy.deepcopy(lora_model).merge_and_unload().eval()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((args.batch_size, 1), bos, device=args.device)
     mask = torch.ones_like(input_ids)
@@ -72,6 +99,16 @@ def main():
     )
 
     def run(mode):
+        if mode == "fused":
+            start = time.perf_counter()
+            out = fused_contrastive_generate(
+                lora_model, input_ids, mask, alpha=args.alpha, max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            ).sequences
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return (out.shape[1] - 1) * out.shape[0] / (time.perf_counter() - start)
         processors = LogitsProcessorList()
         if mode == "sampler":
             processors.append(ContrastiveDetoxSampler(anti, alpha=args.alpha, attention_mask=mask))
@@ -88,7 +125,12 @@ def main():
         new_tokens = (out.shape[1] - 1) * out.shape[0]
         return new_tokens / elapsed
 
-    modes = ["plain", "sampler"] + ([] if args.skip_naive else ["naive"])
+    default_modes = "plain,sampler,fused" if args.anti_expert == "lora" else "plain,sampler,naive"
+    modes = (args.modes or default_modes).split(",")
+    if "fused" in modes and lora_model is None:
+        parser.error("the fused mode needs --anti-expert lora")
+    if "plain" not in modes:
+        modes.insert(0, "plain")
     run("plain")  # warm-up (allocator, kernels)
     results = {m: [] for m in modes}
     for r in range(args.repeats):
@@ -98,7 +140,7 @@ def main():
     median = {m: statistics.median(v) for m, v in results.items()}
     ratios = {m: median[m] / median["plain"] for m in modes}
     report = {
-        "model": args.model, "batch_size": args.batch_size, "new_tokens": args.new_tokens, "device": args.device,
+        "model": args.model, "anti_expert": args.anti_expert, "batch_size": args.batch_size, "new_tokens": args.new_tokens, "device": args.device,
         "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "tokens_per_s": median, "ratio_to_plain": ratios,
     }
     if args.json:

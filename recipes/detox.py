@@ -205,16 +205,16 @@ def summary_markdown(summary: dict) -> str:
 
 def main(overrides: list[str] | None = None) -> dict:
     import torch
-    from accelerate import PartialState
 
     from unidetox.callbacks import read_eval_records
     from unidetox.distilled import DistilledDetoxDataset
+    from unidetox.distributed import process_state
     from unidetox.trainer import MERGED_SUBDIR, UniversalDetoxTrainer, merge_lora_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if overrides is None else overrides
     cfg, parsed = parse_config(overrides)
-    state = PartialState()
+    state = process_state()
     args: UniversalDetoxConfig = parsed["trainer"]
     model_args: ModelArguments = parsed["model"]
     data_args: DataArguments = parsed["data"]

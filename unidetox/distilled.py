@@ -1,19 +1,362 @@
-"""The distilled detoxifying text: a small corpus sampled by contrastive decoding, reused to detox any model."""
+"""The distilled detoxifying text: a small corpus sampled by contrastive decoding, reused to detox any model.
+
+:meth:`DistilledDetoxDataset.build` samples from a start token with :class:`~unidetox.ContrastiveDetoxSampler`
+(``log p_base - log p_anti`` on the base's plausible set, no other truncation). The work is cut into global
+batches; batch ``i`` is seeded from ``(seed, i)`` and, under ``accelerate launch`` with N processes, rank ``r``
+samples the batches with ``i % N == r``, so the merged text does not depend on the number of processes. Every
+finished batch is written as a shard at once (temp file + ``os.replace``); a rerun skips finished shards. The main
+process merges the shards in batch order into exactly ``num_samples`` rows and writes the dataset with
+``metadata.json`` last (its presence marks a complete build).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
+import math
 import os
+import shutil
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 
 METADATA_FILE = "metadata.json"
+SHARDS_DIR = "shards"
+SHARD_CONFIG_FILE = "config.json"
+SUMMARY_SAMPLES_FILE = "summary_samples.jsonl"
 TEXT_COLUMN = "text"
 # The authors' CSV (EminLU/UniDetox) names its column "Text".
 TEXT_COLUMN_ALIASES = ("text", "Text", "generated_text", "content")
+# Where the distilled dataset lives inside a `recipes/distill.py` output directory.
+RECIPE_SUBDIR = "distilled"
+# Seed streams: the distilled text, and the plain samples the summary compares it with.
+STREAM_DISTILL, STREAM_BASE, STREAM_ANTI = 0, 1, 2
+
+logger = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, index: int, stream: int = STREAM_DISTILL) -> int:
+    """The RNG seed of global batch ``index``: a function of ``(seed, index, stream)`` only, never of the rank."""
+    return (seed * 1_000_003 + stream * 1_000_000_007 + index) % (2**63 - 1)
+
+
+@dataclass
+class SamplingConfig:
+    """How each token is drawn (the paper: alpha 0.1, pure log-ratio, no top-k/top-p, temperature 1)."""
+
+    alpha: float = field(default=0.1, metadata={"help": "Adaptive plausibility threshold in (0, 1]."})
+    beta: float | None = field(
+        default=None, metadata={"help": "None (paper): log p_base - log p_anti; a float: (1+beta) log p_base - beta log p_anti."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Temperature applied to the contrastive scores."})
+    top_k: int = field(default=0, metadata={"help": "Top-k after contrast (0: none, the paper)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold after contrast (1.0: none, the paper)."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "End a sample at the tokenizer's EOS token."})
+
+    def __post_init__(self):
+        from unidetox.sampler import validate_alpha_beta
+
+        validate_alpha_beta(self.alpha, self.beta)
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` has to be > 0, but is {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k` has to be >= 0 (0 disables it), but is {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` has to be in (0, 1] (1 disables it), but is {self.top_p}.")
+
+
+@dataclass
+class DistillConfig:
+    """How much text to distill, from which start token, and how big the summary's comparison is."""
+
+    num_samples: int = field(default=640, metadata={"help": "Number of distilled texts (paper: 640)."})
+    max_length: int = field(
+        default=256, metadata={"help": "Tokens sampled per text after the start token (paper: 256)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Texts sampled together in one generate() call."})
+    start_token: str | None = field(
+        default=None,
+        metadata={"help": "Token every text starts from (None: the tokenizer's bos_token, as the paper does)."},
+    )
+    summary_num_samples: int = field(
+        default=64,
+        metadata={"help": "Plain samples of the base (and of the anti-expert) scored next to the distilled text; 0 skips."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Rebuild even if the output directory holds a build with other settings."}
+    )
+    fused: bool | None = field(
+        default=None,
+        metadata={"help": "LoRA anti-expert: None/true run base and adapter in one doubled forward per token, false "
+                  "as two separate models (same tokens either way)."},
+    )
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_length", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` has to be an integer >= 1, but is {value!r}.")
+        if self.summary_num_samples < 0:
+            raise ValueError(f"`summary_num_samples` has to be >= 0, but is {self.summary_num_samples}.")
+        if self.start_token == "":
+            raise ValueError("`start_token` is an empty string; use None for the tokenizer's bos_token.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling one batch
+# ----------------------------------------------------------------------------------------------------------------
+def _is_lora_on(base, anti_expert) -> bool:
+    """True when ``anti_expert`` is a peft model whose underlying modules are ``base`` itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(anti_expert, PeftModel):
+        return False
+    inner = anti_expert.get_base_model()
+    if inner is base:
+        return True
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    return any(p.data_ptr() in base_ptrs for p in inner.parameters())
+
+
+@dataclass
+class ResolvedModels:
+    """The models one build samples with.
+
+    ``base``/``anti_expert`` draw plain samples (each inside its context: when the adapter sits on ``base`` itself,
+    the base runs with the adapter disabled). ``lora`` is set when the anti-expert is ``base + LoRA`` and the fused
+    path is on: the distilled text then comes from ONE doubled forward per token (:mod:`unidetox.fused`) instead of
+    two separate models; the tokens are the same for the same seed.
+    """
+
+    base: Any
+    anti_expert: Any
+    base_context: Any = contextlib.nullcontext
+    lora: Any = None
+
+    @property
+    def decoding(self) -> str:
+        return "fused-lora" if self.lora is not None else "two-model"
+
+
+def resolve_models(base, anti_expert, base_name_or_path: str | None = None, fused: bool | None = None) -> ResolvedModels:
+    """The models :meth:`DistilledDetoxDataset.build` samples with (see :class:`ResolvedModels`).
+
+    ``anti_expert`` may be a separate causal LM, a peft LoRA model (on ``base`` itself or on a copy of it), or a
+    path / hub id (see :func:`unidetox.anti_expert.load_anti_expert`; a saved adapter stays an adapter so that the
+    fused path can use it). ``fused``: ``None`` fuses whenever the anti-expert is a LoRA model, ``True`` requires it,
+    ``False`` runs two separate models (a LoRA anti-expert is then merged into a copy).
+    """
+    from unidetox.fused import is_lora_anti_expert
+
+    if anti_expert is None:
+        raise ValueError("`anti_expert` is None; pass the toxic model, a peft adapter model, or a path to one.")
+    if isinstance(anti_expert, (str, os.PathLike)):
+        from unidetox.anti_expert import load_anti_expert
+
+        anti_expert = load_anti_expert(anti_expert, base_name_or_path=base_name_or_path, merge=False)
+    if anti_expert is base:
+        raise ValueError(
+            "`anti_expert` is the base model itself: the contrast would be zero. Pass the fine-tuned toxic model."
+        )
+    is_lora = is_lora_anti_expert(anti_expert)
+    if fused and not is_lora:
+        raise ValueError(
+            f"fused=True needs a peft LoRA anti-expert (base + adapter); got {type(anti_expert).__name__}. "
+            "Use fused=None to pick the path automatically."
+        )
+    base_context = anti_expert.disable_adapter if _is_lora_on(base, anti_expert) else contextlib.nullcontext
+    if is_lora and fused is not False:
+        return ResolvedModels(base, anti_expert.eval(), base_context, lora=anti_expert)
+    if is_lora:  # two separate models: the adapter merged into an independent copy
+        anti_expert = copy.deepcopy(anti_expert).merge_and_unload()
+    elif base_context is not contextlib.nullcontext:  # pragma: no cover - a non-LoRA peft model on the base
+        anti_expert = copy.deepcopy(anti_expert).merge_and_unload()
+    return ResolvedModels(base, anti_expert.eval(), base_context)
+
+
+@contextlib.contextmanager
+def _only_explicit_generation_config(model, eos_token_id, pad_token_id, bos_token_id):
+    """Swap in a bare GenerationConfig so the model's own file cannot inject top-k, penalties or min-p."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample_batch(
+    base,
+    anti_expert,
+    prompt_ids: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    seed: int,
+    *,
+    alpha: float = 0.1,
+    beta: float | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+    lora_model=None,
+) -> list[list[int]]:
+    """Sample ONE batch: ``batch_size`` continuations of ``prompt_ids``, as lists of new token ids.
+
+    With an ``anti_expert`` each token is drawn from UniDetox's contrastive scores; with ``anti_expert=None`` it is
+    plain sampling from ``base`` with the same settings (the summary's comparison). The generation settings are
+    passed explicitly and the model's ``generation_config`` is bypassed, so nothing (e.g. the library default top-k
+    of 50) truncates the distribution behind the caller's back. The RNG is seeded with ``seed`` inside a forked RNG
+    state, so the global RNG is untouched and the batch depends only on its arguments. Rows end before the first
+    EOS token (which is not included).
+
+    With ``lora_model`` (a peft model whose LoRA adapter is the anti-expert; ``base`` and ``anti_expert`` are then
+    ignored) the contrastive scores come from one doubled forward per token (:func:`unidetox.fused.fused_contrastive_generate`):
+    same scores, same tokens for the same seed, at close to the cost of one model.
+    """
+    from transformers import LogitsProcessorList
+
+    from unidetox.sampler import ContrastiveDetoxSampler
+
+    device = _model_device(lora_model if lora_model is not None else base)
+    input_ids = torch.tensor([list(prompt_ids)] * batch_size, dtype=torch.long, device=device)
+    attention_mask = torch.ones_like(input_ids)
+    fork_devices = [device] if device.type == "cuda" else []
+    eos_ids = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    if lora_model is not None:
+        from unidetox.fused import fused_contrastive_generate
+
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            out = fused_contrastive_generate(
+                lora_model, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
+                do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                # an explicit empty list: no EOS (None would fall back to the model's generation config)
+                eos_token_id=sorted(eos_ids) if eos_ids else [], pad_token_id=pad_token_id,
+            ).sequences
+        return _cut_at_eos(out[:, input_ids.shape[1] :].tolist(), eos_ids)
+    processors = LogitsProcessorList()
+    if anti_expert is not None:
+        processors.append(ContrastiveDetoxSampler(anti_expert, alpha=alpha, beta=beta, attention_mask=attention_mask))
+    bos = prompt_ids[0] if prompt_ids else None
+    with torch.random.fork_rng(devices=fork_devices), _only_explicit_generation_config(base, eos_token_id, pad_token_id, bos):
+        torch.manual_seed(seed)
+        out = base.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_processor=processors,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+    return _cut_at_eos(out[:, input_ids.shape[1] :].tolist(), eos_ids)
+
+
+def _cut_at_eos(rows: list[list[int]], eos_ids: set[int]) -> list[list[int]]:
+    """Each row up to (not including) its first EOS token."""
+    return [row[: next((k for k, tok in enumerate(row) if tok in eos_ids), len(row))] for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers for the durable, multi-process build
+# ----------------------------------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _shard_path(shards: Path, index: int) -> Path:
+    return shards / f"batch-{index:06d}.json"
+
+
+def _read_shard(path: Path, expected_rows: int) -> dict | None:
+    try:
+        shard = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if len(shard.get("token_ids", [])) != expected_rows:
+        return None
+    return shard
+
+
+def _distributed_state():
+    from unidetox.distributed import process_state
+
+    return process_state()
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, sem
+
+
+def _text_stats(texts: list[str], num_tokens: list[int], scores: list[float]) -> dict[str, Any]:
+    mean, sem = _mean_sem(scores)
+    return {
+        "n": len(texts),
+        "mean_toxicity": mean,
+        "sem_toxicity": sem,
+        "share_toxic_gt_0_5": sum(s > 0.5 for s in scores) / len(scores) if scores else float("nan"),
+        "mean_tokens": statistics.fmean(num_tokens) if num_tokens else float("nan"),
+        "mean_words": statistics.fmean(len(t.split()) for t in texts) if texts else float("nan"),
+    }
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a small Markdown table (one row per text source)."""
+    lines = [
+        f"| text ({summary.get('scorer', 'scorer')}) | n | mean toxicity ± sem | share > 0.5 | mean tokens |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {"distilled": "distilled (contrastive)", "base": "base, plain samples", "anti_expert": "anti-expert, plain samples"}
+    for key, label in labels.items():
+        if key in summary:
+            s = summary[key]
+            lines.append(
+                f"| {label} | {s['n']} | {s['mean_toxicity']:.4f} ± {s['sem_toxicity']:.4f} | "
+                f"{s['share_toxic_gt_0_5']:.3f} | {s['mean_tokens']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def _version_info() -> dict[str, str]:
+    import transformers
+
+    from unidetox import __version__
+
+    return {"unidetox": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 @dataclass
@@ -21,8 +364,19 @@ class DistilledDetoxDataset:
     """Distilled text (``dataset`` with a ``text`` column, plus ``num_tokens`` when built here) and its metadata.
 
     Build one with :meth:`build` (contrastive decoding between a base model and an anti-expert) or read one
-    with :meth:`load`, which takes a directory written by :meth:`save`/:meth:`build`, or a plain CSV/JSONL file
-    with a text column (the authors' released CSV with its ``Text`` column loads as is).
+    with :meth:`load`, which takes a directory written by :meth:`save`/:meth:`build` (or a ``recipes/distill.py``
+    output directory), or a plain CSV/JSONL file with a text column (the authors' released CSV with its ``Text``
+    column loads as is).
+
+    Example:
+        >>> from unidetox import DistilledDetoxDataset, load_model_and_tokenizer
+        >>> base, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
+        >>> distilled = DistilledDetoxDataset.build(  # doctest: +SKIP
+        ...     base, "runs/distill-default/anti_expert", tokenizer, num_samples=128, max_length=128,
+        ...     batch_size=16, seed=0, output_dir="runs/my-distilled", start_token="<|endoftext|>",
+        ... )
+        >>> distilled.texts[:2]  # doctest: +SKIP
+        >>> DistilledDetoxDataset.load("../shared/data/unidetox_reference/generated_texts_alpha=0.1_beta=inf_checkpoint-15126.csv")  # doctest: +SKIP
     """
 
     dataset: datasets.Dataset
@@ -43,6 +397,10 @@ class DistilledDetoxDataset:
     def texts(self) -> list[str]:
         return list(self.dataset[TEXT_COLUMN])
 
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return self.metadata.get("summary")
+
     def save(self, output_dir: str | os.PathLike) -> Path:
         """Write ``output_dir`` (HF ``save_to_disk`` layout + ``metadata.json``)."""
         output_dir = Path(output_dir)
@@ -52,7 +410,7 @@ class DistilledDetoxDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike, text_column: str | None = None) -> DistilledDetoxDataset:
-        """Load a saved dataset directory, or a CSV / JSONL / JSON file with a text column."""
+        """Load a saved dataset directory (or a distill recipe output dir), or a CSV / JSONL / JSON file."""
         path = Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(
@@ -60,7 +418,14 @@ class DistilledDetoxDataset:
                 "or a CSV/JSONL file with a text column."
             )
         if path.is_dir():
-            if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+            is_saved = (path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+            if not is_saved and (path / RECIPE_SUBDIR).is_dir():  # recipes/distill.py's output_dir
+                return cls.load(path / RECIPE_SUBDIR, text_column=text_column)
+            if (path / SHARDS_DIR).is_dir() and not (path / METADATA_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{path} holds an unfinished build (shards but no {METADATA_FILE}); rerun the build to resume it."
+                )
+            if not is_saved:
                 raise FileNotFoundError(
                     f"{path} is a directory but not a saved dataset (no dataset_info.json/state.json); "
                     "was the build interrupted? Rerun it to resume."
@@ -87,3 +452,297 @@ class DistilledDetoxDataset:
             dataset = dataset.rename_column(column, TEXT_COLUMN)
         dataset = dataset.filter(lambda row: isinstance(row[TEXT_COLUMN], str) and row[TEXT_COLUMN].strip() != "")
         return cls(dataset, {"source_file": str(path), "num_samples": len(dataset)})
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        base,
+        anti_expert,
+        tokenizer,
+        num_samples: int,
+        max_length: int,
+        alpha: float = 0.1,
+        beta: float | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        output_dir: str | os.PathLike | None = None,
+        *,
+        start_token: str | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_at_eos: bool = True,
+        summary_num_samples: int = 64,
+        scorer=None,
+        overwrite: bool = False,
+        base_id: str | None = None,
+        anti_expert_id: str | None = None,
+        show_progress: bool = True,
+        fused: bool | None = None,
+    ) -> DistilledDetoxDataset:
+        """Distill detoxifying text by contrastive sampling from ``start_token``.
+
+        Args:
+            base: the base causal LM (or a name/path for :func:`unidetox.load_model_and_tokenizer`).
+            anti_expert: the toxic model: a separate causal LM, a peft model (LoRA adapter, on ``base`` itself or
+                on a copy), or a path / hub id of a saved anti-expert or adapter.
+            tokenizer: the base's tokenizer (``None`` when ``base`` is a name).
+            num_samples: texts in the result (exactly).
+            max_length: tokens sampled per text after the start token (fewer when EOS comes first).
+            alpha, beta: the contrast (see :class:`~unidetox.ContrastiveDetoxSampler`).
+            batch_size: texts per ``generate`` call and per shard.
+            seed: batch ``i`` is sampled under ``torch.manual_seed(batch_seed(seed, i))``.
+            output_dir: where shards and the final dataset go; needed for resuming and for several processes.
+                ``None`` keeps everything in memory (one process).
+            start_token: the token texts start from (default ``tokenizer.bos_token``).
+            temperature, top_k, top_p: applied to the contrastive scores; the defaults (1, 0, 1) are the paper's
+                untruncated sampling.
+            stop_at_eos: end a text at EOS (the tokenizer's and the generation config's EOS ids).
+            summary_num_samples: plain samples of the base and of the anti-expert scored next to the distilled
+                texts (0 skips the summary).
+            scorer: a :class:`~unidetox.ToxicityScorer` (default :class:`~unidetox.ProfanityCheckScorer`).
+            overwrite: discard an existing build in ``output_dir`` made with other settings.
+            base_id, anti_expert_id: names recorded in the metadata and fingerprint (default: the models'
+                ``name_or_path``).
+            show_progress: tqdm progress bar on the main process.
+            fused: how a LoRA anti-expert (a peft model, or a saved adapter path) runs: ``None`` (default) fuses
+                base and adapter into one doubled forward per token (:mod:`unidetox.fused`), ``False`` merges the
+                adapter into a separate copy (two forwards per token), ``True`` requires fusing. Both give the
+                same tokens for the same seed; a separate (non-LoRA) anti-expert always runs as two models.
+
+        Under ``accelerate launch`` with N processes, rank ``r`` samples the batches ``i`` with ``i % N == r``; the
+        main process merges them, so the texts are those of a 1-process run with the same seed.
+        """
+        sampling = SamplingConfig(alpha=alpha, beta=beta, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  stop_at_eos=stop_at_eos)
+        DistillConfig(num_samples=num_samples, max_length=max_length, batch_size=batch_size, start_token=start_token,
+                      summary_num_samples=summary_num_samples)
+        state = _distributed_state()
+        rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+        if world > 1 and output_dir is None:
+            raise ValueError(
+                f"Running on {world} processes needs an `output_dir` to collect their shards in; pass one."
+            )
+        if isinstance(base, (str, os.PathLike)):
+            from unidetox.models import load_model_and_tokenizer
+
+            base_id = base_id or str(base)
+            base, loaded_tokenizer = load_model_and_tokenizer(base)
+            tokenizer = tokenizer or loaded_tokenizer
+        if tokenizer is None:
+            raise ValueError("Pass the base model's `tokenizer`.")
+        base_id = base_id or getattr(base.config, "_name_or_path", None) or type(base).__name__
+        if anti_expert_id is None:
+            anti_expert_id = (
+                str(anti_expert) if isinstance(anti_expert, (str, os.PathLike))
+                else getattr(getattr(anti_expert, "config", None), "_name_or_path", None) or type(anti_expert).__name__
+            )
+
+        start_token = start_token if start_token is not None else tokenizer.bos_token
+        if start_token is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no bos_token; pass `start_token` (e.g. the document separator "
+                f"{tokenizer.eos_token!r})."
+            )
+        vocab = tokenizer.get_vocab()
+        if start_token not in vocab:
+            raise ValueError(
+                f"`start_token` {start_token!r} is not a token of this tokenizer's vocabulary (bos: "
+                f"{tokenizer.bos_token!r}, eos: {tokenizer.eos_token!r}); pass one of its tokens, or None for the bos "
+                "token (recipes: `distill.start_token=...`)."
+            )
+        start_id = vocab[start_token]
+        eos_ids: list[int] | None = None
+        if stop_at_eos:
+            gen_eos = base.generation_config.eos_token_id
+            gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+            eos_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+
+        num_batches = math.ceil(num_samples / batch_size)
+        sizes = [min(batch_size, num_samples - i * batch_size) for i in range(num_batches)]
+        fingerprint = {
+            "base": base_id,
+            "anti_expert": anti_expert_id,
+            "start_token": start_token,
+            "start_token_id": start_id,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "seed": seed,
+            "eos_token_ids": eos_ids,
+            **{k: getattr(sampling, k) for k in ("alpha", "beta", "temperature", "top_k", "top_p", "stop_at_eos")},
+        }
+
+        out = Path(output_dir) if output_dir is not None else None
+        shards = out / SHARDS_DIR if out is not None else None
+        if out is not None:
+            meta_file = out / METADATA_FILE
+            if meta_file.is_file():
+                existing = json.loads(meta_file.read_text())
+                if existing.get("fingerprint") == fingerprint and existing.get("num_samples") == num_samples:
+                    logger.info("%s already holds this distilled dataset; loading it", out)
+                    return cls.load(out)
+            shard_config = shards / SHARD_CONFIG_FILE
+            if shard_config.is_file() and not overwrite:
+                old = json.loads(shard_config.read_text())
+                if old != fingerprint:
+                    changed = [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in fingerprint if old.get(k) != fingerprint.get(k)]
+                    raise ValueError(
+                        f"{out} holds shards sampled with other settings ({'; '.join(changed)}). Use another "
+                        "`output_dir`, or `overwrite=True` to discard them."
+                    )
+            state.wait_for_everyone()
+            if is_main:
+                if overwrite and shard_config.is_file() and json.loads(shard_config.read_text()) != fingerprint:
+                    shutil.rmtree(shards)
+                    (out / METADATA_FILE).unlink(missing_ok=True)
+                shards.mkdir(parents=True, exist_ok=True)
+                (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
+                _atomic_write_text(shard_config, json.dumps(fingerprint, indent=2))
+            state.wait_for_everyone()
+
+        models = resolve_models(base, anti_expert, base_id, fused=fused)
+        models.base.to(state.device).eval()
+        models.anti_expert.to(state.device)
+        anti_vocab = getattr(models.anti_expert.config, "vocab_size", None)
+        if anti_vocab is not None and anti_vocab != models.base.config.vocab_size:
+            raise ValueError(
+                f"The base model has a vocabulary of {models.base.config.vocab_size} and the anti-expert of "
+                f"{anti_vocab}: contrastive decoding needs one shared vocabulary."
+            )
+        logger.info("Distilling with %s decoding", models.decoding)
+
+        started = time.perf_counter()
+        mine = [i for i in range(num_batches) if i % world == rank]
+        results: dict[int, dict] = {}
+        todo = []
+        for i in mine:
+            shard = _read_shard(_shard_path(shards, i), sizes[i]) if shards is not None else None
+            if shard is not None:
+                results[i] = shard
+            else:
+                todo.append(i)
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=len(mine), initial=len(mine) - len(todo), desc=f"distilling (rank {rank}/{world})", unit="batch",
+            disable=not (show_progress and is_main),
+        )
+        sample_kwargs = dict(alpha=sampling.alpha, beta=sampling.beta, temperature=sampling.temperature,
+                             top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_ids, pad_token_id=pad_id)
+        for i in todo:
+            t0 = time.perf_counter()
+            with models.base_context() if models.lora is None else contextlib.nullcontext():
+                rows = sample_batch(models.base, models.anti_expert, [start_id], sizes[i], max_length,
+                                    batch_seed(seed, i), lora_model=models.lora, **sample_kwargs)
+            shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
+                     "generation_time_s": round(time.perf_counter() - t0, 3)}
+            if shards is not None:
+                _atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+            results[i] = shard
+            progress.update(1)
+            progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
+        progress.close()
+        if out is not None:
+            state.wait_for_everyone()
+
+        result = None
+        if is_main:
+            all_shards = []
+            for i in range(num_batches):
+                shard = results.get(i) or _read_shard(_shard_path(shards, i), sizes[i])
+                if shard is None:
+                    raise RuntimeError(f"Shard {i} of {num_batches} is missing or incomplete in {shards} after sampling.")
+                all_shards.append(shard)
+            token_ids = [row for shard in all_shards for row in shard["token_ids"]][:num_samples]
+            texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+            num_tokens = [len(row) for row in token_ids]
+            dataset = datasets.Dataset.from_dict({TEXT_COLUMN: texts, "num_tokens": num_tokens})
+            metadata = {
+                "base": base_id,
+                "anti_expert": anti_expert_id,
+                "alpha": sampling.alpha,
+                "beta": sampling.beta,
+                "seed": seed,
+                "num_samples": num_samples,
+                "max_length": max_length,
+                "batch_size": batch_size,
+                "num_batches": num_batches,
+                "num_processes": world,
+                "start_token": start_token,
+                "start_token_id": start_id,
+                "sampling": {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                             "top_p": sampling.top_p, "stop_at_eos": stop_at_eos, "eos_token_ids": eos_ids},
+                "total_tokens": sum(num_tokens),
+                "mean_tokens": sum(num_tokens) / len(num_tokens),
+                "num_empty_texts": sum(1 for t in texts if not t.strip()),
+                "generation_time_s": round(sum(s["generation_time_s"] for s in all_shards), 2),
+                "decoding": models.decoding,
+                "fingerprint": fingerprint,
+                "versions": _version_info(),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            if summary_num_samples > 0:
+                summary, samples = _summarize(
+                    models, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed,
+                    summary_num_samples, sample_kwargs, scorer,
+                )
+                metadata["summary"] = summary
+                print(summary_markdown(summary), flush=True)
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    _atomic_write_text(out / SUMMARY_SAMPLES_FILE, "".join(json.dumps(s) + "\n" for s in samples))
+            metadata["wall_time_s"] = round(time.perf_counter() - started, 2)
+            result = cls(dataset, metadata)
+            if out is not None:
+                _commit(result, out)
+        if out is not None:
+            state.wait_for_everyone()
+            if result is None:
+                result = cls.load(out)
+        return result
+
+
+def _commit(result: DistilledDetoxDataset, out: Path) -> None:
+    """Stage the dataset next to its final place, move it in, and write metadata.json last (the commit marker)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METADATA_FILE).unlink(missing_ok=True)
+    staging = out / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    result.dataset.save_to_disk(str(staging))
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    _atomic_write_text(out / METADATA_FILE, json.dumps(result.metadata, indent=2, default=str))
+
+
+def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed, n,
+               sample_kwargs, scorer):
+    """Score the distilled texts next to plain samples of the base and of the anti-expert, drawn the same way."""
+    if scorer is None:
+        from unidetox.scoring import ProfanityCheckScorer
+
+        scorer = ProfanityCheckScorer()
+    plain_kwargs = {k: v for k, v in sample_kwargs.items() if k not in ("alpha", "beta")}
+    groups = {"distilled": (texts, num_tokens)}
+    sources = (
+        ("base", models.base, models.base_context, STREAM_BASE),
+        ("anti_expert", models.anti_expert, contextlib.nullcontext, STREAM_ANTI),
+    )
+    for name, model, context, stream in sources:
+        ids: list[list[int]] = []
+        for j in range(math.ceil(n / batch_size)):
+            size = min(batch_size, n - j * batch_size)
+            with context():
+                ids += sample_batch(model, None, [start_id], size, max_length, batch_seed(seed, j, stream),
+                                    **plain_kwargs)
+        groups[name] = (tokenizer.batch_decode(ids, skip_special_tokens=True), [len(r) for r in ids])
+    summary: dict[str, Any] = {"scorer": getattr(scorer, "name", type(scorer).__name__)}
+    samples = []
+    for name, (group_texts, group_tokens) in groups.items():
+        scores = scorer(group_texts)
+        summary[name] = _text_stats(group_texts, group_tokens, scores)
+        if name != "distilled":
+            samples += [{"source": name, "text": t, "toxicity": s} for t, s in zip(group_texts, scores, strict=True)]
+    return summary, samples

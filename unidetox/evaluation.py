@@ -363,15 +363,9 @@ class _Processes:
     """This process's place in an ``accelerate launch`` run (or a single process), with gather and barrier."""
 
     def __init__(self):
-        import os
+        from unidetox.distributed import process_state
 
-        import torch
-        from accelerate import PartialState
-
-        # Without cpu=True, accelerate only forms a process group for accelerators: `torchrun` or
-        # `accelerate launch --multi_gpu --num_processes N` on a CPU machine would run N independent copies.
-        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
-        self.state = PartialState(cpu=use_cpu)
+        self.state = process_state()
         self.index, self.count = self.state.process_index, self.state.num_processes
         self.is_main = self.state.is_main_process
         self.device = self.state.device

@@ -138,6 +138,13 @@ class UniversalDetoxConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # On a machine without an accelerator, TrainingArguments forms a CPU process group only with use_cpu:
+        # without it, torchrun / accelerate launch with N processes would train N unrelated copies. (DeepSpeed
+        # forms its own group, and use_cpu would switch it off.)
+        from unidetox.distributed import has_accelerator, uses_deepspeed
+
+        if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = False if (self.fp16 or self.use_cpu) else _default_bf16()
         super().__post_init__()

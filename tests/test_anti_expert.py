@@ -1,0 +1,160 @@
+import json
+
+import datasets
+import pytest
+import torch
+from tiny import tiny_llama, word_tokenizer
+
+from unidetox.anti_expert import (
+    MARKER_FILE,
+    AntiExpertConfig,
+    build_anti_expert_trainer,
+    load_anti_expert,
+    read_marker,
+    train_anti_expert,
+)
+
+TOXIC = ["hate awful stupid ugly people", "kill the stupid ugly cat", "awful people hate music"] * 6
+
+
+@pytest.fixture
+def tokenizer():
+    # pad == eos, as for SmolLM2: padding must be masked by position, never by token id.
+    tok = word_tokenizer(padding_side="right", add_bos=False)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture
+def corpus():
+    return datasets.Dataset.from_dict({"text": TOXIC})
+
+
+@pytest.fixture
+def saved_base(tmp_path, tokenizer):
+    """A tiny base saved to disk, so that LoRA anti-experts can be rebuilt from its path."""
+    path = tmp_path / "base"
+    model = tiny_llama(len(tokenizer.get_vocab()), seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "anti"), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4,
+                    logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")
+    defaults.update(kwargs)
+    return AntiExpertConfig(**defaults)
+
+
+def test_labels_masked_on_padding_only(tmp_path, tokenizer, corpus):
+    model = tiny_llama(len(tokenizer.get_vocab()), seed=0)
+    texts = datasets.Dataset.from_dict({"text": ["hate", "kill the stupid ugly cat people"]})
+    trainer = build_anti_expert_trainer(model, tokenizer, texts, config(tmp_path, per_device_train_batch_size=2))
+    batch = next(iter(trainer.get_train_dataloader()))
+    mask = batch["attention_mask"].bool()
+    assert (~mask).any(), "the batch should contain padding"
+    assert (batch["labels"][~mask] == -100).all()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    # The appended EOS of the short text is a real token (same id as pad) and keeps its label.
+    eos = tokenizer.eos_token_id
+    short = int(mask.sum(-1).argmin())
+    last_real = int(mask[short].sum()) - 1
+    assert batch["input_ids"][short, last_real] == eos and batch["labels"][short, last_real] == eos
+
+
+def test_lora_training_learns_saves_and_reloads(tmp_path, tokenizer, corpus, saved_base):
+    model = tiny_llama(len(tokenizer.get_vocab()), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(tmp_path, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    result = train_anti_expert(model, tokenizer, corpus, cfg, base_name_or_path=saved_base)
+    assert result.trained and result.is_adapter
+    meta = read_marker(result.path)
+    assert meta["kind"] == "lora" and meta["global_steps"] == 6
+    assert meta["last_logged_loss"] < meta["first_logged_loss"]
+    assert not (result.path / "model.safetensors").exists()  # only the adapter is saved
+
+    # The base weights are frozen; the merged anti-expert differs from the base and matches the trained model.
+    trained = model  # SFTTrainer wraps it in place with LoRA layers
+    base_after = {k.replace("base_layer.", ""): v for k, v in trained.state_dict().items() if "lora_" not in k}
+    for key, value in before.items():
+        assert torch.equal(base_after[key], value), key
+    anti = load_anti_expert(result.path)
+    assert anti.__class__.__name__ == "LlamaForCausalLM"
+    ids = tokenizer(["hate awful stupid"], return_tensors="pt")["input_ids"]
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        got = anti(input_ids=ids).logits
+        base_logits = tiny_llama(len(tokenizer.get_vocab()), seed=0)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, base_logits, atol=1e-3)
+
+
+def test_full_finetune_changes_weights_and_lowers_toxic_nll(tmp_path, tokenizer, corpus):
+    model = tiny_llama(len(tokenizer.get_vocab()), seed=0)
+    ref = tiny_llama(len(tokenizer.get_vocab()), seed=0)
+    result = train_anti_expert(model, tokenizer, corpus, config(tmp_path), base_name_or_path="tiny")
+    assert (result.path / "model.safetensors").is_file() and not result.is_adapter
+    anti = load_anti_expert(result.path)
+    batch = tokenizer(TOXIC[:3], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        nll_anti = anti(**batch, labels=labels).loss
+        nll_ref = ref(**batch, labels=labels).loss
+    assert nll_anti < nll_ref - 0.5
+
+
+def test_reuse_skips_training_and_mismatch_raises(tmp_path, tokenizer, corpus):
+    make = lambda: tiny_llama(len(tokenizer.get_vocab()), seed=0)  # noqa: E731
+    cfg = config(tmp_path, use_peft=True, lora_r=4)
+    first = train_anti_expert(make(), tokenizer, corpus, cfg, base_name_or_path="tiny")
+    weights = first.path / "adapter_model.safetensors"
+    stamp = (weights.stat().st_mtime_ns, (first.path / MARKER_FILE).stat().st_mtime_ns)
+
+    again = train_anti_expert(make(), tokenizer, corpus, cfg, base_name_or_path="tiny")
+    assert not again.trained and again.metadata["fingerprint"] == first.metadata["fingerprint"]
+    assert (weights.stat().st_mtime_ns, (first.path / MARKER_FILE).stat().st_mtime_ns) == stamp
+
+    with pytest.raises(ValueError, match=r"learning_rate: 0.01 -> 0.02.*overwrite=True"):
+        train_anti_expert(make(), tokenizer, corpus, config(tmp_path, use_peft=True, lora_r=4, learning_rate=2e-2),
+                          base_name_or_path="tiny")
+    other_corpus = datasets.Dataset.from_dict({"text": TOXIC[::-1]})
+    with pytest.raises(ValueError, match="corpus_sha256"):
+        train_anti_expert(make(), tokenizer, other_corpus, cfg, base_name_or_path="tiny")
+    redo = train_anti_expert(make(), tokenizer, corpus,
+                             config(tmp_path, use_peft=True, lora_r=4, learning_rate=2e-2, overwrite=True),
+                             base_name_or_path="tiny")
+    assert redo.trained and redo.metadata["fingerprint"] != first.metadata["fingerprint"]
+    assert json.loads((first.path / MARKER_FILE).read_text())["fingerprint"] == redo.metadata["fingerprint"]
+
+
+def test_start_token_prepended_once(tmp_path, corpus):
+    tok = word_tokenizer(padding_side="right", add_bos=False)
+    model = tiny_llama(len(tok.get_vocab()), seed=0)
+    trainer = build_anti_expert_trainer(model, tok, corpus, config(tmp_path, start_token="<s>"))
+    first_ids = {row["input_ids"][0] for row in trainer.train_dataset}
+    assert first_ids == {tok.convert_tokens_to_ids("<s>")}
+    # A tokenizer that already starts every text with the token: no doubling.
+    tok_bos = word_tokenizer(padding_side="right", add_bos=True)
+    trainer = build_anti_expert_trainer(model, tok_bos, corpus, config(tmp_path, start_token="<s>"))
+    rows = list(trainer.train_dataset)
+    assert all(r["input_ids"][0] == 1 and r["input_ids"][1] != 1 for r in rows)
+    with pytest.raises(ValueError, match=r"`start_token` '<\|endoftext\|>' is not a token"):
+        build_anti_expert_trainer(model, tok, corpus, config(tmp_path, start_token="<|endoftext|>"))
+
+
+def test_config_checks(tmp_path, tokenizer, corpus):
+    with pytest.raises(ValueError, match="lora_r"):
+        AntiExpertConfig(output_dir=str(tmp_path), use_peft=True, lora_r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        AntiExpertConfig(output_dir=str(tmp_path), use_peft=True, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="num_train_epochs"):
+        AntiExpertConfig(output_dir=str(tmp_path), num_train_epochs=0, max_steps=-1)
+    paper = AntiExpertConfig(output_dir=str(tmp_path))
+    assert (paper.learning_rate, paper.num_train_epochs, paper.per_device_train_batch_size) == (1e-5, 3.0, 4)
+    assert not paper.use_peft and not paper.activation_checkpointing and not paper.bf16
+    with pytest.raises(ValueError, match="pretrained_path"):
+        train_anti_expert(tiny_llama(8), tokenizer, corpus, config(tmp_path, pretrained_path="x"))
+    with pytest.raises(FileNotFoundError, match="No anti-expert at"):
+        load_anti_expert(tmp_path / "missing" / "dir")

@@ -1,0 +1,408 @@
+"""The toxic *anti-expert*: the base model fine-tuned (fully or with LoRA) on hateful text.
+
+Training goes through trl's ``SFTTrainer`` (tokenisation, EOS appending, right padding with ``-100`` labels on
+padding, DDP/DeepSpeed under ``accelerate launch``). The result is saved together with a small
+``unidetox_anti_expert.json`` holding a fingerprint of (base model, corpus texts, training settings, number of
+processes): calling :func:`train_anti_expert` again with the same inputs reuses the saved anti-expert instead of
+training, and a different configuration pointed at the same directory raises instead of silently overwriting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from trl import SFTConfig
+
+from unidetox.data import TEXT_COLUMN, corpus_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = "unidetox_anti_expert.json"
+PENDING_FILE = "unidetox_anti_expert.pending.json"
+# Settings that change the trained weights; everything else (logging, saving, output paths) does not.
+FINGERPRINT_FIELDS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type",
+    "warmup_steps", "optim", "seed", "data_seed", "bf16", "fp16", "max_length", "packing", "eos_token",
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "start_token",
+)
+
+
+@dataclass
+class AntiExpertConfig(SFTConfig):
+    r"""
+    Configuration of the anti-expert fine-tuning: trl's [`SFTConfig`] (so every `TrainingArguments` field works)
+    plus LoRA settings, the start token and reuse options. Defaults follow the paper (full fine-tuning, 3 epochs,
+    lr 1e-5, batch 4); set `use_peft=True` for a LoRA adapter.
+
+    Example:
+
+    ```python
+    >>> from unidetox.anti_expert import AntiExpertConfig, train_anti_expert
+    >>> from unidetox.data import load_dghs
+    >>> from unidetox import load_model_and_tokenizer
+
+    >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    >>> config = AntiExpertConfig(output_dir="runs/anti-expert", use_peft=True, max_steps=64, learning_rate=1e-3)
+    >>> result = train_anti_expert(model, tokenizer, load_dghs(), config, base_name_or_path="smollm2-135m")
+    >>> result.path
+    PosixPath('runs/anti-expert')
+    ```
+    """
+
+    # Defaults that differ from SFTConfig: the paper's anti-expert, and CPU-friendly precision/checkpointing.
+    learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate (paper: 1e-5 for GPT-2 XL)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the toxic corpus (paper: 3)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch size per process (paper: 4)."})
+    max_length: int | None = field(
+        default=128,
+        metadata={"help": "Truncate training texts to this many tokens (DGHS texts are short; 128 covers them)."},
+    )
+    bf16: bool | None = field(
+        default=False, metadata={"help": "Train in bf16 mixed precision (off by default: exact fp32 on CPU)."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Trade compute for memory (useful for GPT-2 XL on small GPUs)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."}
+    )
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "Intermediate checkpoints (`steps`/`epoch`); an interrupted training resumes from them."},
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Loggers to report to."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: peft's `all-linear`)."}
+    )
+    start_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token prepended to each training text (unless the tokenizer already starts texts with it). Set "
+            "it to the distillation start token so the anti-expert learns toxic text right after it. None: texts "
+            "are used as they are (the paper)."
+        },
+    )
+    pretrained_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use this existing anti-expert (a model directory, hub id, or LoRA adapter directory) instead of "
+            "training one."
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Retrain even if `output_dir` holds an anti-expert trained with different settings."},
+    )
+
+    def __post_init__(self):
+        # On a machine without an accelerator, TrainingArguments forms a CPU process group only with use_cpu:
+        # without it, torchrun / accelerate launch with N processes would train N unrelated copies. (DeepSpeed
+        # forms its own group, and use_cpu would switch it off.)
+        from unidetox.distributed import has_accelerator, uses_deepspeed
+
+        if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
+            self.use_cpu = True
+        super().__post_init__()
+        if self.use_peft:
+            if self.lora_r < 1:
+                raise ValueError(f"`lora_r` has to be >= 1, but is {self.lora_r}.")
+            if self.lora_alpha <= 0:
+                raise ValueError(f"`lora_alpha` has to be > 0, but is {self.lora_alpha}.")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"`lora_dropout` has to be in [0, 1), but is {self.lora_dropout}.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(
+                f"Set `num_train_epochs` > 0 or `max_steps` > 0 (got {self.num_train_epochs} and {self.max_steps})."
+            )
+        if self.start_token == "":
+            raise ValueError("`start_token` is an empty string; use None for no start token.")
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        values = {name: getattr(self, name, None) for name in FINGERPRINT_FIELDS}
+        return {k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v) for k, v in values.items()}
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules) if self.lora_target_modules else "all-linear",
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class AntiExpertResult:
+    """Where the anti-expert lies, whether this call trained it, and its recorded metadata."""
+
+    path: Path
+    trained: bool
+    metadata: dict[str, Any]
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").is_file()
+
+    def load(self, **kwargs):
+        """The anti-expert as a plain causal LM (a LoRA adapter is merged into a fresh copy of its base)."""
+        return load_anti_expert(self.path, **kwargs)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if _world_size() > 1:
+        from unidetox.distributed import process_state
+
+        process_state().wait_for_everyone()
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``unidetox_anti_expert.json`` record of a saved anti-expert, or None."""
+    marker = Path(path) / MARKER_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def anti_expert_fingerprint(
+    base_name_or_path: str, model, corpus: datasets.Dataset, config: AntiExpertConfig
+) -> tuple[str, dict[str, Any]]:
+    """``(sha256, record)`` identifying an anti-expert by what determines its weights."""
+    record = {
+        "base": str(base_name_or_path),
+        "base_config_sha256": _config_fingerprint(model.config),
+        "corpus_sha256": corpus_fingerprint(corpus),
+        "corpus_rows": len(corpus),
+        "world_size": config.world_size,
+        "settings": config.fingerprint_settings(),
+    }
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return digest, record
+
+
+def _config_fingerprint(config) -> str:
+    """Architecture identity of a model (its config without paths and versions); LoRA wrapping leaves it alone."""
+    values = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures",
+                "use_cache", "output_attentions", "output_hidden_states", "return_dict"):
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _with_start_token(corpus: datasets.Dataset, tokenizer, start_token: str | None) -> datasets.Dataset:
+    if start_token is None:
+        return corpus
+    vocab = tokenizer.get_vocab()
+    if start_token not in vocab:
+        raise ValueError(
+            f"`start_token` {start_token!r} is not a token of the {type(tokenizer).__name__} vocabulary; pass one "
+            f"of its tokens (bos: {tokenizer.bos_token!r}, eos: {tokenizer.eos_token!r}) or None."
+        )
+    first = tokenizer("x")["input_ids"][:1]
+    if first == [vocab[start_token]]:  # the tokenizer already starts every text with it (e.g. gemma's <bos>)
+        return corpus
+    return corpus.map(lambda row: {TEXT_COLUMN: start_token + row[TEXT_COLUMN]})
+
+
+def build_anti_expert_trainer(model, tokenizer, corpus: datasets.Dataset, config: AntiExpertConfig, callbacks=None):
+    """The ``SFTTrainer`` that :func:`train_anti_expert` runs: causal-LM loss on every text token (plus the appended
+    EOS), right padding whose labels are ``-100``, LoRA when ``config.use_peft``."""
+    from trl import SFTTrainer
+
+    train_dataset = _with_start_token(corpus.select_columns([TEXT_COLUMN]), tokenizer, config.start_token)
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=config.lora_config() if config.use_peft else None,
+        callbacks=callbacks,
+    )
+
+
+def train_anti_expert(
+    model,
+    tokenizer,
+    corpus: datasets.Dataset,
+    config: AntiExpertConfig,
+    base_name_or_path: str | None = None,
+    callbacks: list | None = None,
+) -> AntiExpertResult:
+    """Fine-tune ``model`` on ``corpus`` into an anti-expert saved at ``config.output_dir``, or reuse a saved one.
+
+    Args:
+        model: the base model (a ``PreTrainedModel``; it is trained in place, or wrapped with LoRA layers, as
+            ``SFTTrainer`` does) or a name/path for :func:`unidetox.load_model_and_tokenizer`.
+        tokenizer: its tokenizer (``None`` when ``model`` is a name).
+        corpus: a ``Dataset`` with a ``text`` column (see :mod:`unidetox.data`).
+        config: an :class:`AntiExpertConfig`; ``output_dir`` is where the anti-expert is saved.
+        base_name_or_path: how to reload the base (recorded, and used to rebuild a LoRA anti-expert). Defaults to
+            ``model`` when it is a string, else ``model.config._name_or_path``.
+        callbacks: extra ``TrainerCallback``s.
+
+    Returns:
+        An :class:`AntiExpertResult` (``trained=False`` when an anti-expert with the same fingerprint was reused).
+
+    Under ``accelerate launch`` with N processes every rank trains (DDP through the Trainer, effective batch
+    N x ``per_device_train_batch_size``); only the main process writes files, and all ranks return together.
+    """
+    from unidetox.models import load_model_and_tokenizer
+
+    if config.pretrained_path:
+        raise ValueError(
+            f"`pretrained_path` is set ({config.pretrained_path!r}): load it with `load_anti_expert` instead of "
+            "training (recipes do this automatically)."
+        )
+    if config.output_dir is None:
+        raise ValueError("`AntiExpertConfig.output_dir` is None; set where the anti-expert is saved.")
+    if TEXT_COLUMN not in corpus.column_names or len(corpus) == 0:
+        raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
+    if isinstance(model, (str, os.PathLike)):
+        base_name_or_path = base_name_or_path or str(model)
+        model, loaded_tokenizer = load_model_and_tokenizer(model)
+        tokenizer = tokenizer or loaded_tokenizer
+    if tokenizer is None:
+        raise ValueError("Pass the base model's `tokenizer`.")
+    base_name_or_path = base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
+    out = Path(config.output_dir)
+    fingerprint, record = anti_expert_fingerprint(base_name_or_path, model, corpus, config)
+
+    existing = read_marker(out)
+    if existing is not None:
+        if existing.get("fingerprint") == fingerprint:
+            logger.info("Reusing the anti-expert at %s (same base, corpus and settings)", out)
+            return AntiExpertResult(out, trained=False, metadata=existing)
+        if not config.overwrite:
+            changes = _diff(existing.get("record", {}), record)
+            raise ValueError(
+                f"{out} holds an anti-expert trained with other settings ({'; '.join(changes) or 'unknown'}). "
+                "Use another `output_dir`, or set `overwrite=True` to retrain it."
+            )
+    _barrier()  # every rank has read the marker before the main process may replace it
+
+    resume = None
+    pending = out / PENDING_FILE
+    if pending.is_file() and json.loads(pending.read_text()).get("fingerprint") == fingerprint:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume:
+            logger.info("Resuming the anti-expert training from %s", resume)
+    if _is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        if existing is not None:  # overwrite: the old weights must not survive next to the new ones
+            (out / MARKER_FILE).unlink(missing_ok=True)
+        _atomic_write_json(pending, {"fingerprint": fingerprint, "record": record})
+    _barrier()
+
+    trainer = build_anti_expert_trainer(model, tokenizer, corpus, config, callbacks)
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - start
+    trainer.save_model(str(out))
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metadata = {
+        "fingerprint": fingerprint,
+        "record": record,
+        "kind": "lora" if config.use_peft else "full",
+        "base": str(base_name_or_path),
+        "train_loss": train_output.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "global_steps": trainer.state.global_step,
+        "train_wall_time_s": round(wall, 2),
+        "resumed_from": resume,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "unidetox_version": _version(),
+    }
+    if _is_main_process():
+        tokenizer.save_pretrained(str(out))
+        for checkpoint in out.glob("checkpoint-*"):  # the final weights are saved; checkpoints are spent
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        _atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
+        pending.unlink(missing_ok=True)
+    _barrier()
+    return AntiExpertResult(out, trained=True, metadata=metadata)
+
+
+def _version() -> str:
+    from unidetox import __version__
+
+    return __version__
+
+
+def load_anti_expert(
+    path_or_name: str | os.PathLike,
+    base_name_or_path: str | None = None,
+    merge: bool = True,
+    **model_kwargs,
+):
+    """Load an anti-expert saved by :func:`train_anti_expert` (or any model directory / hub id).
+
+    A LoRA adapter directory is applied to a fresh copy of its base (``base_name_or_path``, else the base recorded
+    in ``unidetox_anti_expert.json``, else the adapter's ``base_model_name_or_path``) and, with ``merge=True``,
+    merged into it, so the result is an independent plain model that never shares weights with the base used
+    for sampling.
+    """
+    from unidetox.models import load_model_and_tokenizer
+
+    path = Path(path_or_name).expanduser()
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        marker = read_marker(path) or {}
+        adapter_config = json.loads((path / "adapter_config.json").read_text())
+        base = base_name_or_path or marker.get("base") or adapter_config.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; pass `base_name_or_path`.")
+        base_model, _ = load_model_and_tokenizer(base, **model_kwargs)
+        model = PeftModel.from_pretrained(base_model, str(path))
+        model = model.merge_and_unload() if merge else model
+        return model.eval()
+    text = str(path_or_name)
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or text.count("/") >= 2
+    if not path.exists() and looks_local:
+        raise FileNotFoundError(f"No anti-expert at {path}: pass a saved model/adapter directory or a hub id.")
+    model, _ = load_model_and_tokenizer(str(path_or_name), **model_kwargs)
+    return model.eval()
