@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from unidetox.distilled import DistilledDetoxDataset  # noqa: E402
 from unidetox.evaluation import generate_continuations  # noqa: E402
+from unidetox.fused import contrastive_generate  # noqa: E402
 from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer  # noqa: E402
 from unidetox.prompts import load_prompts  # noqa: E402
 from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "UniversalDetoxConfig",
     "UniversalDetoxTrainer",
     "build_scorer",
+    "contrastive_generate",
     "contrastive_scores",
     "embedded_model_path",
     "generate_continuations",
