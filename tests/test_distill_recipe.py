@@ -1,0 +1,71 @@
+"""recipes/distill.py end to end on a tiny local model: stages, outputs, caching, overrides."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import tiny_llama, word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "distill" / "experiment").glob("*.yaml"))
+
+
+def _recipe():
+    if "distill_recipe" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("distill_recipe", REPO / "recipes" / "distill.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["distill_recipe"] = module  # dataclasses resolve string annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules["distill_recipe"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_parses(experiment):
+    cfg, args = _recipe().parse_config([f"experiment={experiment}"])
+    assert args["sampler"].alpha == 0.1 and args["sampler"].top_k == 0 and args["sampler"].top_p == 1.0
+    assert args["distill"].num_samples >= 128 and cfg.output_dir.startswith("runs/")
+
+
+def test_overrides_as_written():
+    cfg, args = _recipe().parse_config([
+        "output_dir=runs/x", "distill.num_samples=256", "seed=1", "sampler.alpha=0.2",
+        "anti_expert.pretrained_path=runs/y/anti_expert", "distill.fused=false", "model=gemma3-270m",
+    ])
+    assert cfg.output_dir == "runs/x" and cfg.seed == 1 and args["distill"].num_samples == 256
+    assert args["sampler"].alpha == 0.2 and args["anti_expert"].pretrained_path == "runs/y/anti_expert"
+    assert args["distill"].fused is False and args["model"].name_or_path == "gemma3-270m"
+    with pytest.raises(ValueError, match="alpha"):
+        _recipe().parse_config(["sampler.alpha=1.5"])
+
+
+def test_recipe_end_to_end_then_cached(tmp_path):
+    tokenizer = word_tokenizer()
+    model_dir = tmp_path / "tiny-base"
+    tiny_llama(len(tokenizer.get_vocab()), seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "toxic.csv"
+    rows = "".join(f"hate awful stupid people {i},hate,wom\nthe cat sat {i},nothate,wom\n" for i in range(8))
+    corpus.write_text("text,label,target\n" + rows)  # DGHS-like columns: the default filter applies as is
+    out = tmp_path / "run"
+    overrides = [
+        f"model.name_or_path={model_dir}", f"data.path=[{corpus}]",
+        f"output_dir={out}", "anti_expert.max_steps=3", "anti_expert.per_device_train_batch_size=2",
+        "anti_expert.logging_steps=1", "distill.num_samples=5", "distill.max_length=6", "distill.batch_size=2",
+        "distill.start_token=null", "distill.summary_num_samples=2",
+    ]
+    run = _recipe().main(overrides)
+    assert run["stages"]["anti_expert"]["trained_now"] is True
+    assert run["stages"]["anti_expert"]["global_steps"] == 3
+    assert run["stages"]["distill"]["num_samples"] == 5 and run["stages"]["distill"]["decoding"] == "fused-lora"
+    for name in ("config.yaml", "distill_run.json", "distill_run.md", "anti_expert/adapter_config.json",
+                 "distilled/metadata.json", "distilled/summary_samples.jsonl"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "distilled" / "metadata.json").read_text())
+    assert meta["num_samples"] == 5 and set(meta["summary"]) >= {"distilled", "base", "anti_expert"}
+    stamp = (out / "distilled" / "metadata.json").stat().st_mtime_ns
+
+    again = _recipe().main(overrides)  # everything cached: no training, no sampling
+    assert again["stages"]["anti_expert"]["trained_now"] is False
+    assert (out / "distilled" / "metadata.json").stat().st_mtime_ns == stamp
