@@ -202,6 +202,20 @@ def test_fused_summary_samples_base_without_and_anti_expert_with_the_adapter(tmp
         assert got == tokenizer.batch_decode(expected, skip_special_tokens=True), source
 
 
+def test_without_anti_expert_builds_the_plain_control_corpus(tmp_path, base, tokenizer):
+    kwargs = dict(num_samples=5, max_length=6, batch_size=2, seed=4, show_progress=False)
+    plain = DistilledDetoxDataset.build(base, None, tokenizer, output_dir=tmp_path / "p", summary_num_samples=2,
+                                        scorer=lambda texts: [0.0] * len(texts), **kwargs)
+    assert plain.metadata["decoding"] == "plain" and plain.metadata["anti_expert"] is None
+    assert set(plain.metadata["summary"]) == {"scorer", "distilled", "base"}
+    expected = []
+    for i, size in enumerate([2, 2, 1]):
+        expected += sample_batch(base, None, [1], size, 6, batch_seed(4, i), eos_token_id=[2], pad_token_id=0)
+    assert plain.texts == tokenizer.batch_decode(expected, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="fused=True needs a LoRA anti-expert"):
+        DistilledDetoxDataset.build(base, None, tokenizer, fused=True, summary_num_samples=0, **kwargs)
+
+
 def test_summary_scores_the_three_sources(tmp_path, base, anti, tokenizer):
     class CountScorer:
         name = "count_hate"

@@ -144,6 +144,8 @@ class ResolvedModels:
 
     @property
     def decoding(self) -> str:
+        if self.anti_expert is None:
+            return "plain"
         return "fused-lora" if self.lora is not None else "two-model"
 
 
@@ -158,7 +160,9 @@ def resolve_models(base, anti_expert, base_name_or_path: str | None = None, fuse
     from unidetox.fused import is_lora_anti_expert
 
     if anti_expert is None:
-        raise ValueError("`anti_expert` is None; pass the toxic model, a peft adapter model, or a path to one.")
+        if fused:
+            raise ValueError("fused=True needs a LoRA anti-expert; `anti_expert` is None (plain sampling).")
+        return ResolvedModels(base, None)
     if isinstance(anti_expert, (str, os.PathLike)):
         from unidetox.anti_expert import load_anti_expert
 
@@ -486,7 +490,8 @@ class DistilledDetoxDataset:
         Args:
             base: the base causal LM (or a name/path for :func:`unidetox.load_model_and_tokenizer`).
             anti_expert: the toxic model: a separate causal LM, a peft model (LoRA adapter, on ``base`` itself or
-                on a copy), or a path / hub id of a saved anti-expert or adapter.
+                on a copy), or a path / hub id of a saved anti-expert or adapter. ``None`` samples the base alone
+                with the same settings: the control corpus (fine-tuning on the base's own text, no contrast).
             tokenizer: the base's tokenizer (``None`` when ``base`` is a name).
             num_samples: texts in the result (exactly).
             max_length: tokens sampled per text after the start token (fewer when EOS comes first).
@@ -533,7 +538,9 @@ class DistilledDetoxDataset:
         if tokenizer is None:
             raise ValueError("Pass the base model's `tokenizer`.")
         base_id = base_id or getattr(base.config, "_name_or_path", None) or type(base).__name__
-        if anti_expert_id is None:
+        if anti_expert is None:
+            anti_expert_id = None
+        elif anti_expert_id is None:
             anti_expert_id = (
                 str(anti_expert) if isinstance(anti_expert, (str, os.PathLike))
                 else getattr(getattr(anti_expert, "config", None), "_name_or_path", None) or type(anti_expert).__name__
@@ -604,8 +611,9 @@ class DistilledDetoxDataset:
 
         models = resolve_models(base, anti_expert, base_id, fused=fused)
         models.base.to(state.device).eval()
-        models.anti_expert.to(state.device)
-        anti_vocab = getattr(models.anti_expert.config, "vocab_size", None)
+        if models.anti_expert is not None:
+            models.anti_expert.to(state.device)
+        anti_vocab = getattr(getattr(models.anti_expert, "config", None), "vocab_size", None)
         if anti_vocab is not None and anti_vocab != models.base.config.vocab_size:
             raise ValueError(
                 f"The base model has a vocabulary of {models.base.config.vocab_size} and the anti-expert of "
@@ -726,10 +734,9 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
         scorer = ProfanityCheckScorer()
     plain_kwargs = {k: v for k, v in sample_kwargs.items() if k not in ("alpha", "beta")}
     groups = {"distilled": (texts, num_tokens)}
-    sources = (
-        ("base", models.base, models.base_context, STREAM_BASE),
-        ("anti_expert", models.anti_expert, contextlib.nullcontext, STREAM_ANTI),
-    )
+    sources = [("base", models.base, models.base_context, STREAM_BASE)]
+    if models.anti_expert is not None:
+        sources.append(("anti_expert", models.anti_expert, contextlib.nullcontext, STREAM_ANTI))
     for name, model, context, stream in sources:
         ids: list[list[int]] = []
         for j in range(math.ceil(n / batch_size)):
