@@ -69,3 +69,34 @@ def test_recipe_end_to_end_then_cached(tmp_path):
     again = _recipe().main(overrides)  # everything cached: no training, no sampling
     assert again["stages"]["anti_expert"]["trained_now"] is False
     assert (out / "distilled" / "metadata.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_embedded_default_under_accelerate_launch(tmp_path):
+    """The README's main command on the embedded default (smollm2-135m + local DGHS), at a tiny size."""
+    import os
+    import subprocess
+
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    out = tmp_path / "distill"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(accelerate), "launch", "--num_processes", "1", "--cpu", "recipes/distill.py", f"output_dir={out}",
+        "distill.num_samples=8", "distill.max_length=32", "distill.batch_size=4", "distill.summary_num_samples=4",
+        "seed=1", "anti_expert.max_steps=2", "anti_expert.per_device_train_batch_size=2",
+        "anti_expert.max_length=32", "data.max_samples=16",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", UNIDETOX_DATA_DIR=str(SHARED_DATA))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = json.loads((out / "distill_run.json").read_text())
+    assert run["stages"]["anti_expert"]["global_steps"] == 2
+    assert run["stages"]["distill"]["num_samples"] == 8 and run["stages"]["distill"]["decoding"] == "fused-lora"
+    meta = json.loads((out / "distilled" / "metadata.json").read_text())
+    assert meta["base"] == "smollm2-135m" and meta["start_token"] == "<|endoftext|>" and meta["seed"] == 1
+    assert meta["summary"]["distilled"]["n"] == 8 and meta["summary"]["base"]["n"] == 4
+    assert "| distilled (contrastive) | 8 |" in (out / "distill_run.md").read_text()
