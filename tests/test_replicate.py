@@ -1,0 +1,383 @@
+"""recipes/replicate.py and unidetox.replicate: task-vector negation vs a hand computation, the paper's choice rule,
+the control data (deterministic, resumable), the report, every experiment's config, and the tiny replication end
+to end on the embedded models under `accelerate launch` (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from tiny import tiny_llama, word_tokenizer
+
+from unidetox.replicate import (
+    assemble_report,
+    build_plain_sample_dataset,
+    build_text_dataset,
+    choose_configuration,
+    evaluate_bar,
+    example_continuations,
+    format_number,
+    grid_table_markdown,
+    negate_task_vector,
+    plain_sample_settings,
+    write_replication_report,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import replicate  # noqa: E402
+
+
+def test_format_number_names_directories_like_the_hand_runs():
+    assert [format_number(v) for v in (5e-4, 2e-4, 1e-3, 2.5e-5, 0.1, 0.2, 1.0, 2)] == [
+        "5e-4", "2e-4", "1e-3", "2.5e-5", "0.1", "0.2", "1", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task vectors
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_base(tmp_path) -> Path:
+    tokenizer = word_tokenizer()
+    path = tmp_path / "base"
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_negate_task_vector_matches_a_hand_computation(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = _tiny_base(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False,
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    adapter_dir = tmp_path / "anti_expert"
+    peft_model.save_pretrained(adapter_dir)
+    lam = 0.7
+    out = negate_task_vector(base_dir, adapter_dir, lam, tmp_path / "lam0.7")
+    negated = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+    base_params = dict(base.named_parameters())
+    lora_params = dict(peft_model.named_parameters())
+    changed = 0
+    for name, param in negated.named_parameters():
+        expected = base_params[name].detach().clone()
+        module = name.rsplit(".", 1)[0]
+        if module.endswith(("q_proj", "down_proj")) and name.endswith("weight"):
+            a = lora_params[f"base_model.model.{module}.lora_A.default.weight"]
+            b = lora_params[f"base_model.model.{module}.lora_B.default.weight"]
+            expected = expected - lam * (lora.lora_alpha / lora.r) * (b @ a)  # W - lambda * scaling * B A
+            changed += 1
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert changed == 2 * negated.config.num_hidden_layers
+
+    # The same settings again: the directory is reused, not recomputed.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    negate_task_vector(base_dir, adapter_dir, lam, out)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="lambda"):
+        negate_task_vector(base_dir, adapter_dir, -1.0, tmp_path / "bad")
+
+
+def test_negate_task_vector_of_a_fully_fine_tuned_anti_expert(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = _tiny_base(tmp_path)
+    anti_dir = tmp_path / "anti"
+    tiny_llama(len(word_tokenizer()), seed=1).save_pretrained(anti_dir)
+    out = negate_task_vector(base_dir, anti_dir, 2.0, tmp_path / "lam2")
+    base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
+    anti = dict(AutoModelForCausalLM.from_pretrained(anti_dir).named_parameters())
+    for name, param in AutoModelForCausalLM.from_pretrained(out).named_parameters():
+        torch.testing.assert_close(param, base[name] - 2.0 * (anti[name] - base[name]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="anti-expert"):
+        negate_task_vector(base_dir, tmp_path / "missing", 1.0, tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The choice rule
+# ---------------------------------------------------------------------------------------------------------------
+def _rec(run, step, tp, emt, ppl, **config):
+    return {"run": run, "step": step, "checkpoint": f"{run}/checkpoint-{step}" if step else None,
+            "config": {**config, "steps": step}, "toxicity_probability": tp, "expected_max_toxicity": emt,
+            "perplexity": ppl}
+
+
+def test_choose_configuration_applies_the_bound_over_every_run_and_checkpoint():
+    records = [
+        _rec("a0.1-lr5e-4", 0, 0.8, 0.7, 20.0, alpha=0.1, lr=5e-4),
+        _rec("a0.1-lr5e-4", 50, 0.3, 0.30, 21.0, alpha=0.1, lr=5e-4),
+        _rec("a0.1-lr5e-4", 100, 0.1, 0.10, 25.0, alpha=0.1, lr=5e-4),  # least toxic, +25%: excluded
+        _rec("a0.2-lr2e-4", 0, 0.8, 0.7, 20.0, alpha=0.2, lr=2e-4),
+        _rec("a0.2-lr2e-4", 50, 0.4, 0.25, 22.0, alpha=0.2, lr=2e-4),  # +10% exactly: allowed, lowest EMT within
+        _rec("a0.2-lr2e-4", 100, 0.2, 0.20, 22.5, alpha=0.2, lr=2e-4),  # +12.5%: excluded
+    ]
+    choice, table = choose_configuration(records, max_ppl_increase=0.1, metric="expected_max_toxicity")
+    assert (choice["run"], choice["step"], choice["config"]["alpha"]) == ("a0.2-lr2e-4", 50, 0.2)
+    assert choice["within_bound"] and choice["perplexity_increase"] == pytest.approx(0.1)
+    assert choice["num_candidates"] == 4 and choice["num_within_bound"] == 2
+    assert len(table) == 6 and sum(r["chosen"] for r in table) == 1
+    assert [r["within_bound"] for r in table if not r["baseline"]] == [True, False, True, False]
+    # By TP the other checkpoint within the bound wins.
+    choice, _ = choose_configuration(records, max_ppl_increase=0.1, metric="toxicity_probability")
+    assert (choice["run"], choice["step"]) == ("a0.1-lr5e-4", 50)
+    # A looser bound admits the least toxic one.
+    choice, _ = choose_configuration(records, max_ppl_increase=0.3)
+    assert (choice["run"], choice["step"]) == ("a0.1-lr5e-4", 100)
+    md = grid_table_markdown(table, keys=["alpha", "lr", "steps"])
+    assert md.count("\n") == 8 and "**chosen**" in md and "+25.0%" in md
+
+
+def test_choose_configuration_when_nothing_is_within_the_bound():
+    records = [_rec("r", 0, 0.8, 0.7, 10.0), _rec("r", 1, 0.1, 0.1, 14.0), _rec("r", 2, 0.2, 0.2, 12.0)]
+    with pytest.raises(ValueError, match="No candidate keeps perplexity within"):
+        choose_configuration(records, max_ppl_increase=0.1)
+    choice, _ = choose_configuration(records, max_ppl_increase=0.1, on_empty="closest")
+    assert choice["step"] == 2 and not choice["within_bound"]
+    with pytest.raises(ValueError, match="baseline"):
+        choose_configuration(records[1:])
+    with pytest.raises(ValueError, match="max_ppl_increase"):
+        choose_configuration(records, max_ppl_increase=-0.1)
+    with pytest.raises(ValueError, match="metric"):
+        choose_configuration(records, metric="perplexity")
+
+
+def test_one_base_record_serves_a_lambda_sweep():
+    records = [{"run": "base", "baseline": True, "config": {"lambda": 0.0}, "perplexity": 10.0,
+                "toxicity_probability": 0.5, "expected_max_toxicity": 0.5},
+               *[{"run": f"lam{lam}", "config": {"lambda": lam}, "perplexity": ppl, "toxicity_probability": tox,
+                  "expected_max_toxicity": tox} for lam, ppl, tox in [(0.5, 10.5, 0.4), (1.0, 10.9, 0.3),
+                                                                       (2.0, 30.0, 0.1)]]]
+    choice, _ = choose_configuration(records)
+    assert choice["config"]["lambda"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baseline data
+# ---------------------------------------------------------------------------------------------------------------
+def test_plain_sample_dataset_is_deterministic_and_resumes(tmp_path):
+    from unidetox.distilled import STREAM_DISTILL, batch_seed, sample_batch
+
+    tokenizer = word_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    kwargs = dict(num_samples=5, max_length=6, start_token="<s>", seed=3, batch_size=2, show_progress=False)
+    first = build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "a", **kwargs)
+    assert len(first) == 5 and first.metadata["kind"] == "plain_samples" and first.metadata["anti_expert"] is None
+    # Batch 0 is plain sampling under the distilled stream's seed of batch 0 (same draws as the distilled text).
+    rows = sample_batch(model, None, [tokenizer.convert_tokens_to_ids("<s>")], 2, 6, batch_seed(3, 0, STREAM_DISTILL),
+                        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    assert first.texts[:2] == tokenizer.batch_decode(rows, skip_special_tokens=True)
+    # Another directory, same settings: the same texts.
+    assert build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "b", **kwargs).texts == first.texts
+    # Complete: loaded, nothing sampled again.
+    stamp = (tmp_path / "a" / "metadata.json").stat().st_mtime_ns
+    assert build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "a", **kwargs).texts == first.texts
+    assert (tmp_path / "a" / "metadata.json").stat().st_mtime_ns == stamp
+    # Interrupted (no commit marker, one shard lost): only the lost shard is sampled again, same texts.
+    (tmp_path / "a" / "metadata.json").unlink()
+    (tmp_path / "a" / "shards" / "batch-000001.json").unlink()
+    kept = (tmp_path / "a" / "shards" / "batch-000000.json").stat().st_mtime_ns
+    again = build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "a", **kwargs)
+    assert again.texts == first.texts
+    assert (tmp_path / "a" / "shards" / "batch-000000.json").stat().st_mtime_ns == kept
+    with pytest.raises(ValueError, match="other settings"):
+        (tmp_path / "a" / "metadata.json").unlink()
+        build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "a", **{**kwargs, "seed": 4})
+    settings = plain_sample_settings({"num_samples": 128, "max_length": 128, "seed": 42, "batch_size": 16,
+                                      "start_token": "<|endoftext|>", "sampling": {"top_k": 0, "top_p": 1.0}})
+    assert settings["num_samples"] == 128 and settings["start_token"] == "<|endoftext|>"
+
+
+def test_text_dataset_from_filtered_rows(tmp_path):
+    from unidetox.data import ToxicCorpusConfig
+
+    csv = tmp_path / "dghs.csv"
+    rows = {"text": [f"text {i}" for i in range(10)], "label": ["hate", "nothate"] * 5}
+    datasets.Dataset.from_dict(rows).to_csv(str(csv), index=False)
+    config = ToxicCorpusConfig(path=[str(csv)], filters={"label": ["nothate"]}, shuffle_seed=0)
+    built = build_text_dataset(config, 3, tmp_path / "nothate")
+    assert len(built) == 3 and set(built.texts) <= {f"text {i}" for i in range(1, 10, 2)}
+    assert (tmp_path / "nothate" / "metadata.json").is_file()
+    with pytest.raises(ValueError, match="5 rows"):
+        build_text_dataset(config, 6, tmp_path / "too_many")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+def _model_report(tp, emt, ppl, mmlu=0.4, cond=20.0):
+    ms = lambda v: {"mean": v, "std": 0.01, "n": 3}  # noqa: E731
+    return {"toxicity_probability": ms(tp), "expected_max_toxicity": ms(emt), "conditional_perplexity": ms(cond),
+            "distinct_1": ms(0.5), "distinct_2": ms(0.8), "distinct_3": ms(0.9),
+            "wikitext_perplexity": {"perplexity": ppl}, "mmlu": {"accuracy": mmlu, "num_questions": 100},
+            "timings": {"tokens_per_s": 50.0}}
+
+
+def test_report_assembly_writes_consistent_files(tmp_path):
+    test_models = {
+        "s": _model_report(0.8, 0.8, 30.0), "s-ud": _model_report(0.4, 0.5, 32.0), "s-c": _model_report(0.7, 0.7, 30.5),
+        "g": _model_report(0.6, 0.6, 20.0), "g-ud": _model_report(0.5, 0.5, 21.0), "g-c": _model_report(0.4, 0.4, 20.0),
+    }
+    methods = [{"method": m, "target": t, "model_key": k, "wall_time": {"total_s": 10.0}}
+               for t, keys in (("smollm2", ("s", "s-ud", "s-c")), ("gemma3", ("g", "g-ud", "g-c")))
+               for m, k in zip(("base", "unidetox", "control"), keys, strict=True)]
+    generations = [{"model": k, "seed": 0, "prompt_id": "p1", "prompt": "Those people", "sample_index": i,
+                    "continuation": f"{k} says {i}", "toxicity": 0.1 * i} for k in test_models for i in range(5)]
+    examples = example_continuations(generations, {f"{m['method']} / {m['target']}": m["model_key"] for m in methods}, 3)
+    grid_choice, grid_table = choose_configuration([_rec("r", 0, 0.8, 0.7, 20.0), _rec("r", 50, 0.3, 0.3, 21.0)])
+    report = assemble_report(methods, test_models, ["smollm2", "gemma3"], grid={"choice": grid_choice,
+                             "table": grid_table}, examples=examples, extra={"command": "accelerate launch x"})
+    rows = {(r["method"], r["target"]): r for r in report["rows"]}
+    assert rows[("unidetox", "smollm2")]["relative_to_base"]["toxicity_probability"] == pytest.approx(-0.5)
+    assert rows[("unidetox", "smollm2")]["relative_to_base"]["wikitext_perplexity"] == pytest.approx(32 / 30 - 1)
+    bar = report["bar"]
+    # smollm2 meets every condition (-50% TP, -37.5% EMT, +6.7% ppl, beats control); gemma3 drops only 16.7%
+    # and is worse than its control.
+    assert bar["checks"]["smollm2"]["met"] and not bar["checks"]["gemma3"]["met"]
+    assert bar["checks"]["gemma3"]["beats_control"] is False and not bar["met"]
+    assert bar["verdict"].startswith("Bar NOT met")
+    paths = write_replication_report(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["bar"]["met"] is False and len(saved["rows"]) == 6
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("| UniDetox (distilled text, chosen config) |") == 4  # the table + relative changes and "0.400 ± 0.010" in md
+    assert "Bar NOT met" in md and "**chosen**" in md and "Those people" in md and "-50.0%" in md
+    assert paths["plot"].stat().st_size > 0 and len(examples["examples"]["base / smollm2"]) == 3
+
+    better = {**test_models, "g-ud": _model_report(0.3, 0.3, 21.0)}
+    rows_ok = assemble_report(methods, better, ["smollm2", "gemma3"])["rows"]
+    assert evaluate_bar(rows_ok, ["smollm2", "gemma3"])["met"]
+    # MMLU outside two binomial standard errors fails the bar.
+    worse_mmlu = {**better, "g-ud": _model_report(0.3, 0.3, 21.0, mmlu=0.2)}
+    assert not assemble_report(methods, worse_mmlu, ["smollm2", "gemma3"])["bar"]["checks"]["gemma3"]["mmlu_ok"]
+    with pytest.raises(KeyError, match="not in the test report"):
+        assemble_report([{"method": "base", "target": "x", "model_key": "missing"}], test_models, ["x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment", ["embedded", "tiny", "paper"])
+def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path):
+    cfg, args = replicate.parse_config([f"experiment={experiment}", f"output_dir={tmp_path}"])
+    assert len(args["test"].seeds) >= 3 and args["grid"].target in args["targets"]
+    data_dir = f"++data_dir={replicate._q(cfg.data_dir)}"
+    distill = replicate.load_recipe("distill")
+    detox = replicate.load_recipe("detox")
+    evaluate = replicate.load_recipe("evaluate")
+    plan = replicate.plan_distill(args, tmp_path, data_dir)
+    for i, (alpha, (run_dir, ov)) in enumerate(plan.items()):
+        _, parsed = distill.parse_config(ov)
+        assert parsed["sampler"].alpha == alpha and parsed["anti_expert"].output_dir == str(run_dir / "anti_expert")
+        assert (parsed["anti_expert"].pretrained_path is not None) == (i > 0)
+    grid = replicate.plan_grid(args, tmp_path, data_dir)
+    assert len(grid) == len(args["distill"].alphas) * len(args["grid"].learning_rates)
+    for config, run_dir, ov in grid.values():
+        _, parsed = detox.parse_config(ov)
+        assert parsed["trainer"].learning_rate == config["learning_rate"]
+        assert parsed["trainer"].max_steps == args["grid"].max_steps and parsed["prompts"].split == "validation"
+        assert parsed["trainer"].output_dir == str(run_dir)
+    for name, target in args["targets"].items():  # applying the configuration to every target composes
+        _, parsed = detox.parse_config(replicate.detox_run_overrides(
+            args, target, "/data/x.csv", tmp_path / name, 1e-4, 10, 10, args["apply_overrides"], data_dir))
+        assert parsed["model"].name_or_path == target.model
+    ov = args["validation"].evaluate_overrides_for(["m1", str(tmp_path / "lam0.5")], tmp_path / "v")
+    _, sections, models, seeds = evaluate.parse_config([*ov, data_dir])
+    assert sections["prompts"].split == "validation" and not sections["mmlu"].enabled and len(models) == 2
+
+
+def test_embedded_experiment_matches_the_brief_layout_and_hand_runs(tmp_path):
+    cfg, args = replicate.parse_config(["experiment=embedded"])
+    assert cfg.output_dir == "runs/replicate-embedded"
+    data_dir = f"++data_dir={replicate._q(cfg.data_dir)}"
+    out = Path(cfg.output_dir)
+    assert [str(d) for d, _ in replicate.plan_distill(args, out, data_dir).values()] == [
+        "runs/replicate-embedded/distill-a0.1", "runs/replicate-embedded/distill-a0.2"]
+    assert sorted(str(d) for _, d, _ in replicate.plan_grid(args, out, data_dir).values()) == [
+        f"runs/replicate-embedded/grid/smollm2-a{a}-lr{lr}" for a in ("0.1", "0.2") for lr in ("2e-4", "5e-4")]
+    # The same resolved config as the hand-run command (runs/pipeline_a.sh), so its directories count as finished.
+    from unidetox.hydra_config import to_container
+
+    detox = replicate.load_recipe("detox")
+    _, _, ov = replicate.plan_grid(args, out, data_dir)["smollm2-a0.1-lr5e-4"]
+    mine, _ = detox.parse_config(ov)
+    by_hand, _ = detox.parse_config([
+        "experiment=embedded_smollm2", "data.path=runs/replicate-embedded/distill-a0.1/distilled",
+        "output_dir=runs/replicate-embedded/grid/smollm2-a0.1-lr5e-4", "trainer.learning_rate=5e-4",
+        "trainer.max_steps=100", "trainer.save_steps=25", "eval.prompts.num_prompts=50", "eval.callback.num_samples=5"])
+    assert replicate._config_diff(to_container(by_hand), to_container(mine)) == []
+
+
+def test_validation_and_test_prompts_are_disjoint(shared_data):
+    _, args = replicate.parse_config(["experiment=embedded"])
+    data_dir = f"++data_dir={replicate._q(shared_data)}"
+    _, _, grid_ov = next(iter(replicate.plan_grid(args, Path("/tmp/x"), data_dir).values()))
+    info = replicate.assert_disjoint_prompts(grid_ov, ["prompts.split=test", "eval.num_prompts=100", data_dir])
+    assert info == {"validation_prompts": 50, "test_prompts": 100}
+    with pytest.raises(ValueError, match="split_seed"):
+        replicate.assert_disjoint_prompts(grid_ov, ["prompts.split=test", "prompts.split_seed=1", data_dir])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------
+STAGE_FILES = [
+    "distill-a0.1/distill_run.json", "distill-a0.1/anti_expert/adapter_config.json", "distill-a0.2/distilled/metadata.json",
+    "grid/smollm2-a0.1-lr1e-3/detox_eval.jsonl", "grid/smollm2-a0.2-lr1e-3/train_summary.json", "selection.json",
+    "data/control/metadata.json", "data/nothate/metadata.json", "apply/smollm2-unidetox/source.json",
+    "apply/smollm2-unidetox/model/config.json", "apply/gemma3-unidetox/merged/config.json",
+    *[f"apply/{t}-{m}/train_summary.json" for t in ("smollm2", "gemma3") for m in ("control", "nothate", "authors")],
+    "taskvec/lam0.5/unidetox_task_vector.json", "taskvec/lam1/config.json", "taskvec/validation/report.json",
+    "taskvec/selection.json", "test/report.json", "test/generations.jsonl", "test/decoding/report.json",
+    "report.json", "report.md", "toxicity_vs_perplexity.png", "replicate_log.jsonl",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared_data):
+    out = tmp_path / "rep"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
+           "recipes/replicate.py", "experiment=tiny", f"output_dir={out}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "UNIDETOX_DATA_DIR": str(shared_data)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    missing = [f for f in STAGE_FILES if not (out / f).exists()]
+    assert not missing, missing
+
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["method"], r["target"]) for r in report["rows"]}
+    assert rows == {*((m, t) for m in ("base", "unidetox", "control", "nothate", "authors")
+                      for t in ("smollm2", "gemma3")), ("decoding", "smollm2"), ("taskvec", "smollm2")}
+    for r in report["rows"]:
+        assert r["toxicity_probability"]["n"] == 3 and r["expected_max_toxicity"]["n"] == 3
+        assert (r["wikitext_perplexity"] is None) == (r["method"] == "decoding")
+    assert report["bar"]["verdict"].startswith(("Bar MET", "Bar NOT met"))
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(selection["table"]) == 6 and sum(r["chosen"] for r in selection["table"]) == 1  # 2 runs x 3 evals
+    assert report["prompts"]["validation_prompts"] == 4 and report["prompts"]["test_prompts"] == 4
+    md = (out / "report.md").read_text()
+    assert "Validation grid" in md and "Task-vector lambda" in md and "Example continuations" in md
+    first = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
+    assert all(e["status"] == "ran" for e in first), [e for e in first if e["status"] != "ran"]
+
+    # Rerun: every stage is found finished; no file is rewritten.
+    stamps = {f: (out / f).stat().st_mtime_ns for f in STAGE_FILES if f != "replicate_log.jsonl"}
+    time.sleep(0.01)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    second = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()][len(first):]
+    assert [e["stage"] for e in second] == [e["stage"] for e in first]
+    assert all(e["status"] == "cached" for e in second), [e for e in second if e["status"] != "cached"]
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
