@@ -808,7 +808,7 @@ def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path
     rows = [r for r in report["rows"] if r.get("wikitext_perplexity") is not None]
     if not rows:
         return None
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
     targets = list(dict.fromkeys(r["target"] for r in rows))
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     markers = {t: "osD^vP*X"[i % 8] for i, t in enumerate(targets)}
@@ -819,6 +819,13 @@ def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path
             y = r.get(metric) or {}
             ax.errorbar(r["wikitext_perplexity"], y.get("mean"), yerr=y.get("std") or 0.0, fmt=markers[r["target"]],
                         color=colors[r["method"]], capsize=3, ms=7, label=f"{r['method']} / {r['target']}")
+        for r in report["rows"]:
+            y = r.get(metric) or {}
+            if r.get("wikitext_perplexity") is None and y.get("mean") is not None:
+                # Inference-time decoding keeps the base's weights: no WikiText perplexity of its own, so its
+                # toxicity is drawn as a level across the axis instead of a point.
+                ax.axhline(y["mean"], color=colors.get(r["method"], "grey"), ls="--", lw=1,
+                           label=f"{r['method']} / {r['target']} (no WikiText ppl)")
         ax.set_xlabel("WikiText-2 perplexity")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
