@@ -172,7 +172,7 @@ def test_plain_sample_dataset_is_deterministic_and_resumes(tmp_path):
     model = tiny_llama(len(tokenizer))
     kwargs = dict(num_samples=5, max_length=6, start_token="<s>", seed=3, batch_size=2, show_progress=False)
     first = build_plain_sample_dataset(model, tokenizer, output_dir=tmp_path / "a", **kwargs)
-    assert len(first) == 5 and first.metadata["kind"] == "plain_samples" and first.metadata["anti_expert"] is None
+    assert len(first) == 5 and first.metadata["decoding"] == "plain" and first.metadata["anti_expert"] is None
     # Batch 0 is plain sampling under the distilled stream's seed of batch 0 (same draws as the distilled text).
     rows = sample_batch(model, None, [tokenizer.convert_tokens_to_ids("<s>")], 2, 6, batch_seed(3, 0, STREAM_DISTILL),
                         eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)

@@ -106,7 +106,7 @@ def build_plain_sample_dataset(
 
     The control of the replication: the same count, length, start token, sampling settings and per-batch seeds
     (:func:`unidetox.distilled.batch_seed` of the distilled stream) as the distilled text, only without the
-    anti-expert (:func:`unidetox.distilled.sample_batch` with ``anti_expert=None``). Fine-tuning on it separates
+    anti-expert (:meth:`DistilledDetoxDataset.build` with ``anti_expert=None``). Fine-tuning on it separates
     "fine-tuning on benign self-generated text" from the contrastive effect.
 
     Resumable like the distilled build: each batch is a shard written at once; a rerun skips finished shards, and a
@@ -118,109 +118,15 @@ def build_plain_sample_dataset(
         >>> base, tok = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> control = build_plain_sample_dataset(base, tok, 128, 128, "<|endoftext|>", 42, "runs/control")  # doctest: +SKIP
     """
-    import datasets
-    from tqdm.auto import tqdm
+    from unidetox.distilled import DistilledDetoxDataset
 
-    from unidetox.distilled import (
-        METADATA_FILE,
-        SHARDS_DIR,
-        STREAM_DISTILL,
-        TEXT_COLUMN,
-        DistillConfig,
-        DistilledDetoxDataset,
-        SamplingConfig,
-        _commit,
-        _read_shard,
-        _shard_path,
-        batch_seed,
-        sample_batch,
+    # DistilledDetoxDataset.build without an anti-expert samples the base alone, with the distilled stream's
+    # per-batch seeds: same draws, same shards/resume/atomic commit as the distilled text.
+    return DistilledDetoxDataset.build(
+        base, None, tokenizer, num_samples=num_samples, max_length=max_length, batch_size=batch_size, seed=seed,
+        output_dir=output_dir, start_token=start_token, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_at_eos=stop_at_eos, summary_num_samples=0, base_id=base_id, show_progress=show_progress,
     )
-
-    DistillConfig(num_samples=num_samples, max_length=max_length, batch_size=batch_size, start_token=start_token,
-                  summary_num_samples=0)
-    SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos)
-    if isinstance(base, (str, os.PathLike)):
-        from unidetox.models import load_model_and_tokenizer
-
-        base_id = base_id or str(base)
-        base, loaded = load_model_and_tokenizer(base)
-        tokenizer = tokenizer or loaded
-    if tokenizer is None:
-        raise ValueError("Pass the base model's `tokenizer`.")
-    base_id = base_id or getattr(base.config, "_name_or_path", None) or type(base).__name__
-    start_token = start_token if start_token is not None else tokenizer.bos_token
-    vocab = tokenizer.get_vocab()
-    if start_token is None or start_token not in vocab:
-        raise ValueError(
-            f"`start_token` {start_token!r} is not a token of this tokenizer (bos {tokenizer.bos_token!r}, eos "
-            f"{tokenizer.eos_token!r}); pass the distilled text's start token (its metadata.json `start_token`)."
-        )
-    start_id = vocab[start_token]
-    eos_ids: list[int] | None = None
-    if stop_at_eos:
-        gen_eos = base.generation_config.eos_token_id
-        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
-        eos_ids = sorted({tokenizer.eos_token_id, *gen_eos} - {None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    fingerprint = {
-        "kind": "plain_samples", "base": base_id, "start_token": start_token, "start_token_id": start_id,
-        "num_samples": num_samples, "max_length": max_length, "batch_size": batch_size, "seed": seed,
-        "temperature": temperature, "top_k": top_k, "top_p": top_p, "eos_token_ids": eos_ids,
-    }
-    out = Path(output_dir)
-    meta = _read_json(out / METADATA_FILE)
-    if meta and meta.get("fingerprint") == fingerprint:
-        logger.info("%s already holds these plain samples; loading them", out)
-        return DistilledDetoxDataset.load(out)
-    shards = out / SHARDS_DIR
-    config_file = shards / "config.json"
-    old = _read_json(config_file)
-    if old is not None and old != fingerprint:
-        raise ValueError(
-            f"{out} holds plain-sample shards drawn with other settings ({old}); delete {shards} or use another "
-            "output_dir."
-        )
-    shards.mkdir(parents=True, exist_ok=True)
-    (out / METADATA_FILE).unlink(missing_ok=True)
-    _atomic_write_json(config_file, fingerprint)
-
-    num_batches = math.ceil(num_samples / batch_size)
-    sizes = [min(batch_size, num_samples - i * batch_size) for i in range(num_batches)]
-    started = time.perf_counter()
-    base.eval()
-    results = {}
-    progress = tqdm(total=num_batches, desc="plain samples", unit="batch", disable=not show_progress)
-    for i in range(num_batches):
-        shard = _read_shard(_shard_path(shards, i), sizes[i])
-        if shard is None:
-            t0 = time.perf_counter()
-            # The distilled stream's seed for batch i: the control and the distilled text share their random draws.
-            rows = sample_batch(base, None, [start_id], sizes[i], max_length, batch_seed(seed, i, STREAM_DISTILL),
-                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_ids,
-                                pad_token_id=pad_id)
-            shard = {"batch": i, "seed": batch_seed(seed, i, STREAM_DISTILL), "token_ids": rows,
-                     "generation_time_s": round(time.perf_counter() - t0, 3)}
-            _atomic_write_json(_shard_path(shards, i), shard)
-        results[i] = shard
-        progress.update(1)
-    progress.close()
-    token_ids = [row for i in range(num_batches) for row in results[i]["token_ids"]][:num_samples]
-    texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-    num_tokens = [len(r) for r in token_ids]
-    dataset = datasets.Dataset.from_dict({TEXT_COLUMN: texts, "num_tokens": num_tokens})
-    metadata = {
-        "kind": "plain_samples", "base": base_id, "anti_expert": None, "seed": seed, "num_samples": num_samples,
-        "max_length": max_length, "batch_size": batch_size, "start_token": start_token, "start_token_id": start_id,
-        "sampling": {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                     "stop_at_eos": stop_at_eos, "eos_token_ids": eos_ids},
-        "total_tokens": sum(num_tokens), "mean_tokens": sum(num_tokens) / len(num_tokens),
-        "generation_time_s": round(sum(results[i]["generation_time_s"] for i in results), 2),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "fingerprint": fingerprint, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    result = DistilledDetoxDataset(dataset, metadata)
-    _commit(result, out)
-    return result
 
 
 def plain_sample_settings(distilled_metadata: Mapping[str, Any]) -> dict[str, Any]:
