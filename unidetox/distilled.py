@@ -180,9 +180,8 @@ def resolve_models(base, anti_expert, base_name_or_path: str | None = None, fuse
     base_context = anti_expert.disable_adapter if _is_lora_on(base, anti_expert) else contextlib.nullcontext
     if is_lora and fused is not False:
         return ResolvedModels(base, anti_expert.eval(), base_context, lora=anti_expert)
-    if is_lora:  # two separate models: the adapter merged into an independent copy
-        anti_expert = copy.deepcopy(anti_expert).merge_and_unload()
-    elif base_context is not contextlib.nullcontext:  # pragma: no cover - a non-LoRA peft model on the base
+    if is_lora or base_context is not contextlib.nullcontext:
+        # Two separate models: the adapter merged into an independent copy (the base keeps running adapter-free).
         anti_expert = copy.deepcopy(anti_expert).merge_and_unload()
     return ResolvedModels(base, anti_expert.eval(), base_context)
 
