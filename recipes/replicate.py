@@ -283,22 +283,32 @@ class Stages:
                 fh.write(json.dumps(entry) + "\n")
 
     def recipe(self, name: str, recipe: str, overrides: list[str], stage_dir: Path, done_file: str,
-               check=None) -> bool:
+               check=None, incremental: bool = False) -> bool:
         """Run ``recipes/<recipe>.py`` with ``overrides`` unless ``stage_dir/done_file`` exists (and ``check``
-        passes) with the same resolved config. Returns True when it ran."""
+        passes) with the same resolved config. Returns True when it ran.
+
+        A stage made with another config is an error (its outputs would be silently mixed), except for an
+        ``incremental`` stage, whose recipe caches its own work per unit with the settings that made it (the
+        evaluate recipe, per model and seed): it is rerun and redoes only what changed, e.g. a baseline added to
+        the model list."""
         module = load_recipe(recipe)
         cfg = module.parse_config(overrides)[0]
         wanted = _normalise(to_container(cfg))
         saved = stage_dir / "config.json"
+        changed = False
         if saved.is_file():
             diff = _config_diff(json.loads(saved.read_text()), wanted)
-            if diff:
+            changed = bool(diff)
+            if diff and incremental:
+                logger.info("stage %s: config changed (%s); rerunning, the recipe reuses its cached parts", name,
+                            "; ".join(diff[:4]))
+            elif diff:
                 raise ValueError(
                     f"Stage {name}: {stage_dir} was made with another config ({'; '.join(diff[:8])}"
                     f"{'; ...' if len(diff) > 8 else ''}). Delete {stage_dir} to redo this stage, or pick another "
                     "output_dir."
                 )
-        if (stage_dir / done_file).is_file() and (check is None or check(stage_dir)):
+        if not changed and (stage_dir / done_file).is_file() and (check is None or check(stage_dir)):
             self.log(name, "cached", 0.0, dir=str(stage_dir))
             return False
         start = time.perf_counter()
@@ -585,7 +595,7 @@ def main(overrides: list[str] | None = None) -> dict:
         val_dir = out / "taskvec" / "validation"
         models = [grid_target.model, *[str(d) for d in lam_dirs.values()]]
         stages.recipe("taskvec/validation", "evaluate", [*val.evaluate_overrides_for(models, val_dir), data_dir],
-                      val_dir, "report.json")
+                      val_dir, "report.json", incremental=True)
         val_report = _read_json(val_dir / "report.json")
         tv_records = []
         for key, lam in [(grid_target.model, 0.0), *[(str(d), lam) for lam, d in lam_dirs.items()]]:
@@ -612,7 +622,7 @@ def main(overrides: list[str] | None = None) -> dict:
     split_info = assert_disjoint_prompts(
         detox_overrides(grid_target, chosen_distilled, grid_example, float(chosen_lr), grid.max_steps, grid.save_steps,
                         [*val.detox_overrides(), *grid.overrides]), test_ov)
-    stages.recipe("test", "evaluate", test_ov, test_dir, "report.json")
+    stages.recipe("test", "evaluate", test_ov, test_dir, "report.json", incremental=True)
     test_reports = [_read_json(test_dir / "report.json")]
     decoding_key = None
     if base_args.decoding:
@@ -622,7 +632,7 @@ def main(overrides: list[str] | None = None) -> dict:
                   "prompts.split=test", f"prompts.split_seed={val.split_seed}",
                   f"prompts.validation_fraction={val.validation_fraction}", f"decoding.anti_expert={_q(anti_expert)}",
                   f"decoding.alpha={base_args.decoding_alpha}", "decoding.also_plain=false", data_dir]
-        stages.recipe("test/decoding", "evaluate", dec_ov, dec_dir, "report.json")
+        stages.recipe("test/decoding", "evaluate", dec_ov, dec_dir, "report.json", incremental=True)
         dec_report = _read_json(dec_dir / "report.json")
         test_reports.append(dec_report)
         decoding_key = next(iter(dec_report["models"]))

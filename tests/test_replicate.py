@@ -304,8 +304,9 @@ def test_embedded_experiment_matches_the_brief_layout_and_hand_runs(tmp_path):
     assert [str(d) for d, _ in replicate.plan_distill(args, out, data_dir).values()] == [
         "runs/replicate-embedded/distill-a0.1", "runs/replicate-embedded/distill-a0.2"]
     assert sorted(str(d) for _, d, _ in replicate.plan_grid(args, out, data_dir).values()) == [
-        f"runs/replicate-embedded/grid/smollm2-a{a}-lr{lr}" for a in ("0.1", "0.2") for lr in ("2e-4", "5e-4")]
-    # The same resolved config as the hand-run command (runs/pipeline_a.sh), so its directories count as finished.
+        f"runs/replicate-embedded/grid/smollm2-a{a}-lr5e-4" for a in ("0.1", "0.2")]
+    # The same resolved config as the hand-run issue-4 command (docs/results.md, 50 steps), so its run counts as
+    # the grid's alpha-0.1 run once it sits at the grid's path.
     from unidetox.hydra_config import to_container
 
     detox = replicate.load_recipe("detox")
@@ -314,8 +315,39 @@ def test_embedded_experiment_matches_the_brief_layout_and_hand_runs(tmp_path):
     by_hand, _ = detox.parse_config([
         "experiment=embedded_smollm2", "data.path=runs/replicate-embedded/distill-a0.1/distilled",
         "output_dir=runs/replicate-embedded/grid/smollm2-a0.1-lr5e-4", "trainer.learning_rate=5e-4",
-        "trainer.max_steps=100", "trainer.save_steps=25", "eval.prompts.num_prompts=50", "eval.callback.num_samples=5"])
+        "trainer.max_steps=50", "trainer.save_steps=25", "eval.prompts.num_prompts=50", "eval.callback.num_samples=5"])
     assert replicate._config_diff(to_container(by_hand), to_container(mine)) == []
+
+
+def test_a_stage_made_with_another_config_is_an_error_unless_incremental(tmp_path, monkeypatch):
+    """A finished stage is skipped; another config fails loudly, except for a stage whose recipe keeps its own
+    per-unit cache (evaluate), which is rerun, e.g. when a baseline joins the test's model list."""
+    from omegaconf import OmegaConf
+
+    calls = []
+
+    class FakeRecipe:
+        @staticmethod
+        def parse_config(overrides):
+            return (OmegaConf.create({"models": list(overrides)}),)
+
+        @staticmethod
+        def main(overrides):
+            calls.append(list(overrides))
+            (tmp_path / "stage").mkdir(exist_ok=True)
+            (tmp_path / "stage" / "config.json").write_text(json.dumps({"models": list(overrides)}))
+            (tmp_path / "stage" / "report.json").write_text("{}")
+
+    monkeypatch.setattr(replicate, "load_recipe", lambda name: FakeRecipe)
+    stages = replicate.Stages(tmp_path)
+    stage_dir = tmp_path / "stage"
+    assert stages.recipe("test", "evaluate", ["a"], stage_dir, "report.json", incremental=True)
+    assert not stages.recipe("test", "evaluate", ["a"], stage_dir, "report.json", incremental=True)
+    with pytest.raises(ValueError, match="another config"):
+        stages.recipe("test", "evaluate", ["a", "b"], stage_dir, "report.json")
+    assert stages.recipe("test", "evaluate", ["a", "b"], stage_dir, "report.json", incremental=True)
+    assert calls == [["a"], ["a", "b"]]
+    assert [e["status"] for e in stages.session] == ["ran", "cached", "ran"]
 
 
 def test_validation_and_test_prompts_are_disjoint(shared_data):
