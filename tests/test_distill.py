@@ -207,7 +207,8 @@ def test_without_anti_expert_builds_the_plain_control_corpus(tmp_path, base, tok
     plain = DistilledDetoxDataset.build(base, None, tokenizer, output_dir=tmp_path / "p", summary_num_samples=2,
                                         scorer=lambda texts: [0.0] * len(texts), **kwargs)
     assert plain.metadata["decoding"] == "plain" and plain.metadata["anti_expert"] is None
-    assert set(plain.metadata["summary"]) == {"scorer", "distilled", "base"}
+    assert set(plain.metadata["summary"]) == {"scorer", "distilled", "base", "distilled_vs_base"}
+    assert not plain.metadata["summary"]["distilled_vs_base"]["lower"]  # all scores 0: no difference
     expected = []
     for i, size in enumerate([2, 2, 1]):
         expected += sample_batch(base, None, [1], size, 6, batch_seed(4, i), eos_token_id=[2], pad_token_id=0)

@@ -10,6 +10,7 @@ from unidetox.metrics import (
     conditional_perplexity,
     distinct_n,
     expected_max_toxicity,
+    mean_difference,
     mean_distinct_n,
     mean_std,
     perplexity,
@@ -170,3 +171,23 @@ def test_left_padded_batches_equal_one_by_one_with_absolute_positions(tokenizer)
     single = [conditional_nll(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in zip(prompts, conts, strict=True)]
     assert [n for _, n in batched] == [n for _, n in single] == [3, 4, 1]
     assert [x for x, _ in batched] == pytest.approx([x for x, _ in single], rel=1e-5)
+
+
+def test_mean_difference_against_a_direct_computation():
+    from scipy.stats import mannwhitneyu
+
+    gen = torch.Generator().manual_seed(0)
+    low = (torch.rand(300, generator=gen) * 0.4).tolist()
+    high = (torch.rand(300, generator=gen) * 0.5 + 0.05).tolist()
+    out = mean_difference(low, high, seed=1)
+    assert out["difference"] == pytest.approx(sum(low) / 300 - sum(high) / 300)
+    assert out["relative"] == pytest.approx(out["difference"] / (sum(high) / 300))
+    assert out["ci95_low"] < out["difference"] < out["ci95_high"] < 0 and out["lower"]
+    assert out["p_mann_whitney"] == pytest.approx(mannwhitneyu(low, high).pvalue)
+    assert out == mean_difference(low, high, seed=1)  # seeded
+    same = mean_difference(low, low)
+    assert same["ci95_low"] < 0 < same["ci95_high"] and not same["lower"]
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_difference([0.1], high)
+    with pytest.raises(ValueError, match="num_resamples"):
+        mean_difference(low, high, num_resamples=10)

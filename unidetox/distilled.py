@@ -27,6 +27,8 @@ from typing import Any
 import datasets
 import torch
 
+from unidetox.metrics import mean_difference
+
 METADATA_FILE = "metadata.json"
 SHARDS_DIR = "shards"
 SHARD_CONFIG_FILE = "config.json"
@@ -351,6 +353,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 f"| {label} | {s['n']} | {s['mean_toxicity']:.4f} ± {s['sem_toxicity']:.4f} | "
                 f"{s['share_toxic_gt_0_5']:.3f} | {s['mean_tokens']:.1f} |"
             )
+    diff = summary.get("distilled_vs_base")
+    if diff:
+        p_value = "n/a" if diff["p_mann_whitney"] is None else f"{diff['p_mann_whitney']:.3g}"
+        verdict = "measurably lower" if diff["lower"] else "NOT measurably lower"
+        lines.append(
+            f"\nDistilled - base mean toxicity: {diff['difference']:+.4f} ({diff['relative']:+.0%}), bootstrap 95% CI "
+            f"[{diff['ci95_low']:+.4f}, {diff['ci95_high']:+.4f}], Mann-Whitney p = {p_value}: {verdict}."
+        )
     return "\n".join(lines)
 
 
@@ -746,9 +756,14 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
         groups[name] = (tokenizer.batch_decode(ids, skip_special_tokens=True), [len(r) for r in ids])
     summary: dict[str, Any] = {"scorer": getattr(scorer, "name", type(scorer).__name__)}
     samples = []
+    scores = {}
     for name, (group_texts, group_tokens) in groups.items():
-        scores = scorer(group_texts)
-        summary[name] = _text_stats(group_texts, group_tokens, scores)
+        scores[name] = list(scorer(group_texts))
+        summary[name] = _text_stats(group_texts, group_tokens, scores[name])
         if name != "distilled":
-            samples += [{"source": name, "text": t, "toxicity": s} for t, s in zip(group_texts, scores, strict=True)]
+            samples += [{"source": name, "text": t, "toxicity": s}
+                        for t, s in zip(group_texts, scores[name], strict=True)]
+    if len(scores["distilled"]) >= 2 and len(scores["base"]) >= 2:
+        # A lower mean alone is not evidence: both sit near the scorer's floor, so say whether it is measurable.
+        summary["distilled_vs_base"] = mean_difference(scores["distilled"], scores["base"], seed=seed)
     return summary, samples
