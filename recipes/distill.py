@@ -100,9 +100,11 @@ def main(overrides: list[str] | None = None) -> dict:
     # ---- stage 1: anti-expert ------------------------------------------------------------------------------
     start = time.perf_counter()
     if ae_cfg.pretrained_path:
-        ae_path, ae_id, trained = ae_cfg.pretrained_path, ae_cfg.pretrained_path, False
+        ae_path, trained = ae_cfg.pretrained_path, False
         logger.info("Using the existing anti-expert %s", ae_path)
         ae_meta = read_marker(ae_path) if Path(ae_path).is_dir() else None
+        # Named as the run that trained it names it (path@fingerprint), so texts sampled with it match either way.
+        ae_id = f"{ae_path}@{ae_meta['fingerprint'][:12]}" if (ae_meta or {}).get("fingerprint") else ae_path
     else:
         corpus = load_toxic_corpus(args["data"])
         logger.info("Toxic corpus: %d texts", len(corpus))

@@ -70,6 +70,15 @@ def test_recipe_end_to_end_then_cached(tmp_path):
     assert again["stages"]["anti_expert"]["trained_now"] is False
     assert (out / "distilled" / "metadata.json").stat().st_mtime_ns == stamp
 
+    # The same anti-expert passed by path is named as the run that trained it names it (path@fingerprint), so
+    # texts sampled with it count as the same texts (a larger build reuses the smaller one's shards).
+    reuse = _recipe().main([*overrides[:2], f"output_dir={tmp_path / 'reuse'}", f"anti_expert.pretrained_path={out}/anti_expert",
+                            *overrides[3:]])
+    reused = json.loads((tmp_path / "reuse" / "distilled" / "metadata.json").read_text())
+    assert reuse["stages"]["anti_expert"]["trained_now"] is False
+    assert reused["anti_expert"] == meta["anti_expert"] and reused["anti_expert"].startswith(f"{out}/anti_expert@")
+    assert reused["fingerprint"] == meta["fingerprint"]
+
 
 @pytest.mark.slow
 @pytest.mark.integration
