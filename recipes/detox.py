@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, select_checkpoint  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
+from unidetox.io import atomic_write_json  # noqa: E402
 from unidetox.trainer import UniversalDetoxConfig  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.detox")
@@ -307,9 +307,7 @@ def main(overrides: list[str] | None = None) -> dict:
         plot = plot_losses(trainer.state.log_history, out / "loss.png",
                            f"{model_args.name_or_path}: detox fine-tuning loss")
         summary["loss_plot"] = str(plot) if plot else None
-        tmp = out / ".train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, out / "train_summary.json")
+        atomic_write_json(out / "train_summary.json", summary)
         md = summary_markdown(summary)
         (out / "train_summary.md").write_text(md)
         print(md, flush=True)

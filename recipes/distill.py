@@ -36,6 +36,7 @@ from unidetox.distilled import (  # noqa: E402
     summary_markdown,
 )
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config  # noqa: E402
+from unidetox.io import atomic_write_text  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.distill")
 
@@ -67,14 +68,6 @@ def parse_config(overrides):
         "sampler": parse_dataclass(cfg.sampler, SamplingConfig),
         "distill": parse_dataclass(cfg.distill, DistillConfig),
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(overrides: list[str] | None = None) -> dict:
@@ -149,7 +142,7 @@ def main(overrides: list[str] | None = None) -> dict:
     }
     run["summary"] = meta.get("summary")
     if state.is_main_process:
-        _write_atomic(out / "distill_run.json", json.dumps(run, indent=2, default=str))
+        atomic_write_text(out / "distill_run.json", json.dumps(run, indent=2, default=str))
         lines = [
             f"# Distillation run: `{out}`", "",
             "| stage | wall time (s) | notes |", "|---|---|---|",
@@ -162,7 +155,7 @@ def main(overrides: list[str] | None = None) -> dict:
         ]
         if run["summary"]:
             lines.append(summary_markdown(run["summary"]))
-        _write_atomic(out / "distill_run.md", "\n".join(lines) + "\n")
+        atomic_write_text(out / "distill_run.md", "\n".join(lines) + "\n")
         print("\n".join(lines), flush=True)
     state.wait_for_everyone()
     return run

@@ -23,6 +23,7 @@ import datasets
 from trl import SFTConfig
 
 from unidetox.data import TEXT_COLUMN, corpus_fingerprint
+from unidetox.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +182,6 @@ def _barrier() -> None:
         process_state().wait_for_everyone()
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``unidetox_anti_expert.json`` record of a saved anti-expert, or None."""
     marker = Path(path) / MARKER_FILE
@@ -332,7 +327,7 @@ def train_anti_expert(
         out.mkdir(parents=True, exist_ok=True)
         if existing is not None:  # overwrite: the old weights must not survive next to the new ones
             (out / MARKER_FILE).unlink(missing_ok=True)
-        _atomic_write_json(pending, {"fingerprint": fingerprint, "record": record})
+        atomic_write_json(pending, {"fingerprint": fingerprint, "record": record})
     _barrier()
 
     trainer = build_anti_expert_trainer(model, tokenizer, corpus, config, callbacks)
@@ -360,7 +355,7 @@ def train_anti_expert(
         tokenizer.save_pretrained(str(out))
         for checkpoint in out.glob("checkpoint-*"):  # the final weights are saved; checkpoints are spent
             shutil.rmtree(checkpoint, ignore_errors=True)
-        _atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
+        atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
         pending.unlink(missing_ok=True)
     _barrier()
     return AntiExpertResult(out, trained=True, metadata=metadata)

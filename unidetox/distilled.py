@@ -27,6 +27,7 @@ from typing import Any
 import datasets
 import torch
 
+from unidetox.io import atomic_write_text
 from unidetox.metrics import mean_difference
 
 METADATA_FILE = "metadata.json"
@@ -293,12 +294,6 @@ def _cut_at_eos(rows: list[list[int]], eos_ids: set[int]) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers for the durable, multi-process build
 # ----------------------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _shard_path(shards: Path, index: int) -> Path:
     return shards / f"batch-{index:06d}.json"
 
@@ -615,7 +610,7 @@ class DistilledDetoxDataset:
                     (out / METADATA_FILE).unlink(missing_ok=True)
                 shards.mkdir(parents=True, exist_ok=True)
                 (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
-                _atomic_write_text(shard_config, json.dumps(fingerprint, indent=2))
+                atomic_write_text(shard_config, json.dumps(fingerprint, indent=2))
             state.wait_for_everyone()
 
         models = resolve_models(base, anti_expert, base_id, fused=fused)
@@ -656,7 +651,7 @@ class DistilledDetoxDataset:
             shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
                      "generation_time_s": round(time.perf_counter() - t0, 3)}
             if shards is not None:
-                _atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+                atomic_write_text(_shard_path(shards, i), json.dumps(shard))
             results[i] = shard
             progress.update(1)
             progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
@@ -709,7 +704,7 @@ class DistilledDetoxDataset:
                 print(summary_markdown(summary), flush=True)
                 if out is not None:
                     out.mkdir(parents=True, exist_ok=True)
-                    _atomic_write_text(out / SUMMARY_SAMPLES_FILE, "".join(json.dumps(s) + "\n" for s in samples))
+                    atomic_write_text(out / SUMMARY_SAMPLES_FILE, "".join(json.dumps(s) + "\n" for s in samples))
             metadata["wall_time_s"] = round(time.perf_counter() - started, 2)
             result = cls(dataset, metadata)
             if out is not None:
@@ -731,7 +726,7 @@ def _commit(result: DistilledDetoxDataset, out: Path) -> None:
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    _atomic_write_text(out / METADATA_FILE, json.dumps(result.metadata, indent=2, default=str))
+    atomic_write_text(out / METADATA_FILE, json.dumps(result.metadata, indent=2, default=str))
 
 
 def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed, n,

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unidetox.io import atomic_write_json, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 TASK_VECTOR_MARKER = "unidetox_task_vector.json"
@@ -66,13 +68,6 @@ def format_number(value: float) -> str:
 
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -293,7 +288,7 @@ def negate_task_vector(
             shutil.rmtree(target)
         os.replace(item, target)
     staging.rmdir()
-    _atomic_write_json(out / TASK_VECTOR_MARKER, {"settings": settings,
+    atomic_write_json(out / TASK_VECTOR_MARKER, {"settings": settings,
                                                   "wall_time_s": round(time.perf_counter() - started, 2),
                                                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return out
@@ -753,9 +748,7 @@ def write_replication_report(report: Mapping[str, Any], output_dir: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": write_json(dict(report), out / "report.json")}
     md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(render_replication_markdown(report), encoding="utf-8")
-    os.replace(tmp, md)
+    atomic_write_text(md, render_replication_markdown(report))
     paths["markdown"] = md
     with contextlib.suppress(ImportError):
         plot = plot_replication(report, out / "toxicity_vs_perplexity.png")

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from unidetox.io import atomic_write_text
 from unidetox.metrics import (
     TOXIC_THRESHOLD,
     expected_max_toxicity,
@@ -117,18 +118,9 @@ def summarize_seeds(per_seed: dict, ddof: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write records atomically (a killed run never leaves a half-written file under the final name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -137,10 +129,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def _json_default(value):
@@ -305,7 +294,7 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> dict[str, Path]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": write_json(report, out / "report.json")}
-    _atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(out / "report.md", render_markdown(report))
     paths["markdown"] = out / "report.md"
     scatter = plot_toxicity_vs_perplexity(report, out / "toxicity_vs_perplexity.png")
     if scatter:

@@ -1,0 +1,26 @@
+"""Atomic file writes: a killed job never leaves a half-written file under its final name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and move it in place (``os.replace``).
+
+    The temporary name carries the process id, so processes writing the same file never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any, **dumps_kwargs) -> Path:
+    """``payload`` as indented JSON (non-JSON values through ``str``), written atomically."""
+    dumps_kwargs = {"indent": 2, "default": str, **dumps_kwargs}
+    return atomic_write_text(path, json.dumps(payload, **dumps_kwargs))
