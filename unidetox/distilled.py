@@ -698,7 +698,7 @@ class DistilledDetoxDataset:
             if summary_num_samples > 0:
                 summary, samples = _summarize(
                     models, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed,
-                    summary_num_samples, sample_kwargs, scorer,
+                    summary_num_samples, sample_kwargs, scorer, show_progress=show_progress,
                 )
                 metadata["summary"] = summary
                 print(summary_markdown(summary), flush=True)
@@ -730,8 +730,10 @@ def _commit(result: DistilledDetoxDataset, out: Path) -> None:
 
 
 def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed, n,
-               sample_kwargs, scorer):
+               sample_kwargs, scorer, show_progress: bool = False):
     """Score the distilled texts next to plain samples of the base and of the anti-expert, drawn the same way."""
+    from tqdm.auto import tqdm
+
     if scorer is None:
         from unidetox.scoring import ProfanityCheckScorer
 
@@ -743,7 +745,8 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
         sources.append(("anti_expert", models.anti_expert, contextlib.nullcontext, STREAM_ANTI))
     for name, model, context, stream in sources:
         ids: list[list[int]] = []
-        for j in range(math.ceil(n / batch_size)):
+        for j in tqdm(range(math.ceil(n / batch_size)), desc=f"summary: {name} samples", unit="batch",
+                      disable=not show_progress, dynamic_ncols=True):
             size = min(batch_size, n - j * batch_size)
             with context():
                 ids += sample_batch(model, None, [start_id], size, max_length, batch_seed(seed, j, stream),
