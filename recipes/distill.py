@@ -16,7 +16,6 @@ The resolved config goes to ``<output_dir>/config.yaml``; stage wall times and t
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -36,7 +35,7 @@ from unidetox.distilled import (  # noqa: E402
     summary_markdown,
 )
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config  # noqa: E402
-from unidetox.io import atomic_write_text  # noqa: E402
+from unidetox.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.distill")
 
@@ -142,7 +141,7 @@ def main(overrides: list[str] | None = None) -> dict:
     }
     run["summary"] = meta.get("summary")
     if state.is_main_process:
-        atomic_write_text(out / "distill_run.json", json.dumps(run, indent=2, default=str))
+        atomic_write_json(out / "distill_run.json", run)
         lines = [
             f"# Distillation run: `{out}`", "",
             "| stage | wall time (s) | notes |", "|---|---|---|",

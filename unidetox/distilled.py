@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 import torch
 
-from unidetox.io import atomic_write_text
+from unidetox.io import atomic_write_json, atomic_write_text
 from unidetox.metrics import mean_difference
 
 METADATA_FILE = "metadata.json"
@@ -610,7 +610,7 @@ class DistilledDetoxDataset:
                     (out / METADATA_FILE).unlink(missing_ok=True)
                 shards.mkdir(parents=True, exist_ok=True)
                 (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
-                atomic_write_text(shard_config, json.dumps(fingerprint, indent=2))
+                atomic_write_json(shard_config, fingerprint)
             state.wait_for_everyone()
 
         models = resolve_models(base, anti_expert, base_id, fused=fused)
@@ -726,7 +726,7 @@ def _commit(result: DistilledDetoxDataset, out: Path) -> None:
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
-    atomic_write_text(out / METADATA_FILE, json.dumps(result.metadata, indent=2, default=str))
+    atomic_write_json(out / METADATA_FILE, result.metadata)
 
 
 def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, max_length, batch_size, seed, n,
