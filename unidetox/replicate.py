@@ -289,8 +289,8 @@ def negate_task_vector(
         os.replace(item, target)
     staging.rmdir()
     atomic_write_json(out / TASK_VECTOR_MARKER, {"settings": settings,
-                                                  "wall_time_s": round(time.perf_counter() - started, 2),
-                                                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                                 "wall_time_s": round(time.perf_counter() - started, 2),
+                                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return out
 
 

@@ -80,11 +80,11 @@ class FastTopPLogitsWarper(LogitsProcessor):
         vocab = scores.shape[-1]
         remove = torch.ones_like(scores, dtype=torch.bool)
         pending = torch.arange(scores.shape[0], device=scores.device)
+        all_probs = scores.softmax(dim=-1)  # once; each candidate size looks at the rows still pending
         for k in self.candidate_sizes:
             if k >= vocab or pending.numel() == 0:
                 break
-            rows = scores[pending]
-            probs = rows.softmax(dim=-1)
+            probs = all_probs[pending]
             top_probs, top_indices = probs.topk(k, dim=-1, sorted=True)  # descending
             outside = (probs.sum(dim=-1) - top_probs.sum(dim=-1)).clamp_min(0.0)
             # Every token outside the candidates has a cumulative mass <= `outside`; when that is <= 1 - top_p,
@@ -95,7 +95,7 @@ class FastTopPLogitsWarper(LogitsProcessor):
                 cumulative = outside[fits, None] + ascending.cumsum(dim=-1)
                 drop = cumulative <= (1 - self.top_p)
                 drop[..., -self.min_tokens_to_keep :] = False
-                row_mask = torch.ones_like(rows[fits], dtype=torch.bool)
+                row_mask = torch.ones_like(probs[fits], dtype=torch.bool)
                 row_mask.scatter_(1, top_indices[fits].flip(-1), drop)
                 remove[pending[fits]] = row_mask
             pending = pending[~fits]
