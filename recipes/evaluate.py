@@ -10,8 +10,8 @@
     torchrun --nproc_per_node 2 recipes/evaluate.py ...                     #  `--cpu` alone starts one process)
 
 Writes ``<output_dir>/report.json``, ``report.md``, ``toxicity_vs_perplexity.png``, ``toxicity_by_category.png``,
-``generations.jsonl`` and ``config.yaml``; finished (model, seed) parts under ``<output_dir>/parts`` are reused when
-the run is restarted with the same settings.
+``generations.jsonl`` and ``config.yaml``; finished (model, seed) parts under ``<output_dir>/parts`` (or ``parts_dir``)
+are reused when the run is restarted with the same settings.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main(overrides: list[str] | None = None) -> dict | None:
         prompts_info={"source": prompts_config.source, "path": prompts_config.path, "split": prompts_config.split,
                       "split_seed": prompts_config.split_seed, "subset_seed": prompts_config.subset_seed},
         data_dir=cfg.data_dir, dtype=cfg.dtype, config_dict=to_container(cfg), progress=bool(cfg.progress),
+        parts_dir=cfg.get("parts_dir"),
     )
     if report is not None:
         print((Path(cfg.output_dir) / "report.md").read_text())

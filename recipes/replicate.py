@@ -17,13 +17,20 @@ Layout under ``output_dir``:
     apply/{t}-{method}/      the chosen configuration, unchanged, on every target (the grid target's UniDetox
                              model is the chosen grid checkpoint, merged; other targets train to the chosen steps)
     taskvec/lam{L}/          base - L x anti-expert delta; taskvec/validation + taskvec/selection.json pick L
-    test/                    recipes/evaluate.py on the TEST split (every method x target, >= 3 seeds);
+    test/models/{t}-{m}/     recipes/evaluate.py on the TEST split, one model each (>= 3 seeds), its parts cached in
+                             test/parts/; the base models' come right after the anti-expert (they need nothing else)
+    test/                    the same over every method x target: reuses test/parts/, writes the joint report
     test/decoding/           inference-time contrastive decoding with the anti-expert (grid target only)
     report.json, report.md, toxicity_vs_perplexity.png, replicate_log.jsonl (one line per stage and run)
+
+Several copies can share the work: start the same command N times with ``share_stages=true`` (e.g. one per GPU
+with ``CUDA_VISIBLE_DEVICES``, or two single-thread copies on a CPU). Each stage is claimed through a lock file
+(``output_dir/.claims/``); a copy skips what another one holds and waits for it only where its output is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -265,16 +272,26 @@ def _config_diff(old, new, prefix="") -> list[str]:
 class Stages:
     """Runs stages once: a finished stage (its completion file present, same resolved config) is skipped.
 
-    Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, wall time)."""
+    Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran``, ``cached`` or ``deferred``,
+    wall time).
 
-    def __init__(self, output_dir: Path, is_main: bool = True):
+    With ``share=True`` several independent copies of the command (e.g. one per GPU, or two single-thread copies
+    on a CPU) split the stages: a copy *claims* a stage through a lock file under ``<output_dir>/.claims/``
+    before running it; a stage another copy holds is *deferred* and the copy moves on, and it waits for the stage
+    (:meth:`wait_for`) only where the stage's output is needed. Locks die with their process, so a copy that
+    was killed leaves its stage to whoever waits for it next (who then runs it)."""
+
+    def __init__(self, output_dir: Path, is_main: bool = True, share: bool = False, poll_s: float = 30.0):
         self.out = output_dir
         self.is_main = is_main
+        self.share = share
+        self.poll_s = poll_s
         self.session: list[dict[str, Any]] = []
+        self._deferred: dict[str, Any] = {}  # stage name -> a callable that redoes the stage's check (or runs it)
 
     def log(self, name: str, status: str, seconds: float, **extra) -> None:
         entry = {"stage": name, "status": status, "wall_time_s": round(seconds, 2),
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **extra}
         self.session.append(entry)
         logger.info("stage %-28s %s (%.1fs)", name, status, seconds)
         if self.is_main:
@@ -282,10 +299,93 @@ class Stages:
             with (self.out / LOG_FILE).open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
 
+    def _claim_file(self, name: str) -> Path:
+        return self.out / ".claims" / (name.replace("/", "__") + ".lock")
+
+    def _claim(self, name: str):
+        """A held lock for ``name`` (a no-op context without ``share``), or None when another copy holds it."""
+        if not self.share:
+            return contextlib.nullcontext()
+        from filelock import FileLock, Timeout
+
+        path = self._claim_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        return lock
+
+    def _run_claimed(self, name: str, is_done, run, retry, ran_extra: dict | None = None, **log_extra) -> bool:
+        if is_done():
+            self.log(name, "cached", 0.0, **log_extra)
+            return False
+        claim = self._claim(name)
+        if claim is None:
+            self._deferred[name] = retry
+            self.log(name, "deferred", 0.0, **log_extra)
+            return False
+        with claim:
+            if is_done():  # another copy finished it between our check and our claim
+                self.log(name, "cached", 0.0, **log_extra)
+                return False
+            start = time.perf_counter()
+            run()
+            gc.collect()
+            self.log(name, "ran", time.perf_counter() - start, **log_extra, **(ran_extra or {}))
+        return True
+
+    def wait_for(self, *names: str) -> None:
+        """Block until the named deferred stages (all deferred stages when none is named) are done elsewhere;
+        a stage whose copy died is run here. Stages this copy ran or found cached return at once."""
+        from filelock import FileLock, Timeout
+
+        for name in list(names or self._deferred):
+            retry = self._deferred.pop(name, None)
+            if retry is None:
+                continue
+            start = time.perf_counter()
+            lock = FileLock(str(self._claim_file(name)))
+            while True:
+                try:
+                    lock.acquire(timeout=self.poll_s)
+                    break
+                except Timeout:  # still running in another copy
+                    logger.info("waiting for stage %s (another copy runs it; %.0fs so far)", name,
+                                time.perf_counter() - start)
+            lock.release()
+            self.log(name, "waited", time.perf_counter() - start)
+            retry()
+
+    def running_elsewhere(self, name: str) -> bool:
+        """True while another copy holds the claim of a stage this copy deferred."""
+        if name not in self._deferred:
+            return False
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self._claim_file(name)))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
+    def run_when_ready(self, jobs) -> None:
+        """Run ``jobs`` (``[(names of the stages a job needs, job)]``) in order, except that a job whose stages
+        still run in another copy waits until no other job is ready: a copy works instead of waiting."""
+        pending = list(jobs)
+        while pending:
+            job = next((j for j in pending if not any(self.running_elsewhere(n) for n in j[0])), pending[0])
+            pending.remove(job)
+            self.wait_for(*job[0])
+            job[1]()
+
     def recipe(self, name: str, recipe: str, overrides: list[str], stage_dir: Path, done_file: str,
                check=None, incremental: bool = False) -> bool:
         """Run ``recipes/<recipe>.py`` with ``overrides`` unless ``stage_dir/done_file`` exists (and ``check``
-        passes) with the same resolved config. Returns True when it ran.
+        passes) with the same resolved config. Returns True when it ran here.
 
         A stage made with another config is an error (its outputs would be silently mixed), except for an
         ``incremental`` stage, whose recipe caches its own work per unit with the settings that made it (the
@@ -295,38 +395,30 @@ class Stages:
         cfg = module.parse_config(overrides)[0]
         wanted = _normalise(to_container(cfg))
         saved = stage_dir / "config.json"
-        changed = False
-        if saved.is_file():
-            diff = _config_diff(json.loads(saved.read_text()), wanted)
-            changed = bool(diff)
-            if diff and incremental:
-                logger.info("stage %s: config changed (%s); rerunning, the recipe reuses its cached parts", name,
-                            "; ".join(diff[:4]))
-            elif diff:
-                raise ValueError(
-                    f"Stage {name}: {stage_dir} was made with another config ({'; '.join(diff[:8])}"
-                    f"{'; ...' if len(diff) > 8 else ''}). Delete {stage_dir} to redo this stage, or pick another "
-                    "output_dir."
-                )
-        if not changed and (stage_dir / done_file).is_file() and (check is None or check(stage_dir)):
-            self.log(name, "cached", 0.0, dir=str(stage_dir))
-            return False
-        start = time.perf_counter()
-        module.main(list(overrides))
-        gc.collect()
-        self.log(name, "ran", time.perf_counter() - start, dir=str(stage_dir), overrides=overrides)
-        return True
+
+        def is_done() -> bool:
+            if saved.is_file():
+                diff = _config_diff(json.loads(saved.read_text()), wanted)
+                if diff and incremental:
+                    logger.info("stage %s: config changed (%s); rerunning, the recipe reuses its cached parts",
+                                name, "; ".join(diff[:4]))
+                    return False
+                if diff:
+                    raise ValueError(
+                        f"Stage {name}: {stage_dir} was made with another config ({'; '.join(diff[:8])}"
+                        f"{'; ...' if len(diff) > 8 else ''}). Delete {stage_dir} to redo this stage, or pick another "
+                        "output_dir."
+                    )
+            return (stage_dir / done_file).is_file() and (check is None or check(stage_dir))
+
+        return self._run_claimed(
+            name, is_done, lambda: module.main(list(overrides)),
+            lambda: self.recipe(name, recipe, overrides, stage_dir, done_file, check, incremental),
+            ran_extra={"overrides": overrides}, dir=str(stage_dir))
 
     def library(self, name: str, done, fn, stage_dir: Path):
         """Run a library stage ``fn()`` unless ``done()`` says its output is complete."""
-        if done():
-            self.log(name, "cached", 0.0, dir=str(stage_dir))
-            return False
-        start = time.perf_counter()
-        fn()
-        gc.collect()
-        self.log(name, "ran", time.perf_counter() - start, dir=str(stage_dir))
-        return True
+        return self._run_claimed(name, done, fn, lambda: self.library(name, done, fn, stage_dir), dir=str(stage_dir))
 
 
 def _read_json(path: Path):
@@ -463,7 +555,12 @@ def main(overrides: list[str] | None = None) -> dict:
     state = process_state()
     out = Path(str(cfg.output_dir))
     data_dir = f"++data_dir={_q(cfg.data_dir)}"
-    stages = Stages(out, is_main=state.is_main_process)
+    share = bool(cfg.get("share_stages", False))
+    if share and state.num_processes > 1:
+        raise ValueError("share_stages=true splits the stages between independent single-process copies of this "
+                         f"command, but this one runs {state.num_processes} processes; launch one copy per device "
+                         "(e.g. CUDA_VISIBLE_DEVICES=i accelerate launch --num_processes 1 ...) or set share_stages=false.")
+    stages = Stages(out, is_main=state.is_main_process, share=share)
     if state.is_main_process:
         save_resolved_config(cfg, out)
     targets, grid, val, sel, base_args = (args["targets"], args["grid"], args["validation"], args["select"],
@@ -476,18 +573,52 @@ def main(overrides: list[str] | None = None) -> dict:
     alphas = list(distill_plan)
     distill_dirs = {a: d for a, (d, _) in distill_plan.items()}
     anti_expert = anti_expert_dir(args, out)
-    for alpha, (run_dir, ov) in distill_plan.items():
+    grid_plan = plan_grid(args, out, data_dir)
+    test_dir = out / "test"
+
+    def test_overrides(models, output_dir, extra=()):
+        return [*args["test"].overrides, f"models={_list(models)}",
+                f"seeds=[{','.join(str(s) for s in args['test'].seeds)}]", f"output_dir={_q(output_dir)}",
+                "prompts.split=test", f"prompts.split_seed={val.split_seed}",
+                f"prompts.validation_fraction={val.validation_fraction}", *extra, data_dir]
+
+    def model_test_stage(label: str, model) -> None:
+        """One model on the test prompts; its parts (test/parts/) are what the full test stage reports."""
+        stage_dir = test_dir / "models" / label
+        stages.recipe(f"test/{label}", "evaluate",
+                      test_overrides([str(model)], stage_dir, [f"parts_dir={_q(test_dir / 'parts')}"]),
+                      stage_dir, "report.json", incremental=True)
+
+    decoding_key = None
+    # Never tune on the test set: checked before any test prompt is used.
+    split_info = assert_disjoint_prompts(next(iter(grid_plan.values()))[2], test_overrides([grid_target.model], test_dir))
+    for i, (alpha, (run_dir, ov)) in enumerate(distill_plan.items()):
+        if i > 0:  # reuses the first run's anti-expert
+            stages.wait_for(f"distill-a{format_number(alphas[0])}")
         stages.recipe(f"distill-a{format_number(alpha)}", "distill", ov, run_dir, "distill_run.json",
                       check=lambda d: (d / "distilled" / "metadata.json").is_file())
+        if i == 0:
+            # What needs only the base models and the anti-expert comes early: with share_stages another copy
+            # does it while this one trains the anti-expert and distills.
+            for tname, target in targets.items():
+                model_test_stage(f"{tname}-base", target.model)
+            if base_args.decoding:
+                dec_dir = test_dir / "decoding"
+                dec_ov = test_overrides([grid_target.model], dec_dir, [
+                    f"decoding.anti_expert={_q(anti_expert)}", f"decoding.alpha={base_args.decoding_alpha}",
+                    "decoding.also_plain=false"])
+                stages.wait_for(f"distill-a{format_number(alpha)}")
+                stages.recipe("test/decoding", "evaluate", dec_ov, dec_dir, "report.json", incremental=True)
 
     # ---- 2. the grid on the grid target ------------------------------------------------------------------------
     def detox_overrides(target, data_path, run_dir, lr, steps, save_steps, extra):
         return detox_run_overrides(args, target, data_path, run_dir, lr, steps, save_steps, extra, data_dir)
 
-    grid_plan = plan_grid(args, out, data_dir)
     grid_runs = {name: (config, run_dir) for name, (config, run_dir, _) in grid_plan.items()}
-    for name, (_, run_dir, ov) in grid_plan.items():
+    for name, (config, run_dir, ov) in grid_plan.items():
+        stages.wait_for(f"distill-a{format_number(config['alpha'])}")
         stages.recipe(f"grid/{name}", "detox", ov, run_dir, "train_summary.json", check=_detox_done(grid.max_steps))
+    stages.wait_for()
 
     # ---- 3. the single configuration -----------------------------------------------------------------------------
     records = grid_records_from_runs(grid_runs)
@@ -541,6 +672,8 @@ def main(overrides: list[str] | None = None) -> dict:
 
     # ---- 5. apply the chosen configuration unchanged -------------------------------------------------------------
     apply_models: dict[tuple[str, str], Path] = {}
+    apply_stage: dict[tuple[str, str], str] = {}  # the stage that makes each model
+    unresolved: set[tuple[str, str]] = set()  # run dirs whose model path is known once their stage is done
     chosen_run_dir = grid_runs[choice["run"]][1]
     chosen_checkpoint = Path(choice["checkpoint"])
     for tname, target in targets.items():
@@ -568,14 +701,18 @@ def main(overrides: list[str] | None = None) -> dict:
                                    reuse, run_dir)
                 state.wait_for_everyone()
                 apply_models[(tname, method)] = run_dir / "model"
+                apply_stage[(tname, method)] = f"apply/{tname}-{method}"
                 continue
             extra = list(args["apply_overrides"])
             if method == "authors" and base_args.authors_max_samples is not None:
                 extra.append(f"data.max_samples={base_args.authors_max_samples}")
             ov = detox_overrides(target, data_path, run_dir, float(chosen_lr), chosen_steps, chosen_steps, extra)
+            stages.wait_for(f"data/{method}")
             stages.recipe(f"apply/{tname}-{method}", "detox", ov, run_dir, "train_summary.json",
                           check=_detox_done(chosen_steps))
-            apply_models[(tname, method)] = final_model_path(run_dir)
+            apply_models[(tname, method)] = run_dir
+            apply_stage[(tname, method)] = f"apply/{tname}-{method}"
+            unresolved.add((tname, method))
 
     # ---- 6. task vectors (grid target), lambda on the validation prompts -----------------------------------------
     taskvec = None
@@ -594,8 +731,10 @@ def main(overrides: list[str] | None = None) -> dict:
             state.wait_for_everyone()
         val_dir = out / "taskvec" / "validation"
         models = [grid_target.model, *[str(d) for d in lam_dirs.values()]]
+        stages.wait_for(*[f"taskvec/lam{format_number(lam)}" for lam in lam_dirs])
         stages.recipe("taskvec/validation", "evaluate", [*val.evaluate_overrides_for(models, val_dir), data_dir],
                       val_dir, "report.json", incremental=True)
+        stages.wait_for("taskvec/validation")
         val_report = _read_json(val_dir / "report.json")
         tv_records = []
         for key, lam in [(grid_target.model, 0.0), *[(str(d), lam) for lam, d in lam_dirs.items()]]:
@@ -610,29 +749,22 @@ def main(overrides: list[str] | None = None) -> dict:
         if state.is_main_process and _read_json(out / "taskvec" / "selection.json") != _normalise(taskvec):
             write_json(taskvec, out / "taskvec" / "selection.json")
         apply_models[(grid.target, "taskvec")] = Path(tv_choice["checkpoint"])
+        apply_stage[(grid.target, "taskvec")] = "taskvec/validation"
 
     # ---- 7. test evaluation --------------------------------------------------------------------------------------
-    test_dir = out / "test"
+    def test_model(key):
+        if key in unresolved:  # its stage is done by now (here or in another copy)
+            apply_models[key] = final_model_path(apply_models[key])
+            unresolved.discard(key)
+        model_test_stage(f"{key[0]}-{key[1]}", apply_models[key])
+
+    stages.run_when_ready([([apply_stage[key]], lambda key=key: test_model(key)) for key in apply_models])
+    stages.wait_for()  # every model's parts
     test_models = [t.model for t in targets.values()] + [str(p) for p in apply_models.values()]
-    test_ov = [*args["test"].overrides, f"models={_list(test_models)}",
-               f"seeds=[{','.join(str(s) for s in args['test'].seeds)}]", f"output_dir={_q(test_dir)}",
-               "prompts.split=test", f"prompts.split_seed={val.split_seed}",
-               f"prompts.validation_fraction={val.validation_fraction}", data_dir]
-    grid_example = next(iter(grid_runs.values()))[1]
-    split_info = assert_disjoint_prompts(
-        detox_overrides(grid_target, chosen_distilled, grid_example, float(chosen_lr), grid.max_steps, grid.save_steps,
-                        [*val.detox_overrides(), *grid.overrides]), test_ov)
-    stages.recipe("test", "evaluate", test_ov, test_dir, "report.json", incremental=True)
+    stages.recipe("test", "evaluate", test_overrides(test_models, test_dir), test_dir, "report.json", incremental=True)
+    stages.wait_for()
     test_reports = [_read_json(test_dir / "report.json")]
-    decoding_key = None
     if base_args.decoding:
-        dec_dir = test_dir / "decoding"
-        dec_ov = [*args["test"].overrides, f"models={_list([grid_target.model])}",
-                  f"seeds=[{','.join(str(s) for s in args['test'].seeds)}]", f"output_dir={_q(dec_dir)}",
-                  "prompts.split=test", f"prompts.split_seed={val.split_seed}",
-                  f"prompts.validation_fraction={val.validation_fraction}", f"decoding.anti_expert={_q(anti_expert)}",
-                  f"decoding.alpha={base_args.decoding_alpha}", "decoding.also_plain=false", data_dir]
-        stages.recipe("test/decoding", "evaluate", dec_ov, dec_dir, "report.json", incremental=True)
         dec_report = _read_json(dec_dir / "report.json")
         test_reports.append(dec_report)
         decoding_key = next(iter(dec_report["models"]))

@@ -126,6 +126,25 @@ def test_resume_redoes_only_missing_parts(first_run):
         "toxicity_probability"]
 
 
+def test_runs_sharing_parts_dir_reuse_each_others_parts(first_run, tmp_path):
+    """One run per model into a shared parts_dir (what recipes/replicate.py does per model), then one run over both
+    models: the joint run writes no part, and its numbers are the single run's (first_run, same settings)."""
+    root, _, single = first_run
+    parts = tmp_path / "parts"
+    recipe = load_recipe()
+    for i in range(2):
+        recipe.main([*overrides(root, tmp_path / f"m{i}"), f"models=[{root / f'm{i}'}]", f"parts_dir={parts}"])
+    assert not (tmp_path / "m0" / "parts").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in parts.rglob("*.json*")}
+    assert len(mtimes) > 2 * 2 * 2  # per model: generations + conditional perplexity per seed, WikiText, MMLU
+    joint = recipe.main([*overrides(root, tmp_path / "joint"), f"parts_dir={parts}"])
+    assert {p: p.stat().st_mtime_ns for p in parts.rglob("*.json*")} == mtimes
+    for key in single["models"]:
+        for metric in ("toxicity_probability", "expected_max_toxicity", "conditional_perplexity", "distinct_2"):
+            assert joint["models"][key][metric] == pytest.approx(single["models"][key][metric]), (key, metric)
+        assert joint["models"][key]["mmlu"]["accuracy"] == single["models"][key]["mmlu"]["accuracy"]
+
+
 def test_changed_setting_is_recomputed(first_run, tmp_path):
     root, out, _ = first_run
     report = load_recipe().main(overrides(root, out, "eval.num_samples=2", "mmlu.enabled=false",

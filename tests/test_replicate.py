@@ -371,7 +371,8 @@ STAGE_FILES = [
     *[f"apply/{t}-{m}/train_summary.json" for t in ("smollm2", "gemma3") for m in ("control", "nothate", "authors")],
     "taskvec/lam0.5/unidetox_task_vector.json", "taskvec/lam1/config.json", "taskvec/validation/report.json",
     "taskvec/selection.json", "test/report.json", "test/generations.jsonl", "test/decoding/report.json",
-    "report.json", "report.md", "toxicity_vs_perplexity.png", "replicate_log.jsonl",
+    *[f"test/models/{t}-{m}/report.json" for t in ("smollm2", "gemma3") for m in ("base", "unidetox", "authors")],
+    "test/models/smollm2-taskvec/report.json", "report.json", "report.md", "toxicity_vs_perplexity.png", "replicate_log.jsonl",
 ]
 
 
@@ -393,12 +394,8 @@ def _quoted_list(items: list[str]) -> str:
     return "[" + ",".join(f"'{item}'" for item in items) + "]"
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared_data):
-    """Every stage of the replication (experiment=tiny sizes) on two tiny local models of different families and
-    tokenizers, so that CI runs the whole pipeline in minutes; `experiment=tiny` alone runs the same plumbing on
-    the embedded models (about 25 minutes on this CPU)."""
+def _tiny_replication(tmp_path, shared_data, *extra):
+    """The replication command on two tiny local models (llama + gemma3 families) at experiment=tiny sizes."""
     llama_dir, gemma_dir = _save_tiny_models(tmp_path)
     out = tmp_path / "rep"
     tiny_distill = ["experiment=embedded_smollm2", f"model.name_or_path={llama_dir}", "distill.start_token=null",
@@ -416,14 +413,59 @@ def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared
            f"targets.smollm2.overrides={_quoted_list(['experiment=embedded_smollm2', f'model.name_or_path={llama_dir}'])}",
            f"targets.gemma3.model={gemma_dir}",
            f"targets.gemma3.overrides={_quoted_list(['experiment=embedded_gemma3', f'model.name_or_path={gemma_dir}'])}",
-           f"test.overrides={_quoted_list(tiny_test)}"]
+           f"test.overrides={_quoted_list(tiny_test)}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "UNIDETOX_DATA_DIR": str(shared_data)}
+    return cmd, env, out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared_data):
+    """Every stage of the replication (experiment=tiny sizes) on two tiny local models of different families and
+    tokenizers, so that CI runs the whole pipeline in minutes; `experiment=tiny` alone runs the same plumbing on
+    the embedded models (about 25 minutes on this CPU)."""
+    cmd, env, out = _tiny_replication(tmp_path, shared_data)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _assert_tiny_report(out)
+    first = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
+    assert all(e["status"] == "ran" for e in first), [e for e in first if e["status"] != "ran"]
+
+    # Rerun: every stage is found finished; no file is rewritten.
+    stamps = {f: (out / f).stat().st_mtime_ns for f in STAGE_FILES if f != "replicate_log.jsonl"}
+    time.sleep(0.01)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    second = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()][len(first):]
+    assert [e["stage"] for e in second] == [e["stage"] for e in first]
+    assert all(e["status"] == "cached" for e in second), [e for e in second if e["status"] != "cached"]
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tiny_replication_as_two_copies_sharing_the_stages(tmp_path, shared_data):
+    """share_stages=true: two copies of the command started together split the stages (claims under .claims/),
+    every stage runs exactly once, and both end with the full report."""
+    cmd, env, out = _tiny_replication(tmp_path, shared_data, "share_stages=true")
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    _assert_tiny_report(out)
+    log = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
+    claimed = [e["stage"] for e in log if e["status"] == "ran" and e["stage"] not in ("selection", "report")]
+    assert len(claimed) == len(set(claimed)), sorted(claimed)
+    single = {"distill-a0.1", "distill-a0.2", "grid/smollm2-a0.1-lr1e-3", "apply/gemma3-authors", "taskvec/validation",
+              "test/smollm2-base", "test/gemma3-unidetox", "test/decoding", "test"}
+    assert single <= set(claimed)
+
+
+def _assert_tiny_report(out):
     missing = [f for f in STAGE_FILES if not (out / f).exists()]
     assert not missing, missing
-
     report = json.loads((out / "report.json").read_text())
     rows = {(r["method"], r["target"]) for r in report["rows"]}
     assert rows == {*((m, t) for m in ("base", "unidetox", "control", "nothate", "authors")
@@ -437,15 +479,63 @@ def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared
     assert report["prompts"]["validation_prompts"] == 4 and report["prompts"]["test_prompts"] == 4
     md = (out / "report.md").read_text()
     assert "Validation grid" in md and "Task-vector lambda" in md and "Example continuations" in md
-    first = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
-    assert all(e["status"] == "ran" for e in first), [e for e in first if e["status"] != "ran"]
+    return report
 
-    # Rerun: every stage is found finished; no file is rewritten.
-    stamps = {f: (out / f).stat().st_mtime_ns for f in STAGE_FILES if f != "replicate_log.jsonl"}
-    time.sleep(0.01)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    second = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()][len(first):]
-    assert [e["stage"] for e in second] == [e["stage"] for e in first]
-    assert all(e["status"] == "cached" for e in second), [e for e in second if e["status"] != "cached"]
-    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
+
+HOLD_CLAIM = """
+import os, sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1]); lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+if sys.argv[3] == "finish":
+    os.makedirs(os.path.dirname(sys.argv[4]), exist_ok=True)
+    open(sys.argv[4], "w").write("{}")
+"""
+
+
+def _hold_claim(stages, name, seconds, finish_file=None):
+    """Another copy of the command: holds the stage's claim for `seconds`, then (maybe) finishes the stage."""
+    claim = stages._claim_file(name)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(claim), str(seconds),
+                             "finish" if finish_file else "die", str(finish_file)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("other_copy_finishes", [True, False])
+def test_shared_stages_defer_what_another_copy_runs_and_wait_only_where_needed(tmp_path, other_copy_finishes):
+    """share_stages: a stage claimed by another copy is skipped (deferred) and this copy goes on with other stages;
+    wait_for blocks until the claim is released, then finds the stage done, or runs it itself when that copy died."""
+    stages = replicate.Stages(tmp_path, share=True, poll_s=0.2)
+    done_a, done_b = tmp_path / "a" / "done.json", tmp_path / "b" / "done.json"
+    ran = []
+
+    def stage(name, done):
+        def run():
+            ran.append(name)
+            done.parent.mkdir(exist_ok=True)
+            done.write_text("{}")
+        return stages.library(name, done.is_file, run, done.parent)
+
+    other = _hold_claim(stages, "grid/a", 1.5, done_a if other_copy_finishes else None)
+    assert not stage("grid/a", done_a)  # deferred: the other copy holds it
+    assert stage("grid/b", done_b)  # meanwhile this copy does another stage
+    assert ran == ["grid/b"] and not done_a.exists()
+    stages.wait_for("grid/b")  # not deferred: returns at once
+    stages.wait_for()  # blocks until the other copy lets go of grid/a
+    other.wait(timeout=30)
+    assert done_a.is_file()
+    assert ran == (["grid/b"] if other_copy_finishes else ["grid/b", "grid/a"])
+    statuses = [(e["stage"], e["status"]) for e in stages.session]
+    assert statuses[:3] == [("grid/a", "deferred"), ("grid/b", "ran"), ("grid/a", "waited")]
+    assert statuses[3] == ("grid/a", "cached" if other_copy_finishes else "ran")
+    assert not stage("grid/a", done_a) and ran.count("grid/a") <= 1  # done now: cached, never run twice
+
+
+def test_without_share_stages_a_held_claim_is_ignored(tmp_path):
+    stages = replicate.Stages(tmp_path)
+    other = _hold_claim(stages, "grid/a", 0.5)
+    assert stages.library("grid/a", lambda: False, lambda: None, tmp_path)
+    other.wait(timeout=30)

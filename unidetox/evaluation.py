@@ -445,10 +445,12 @@ def run_evaluation(
     dtype: str | None = None,
     config_dict: dict | None = None,
     progress: bool = True,
+    parts_dir=None,
 ) -> dict | None:
     """Evaluate ``models`` on ``prompts`` for every seed; write the report files to ``output_dir``.
 
-    Work is cached under ``output_dir/parts/<model>/``: generations + scores per (model, seed), conditional
+    Work is cached under ``parts_dir/<model>/`` (default ``output_dir/parts``; runs that share a ``parts_dir``,
+    e.g. one per model, then one over all of them, reuse each other's parts): generations + scores per (model, seed), conditional
     perplexity per (model, seed), WikiText perplexity and MMLU per model. Each part records a fingerprint of the
     settings that produced it, so an interrupted run resumes where it stopped and a changed setting redoes only
     the parts it affects. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
@@ -485,7 +487,7 @@ def run_evaluation(
         raise ValueError("No prompts to evaluate.")
     procs = _Processes()
     out = Path(output_dir)
-    parts_root = out / "parts"
+    parts_root = Path(parts_dir) if parts_dir is not None else out / "parts"
     if procs.is_main:
         parts_root.mkdir(parents=True, exist_ok=True)
     procs.wait()
