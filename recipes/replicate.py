@@ -327,7 +327,7 @@ class Stages:
             self.log(name, "deferred", 0.0, **log_extra)
             return False
         with claim:
-            if is_done():  # another copy finished it between our check and our claim
+            if self.share and is_done():  # another copy finished it between our check and our claim
                 self.log(name, "cached", 0.0, **log_extra)
                 return False
             start = time.perf_counter()
