@@ -302,10 +302,8 @@ class Stages:
     def _claim_file(self, name: str) -> Path:
         return self.out / ".claims" / (name.replace("/", "__") + ".lock")
 
-    def _claim(self, name: str):
-        """A held lock for ``name`` (a no-op context without ``share``), or None when another copy holds it."""
-        if not self.share:
-            return contextlib.nullcontext()
+    def _try_claim(self, name: str):
+        """The held claim lock of ``name``, or None when another copy holds it."""
         from filelock import FileLock, Timeout
 
         path = self._claim_file(name)
@@ -316,6 +314,10 @@ class Stages:
         except Timeout:
             return None
         return lock
+
+    def _claim(self, name: str):
+        """A held lock for ``name`` (a no-op context without ``share``), or None when another copy holds it."""
+        return self._try_claim(name) if self.share else contextlib.nullcontext()
 
     def _run_claimed(self, name: str, is_done, run, retry, ran_extra: dict | None = None, **log_extra) -> bool:
         if is_done():
@@ -362,12 +364,8 @@ class Stages:
         """True while another copy holds the claim of a stage this copy deferred."""
         if name not in self._deferred:
             return False
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self._claim_file(name)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = self._try_claim(name)
+        if lock is None:
             return True
         lock.release()
         return False
