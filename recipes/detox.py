@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, select_checkpoint  # noqa: E402
+from unidetox.distributed import end_process_group  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
 from unidetox.io import atomic_write_json  # noqa: E402
 from unidetox.trainer import UniversalDetoxConfig  # noqa: E402
@@ -317,3 +318,4 @@ def main(overrides: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

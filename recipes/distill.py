@@ -34,6 +34,7 @@ from unidetox.distilled import (  # noqa: E402
     SamplingConfig,
     summary_markdown,
 )
+from unidetox.distributed import end_process_group  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config  # noqa: E402
 from unidetox.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -162,3 +163,4 @@ def main(overrides: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

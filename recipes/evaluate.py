@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from unidetox.distributed import end_process_group  # noqa: E402
 from unidetox.evaluation import DecodingConfig, PerplexityConfig, ToxicityEvalConfig, run_evaluation  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
 from unidetox.mmlu import MMLUConfig  # noqa: E402
@@ -79,3 +80,4 @@ def main(overrides: list[str] | None = None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

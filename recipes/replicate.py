@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from unidetox.distributed import end_process_group  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
 from unidetox.replicate import format_number  # noqa: E402
 
@@ -835,3 +836,4 @@ def main(overrides: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

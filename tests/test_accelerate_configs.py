@@ -102,6 +102,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     from accelerate import PartialState
     from tiny import CORPUS, tiny_llama, word_tokenizer
     from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+    from unidetox.distributed import end_process_group
     from unidetox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
 
     out = sys.argv[1]
@@ -124,6 +125,7 @@ TRAIN_SCRIPT = textwrap.dedent(
             "num_processes": state.num_processes,
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         }}))
+    end_process_group()
     """
 )
 

@@ -19,6 +19,22 @@ def process_state():
     return PartialState(cpu=use_cpu)
 
 
+def end_process_group() -> None:
+    """Leave the process group, if this process joined one, before the interpreter exits.
+
+    A gloo process group left to interpreter teardown can abort a rank ("terminate called without an active
+    exception", SIGABRT) after all its work is done, which fails the whole launch (pytorch/pytorch#190489); NCCL
+    warns about leaked resources. Every recipe calls this once, after ``main()`` returned on every rank (never from
+    an error path, where a rank that still waits in a collective would hang it); a script that trains through the
+    library should do the same.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
+
+
 def has_accelerator() -> bool:
     """True when torch sees a GPU (CUDA/ROCm), an XPU or Apple MPS."""
     import torch
