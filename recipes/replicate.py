@@ -518,6 +518,20 @@ def detox_run_overrides(args, target: TargetArguments, data_path, run_dir, lr: f
             *extra, data_dir]
 
 
+def apply_run_overrides(args, target: TargetArguments, data_path, run_dir, lr: float, chosen_steps: int,
+                        extra: list[str], data_dir: str) -> list[str]:
+    """detox overrides that apply the chosen configuration (a grid run's checkpoint) to a target.
+
+    A checkpoint from the middle of a grid run was trained under the learning-rate schedule of ``grid.max_steps``,
+    not under one that ends at its step: train under that schedule and stop at the chosen step
+    (``trainer.stop_at_step``). At the grid's last step this is a plain run of ``chosen_steps``."""
+    max_steps = args["grid"].max_steps
+    if chosen_steps < max_steps:
+        return detox_run_overrides(args, target, data_path, run_dir, lr, max_steps, chosen_steps,
+                                   [*extra, f"++trainer.stop_at_step={chosen_steps}"], data_dir)
+    return detox_run_overrides(args, target, data_path, run_dir, lr, chosen_steps, chosen_steps, extra, data_dir)
+
+
 def plan_grid(args, out: Path, data_dir: str) -> dict[str, tuple[dict, Path, list[str]]]:
     """``{run name: (hyperparameters, run dir, detox overrides)}`` for alpha x learning rate on the grid target."""
     grid, val = args["grid"], args["validation"]
@@ -610,9 +624,6 @@ def main(overrides: list[str] | None = None) -> dict:
                 stages.recipe("test/decoding", "evaluate", dec_ov, dec_dir, "report.json", incremental=True)
 
     # ---- 2. the grid on the grid target ------------------------------------------------------------------------
-    def detox_overrides(target, data_path, run_dir, lr, steps, save_steps, extra):
-        return detox_run_overrides(args, target, data_path, run_dir, lr, steps, save_steps, extra, data_dir)
-
     grid_runs = {name: (config, run_dir) for name, (config, run_dir, _) in grid_plan.items()}
     for name, (config, run_dir, ov) in grid_plan.items():
         stages.wait_for(f"distill-a{format_number(config['alpha'])}")
@@ -705,7 +716,8 @@ def main(overrides: list[str] | None = None) -> dict:
             extra = list(args["apply_overrides"])
             if method == "authors" and base_args.authors_max_samples is not None:
                 extra.append(f"data.max_samples={base_args.authors_max_samples}")
-            ov = detox_overrides(target, data_path, run_dir, float(chosen_lr), chosen_steps, chosen_steps, extra)
+            ov = apply_run_overrides(args, target, data_path, run_dir, float(chosen_lr), chosen_steps, extra,
+                                     data_dir)
             stages.wait_for(f"data/{method}")
             stages.recipe(f"apply/{tname}-{method}", "detox", ov, run_dir, "train_summary.json",
                           check=_detox_done(chosen_steps))

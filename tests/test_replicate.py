@@ -287,10 +287,18 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
         assert parsed["trainer"].learning_rate == config["learning_rate"]
         assert parsed["trainer"].max_steps == args["grid"].max_steps and parsed["prompts"].split == "validation"
         assert parsed["trainer"].output_dir == str(run_dir)
+    last = args["grid"].max_steps
     for name, target in args["targets"].items():  # applying the configuration to every target composes
-        _, parsed = detox.parse_config(replicate.detox_run_overrides(
-            args, target, "/data/x.csv", tmp_path / name, 1e-4, 10, 10, args["apply_overrides"], data_dir))
+        # At the grid's last step: a plain run of that many steps.
+        _, parsed = detox.parse_config(replicate.apply_run_overrides(
+            args, target, "/data/x.csv", tmp_path / name, 1e-4, last, args["apply_overrides"], data_dir))
         assert parsed["model"].name_or_path == target.model
+        assert parsed["trainer"].max_steps == last and parsed["trainer"].stop_at_step is None
+        # A checkpoint from the middle of the grid run: the grid's schedule, stopped at that step.
+        _, parsed = detox.parse_config(replicate.apply_run_overrides(
+            args, target, "/data/x.csv", tmp_path / name, 1e-4, last - 1, args["apply_overrides"], data_dir))
+        assert parsed["trainer"].max_steps == last and parsed["trainer"].stop_at_step == last - 1
+        assert parsed["trainer"].learning_rate == 1e-4 and parsed["trainer"].save_steps == last - 1
     ov = args["validation"].evaluate_overrides_for(["m1", str(tmp_path / "lam0.5")], tmp_path / "v")
     _, sections, models, seeds = evaluate.parse_config([*ov, data_dir])
     assert sections["prompts"].split == "validation" and not sections["mmlu"].enabled and len(models) == 2
@@ -476,6 +484,14 @@ def _assert_tiny_report(out):
     assert report["bar"]["verdict"].startswith(("Bar MET", "Bar NOT met"))
     selection = json.loads((out / "selection.json").read_text())
     assert len(selection["table"]) == 6 and sum(r["chosen"] for r in selection["table"]) == 1  # 2 runs x 3 evals
+    # The chosen configuration applied to the other target is the chosen checkpoint's: the grid's schedule (2 steps)
+    # stopped at the chosen step.
+    step = selection["choice"]["step"]
+    applied = json.loads((out / "apply" / "gemma3-unidetox" / "config.json").read_text())
+    assert applied["trainer"]["max_steps"] == 2
+    assert applied["trainer"].get("stop_at_step") == (step if step < 2 else None)
+    summary = json.loads((out / "apply" / "gemma3-unidetox" / "train_summary.json").read_text())
+    assert summary["train"]["global_step"] == step
     assert report["prompts"]["validation_prompts"] == 4 and report["prompts"]["test_prompts"] == 4
     md = (out / "report.md").read_text()
     assert "Validation grid" in md and "Task-vector lambda" in md and "Example continuations" in md

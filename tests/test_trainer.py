@@ -286,6 +286,31 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_result(tmp_path):
         torch.testing.assert_close(p.detach(), want[n], rtol=0, atol=1e-6)
 
 
+def test_stop_at_step_reproduces_a_checkpoint_of_the_longer_schedule(tmp_path):
+    # The configuration chosen on validation is (learning rate, schedule of max_steps, the chosen step): applying it
+    # to another model must give what the longer run had at that step, not a run whose schedule ends there.
+    full = build("llama_word", tmp_path / "full", max_steps=6, save_steps=3)
+    full.train()
+    at_3 = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "out" / "checkpoint-3")
+    want = dict(at_3.named_parameters())
+
+    stopped = build("llama_word", tmp_path / "stopped", max_steps=6, save_steps=3, stop_at_step=3)
+    stopped.train()
+    assert stopped.state.global_step == 3
+    for n, p in stopped.model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n].detach(), rtol=0, atol=1e-6)
+
+    short = build("llama_word", tmp_path / "short", max_steps=3, save_steps=3)
+    short.train()  # the schedule decays over 3 steps: other weights
+    assert any(not torch.allclose(p.detach(), want[n].detach(), atol=1e-6) for n, p in short.model.named_parameters())
+
+
+@pytest.mark.parametrize("step", [0, 7])
+def test_stop_at_step_outside_the_schedule_is_an_error(tmp_path, step):
+    with pytest.raises(ValueError, match=rf"stop_at_step.*max_steps=6.*{step}"):
+        make_args(tmp_path, max_steps=6, stop_at_step=step)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs: model and data in every accepted form
 # ----------------------------------------------------------------------------------------------------------------

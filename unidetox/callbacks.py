@@ -100,6 +100,31 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+class StopAtStepCallback(TrainerCallback):
+    r"""Stop training after ``step`` optimizer steps, leaving the learning-rate schedule of ``max_steps`` untouched.
+
+    Training with ``max_steps=N`` decays the learning rate over N steps; a checkpoint saved at step N of a longer
+    run was trained under a schedule that had not decayed yet. Re-training that checkpoint's configuration on
+    another model therefore needs the long schedule cut at step N, which is what this callback does.
+    :class:`~unidetox.UniversalDetoxTrainer` adds it when ``UniversalDetoxConfig.stop_at_step`` is set.
+
+    Example:
+        >>> from unidetox.callbacks import StopAtStepCallback
+        >>> StopAtStepCallback(50).step
+        50
+    """
+
+    def __init__(self, step: int):
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"`step` has to be a positive number of optimizer steps, but is {step!r}.")
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
 class DetoxEvalCallback(TrainerCallback):
     r"""Evaluate toxicity and perplexity before training and at every checkpoint save.
 
@@ -401,6 +426,7 @@ __all__ = [
     "CheckpointSelection",
     "DetoxEvalCallback",
     "DetoxEvalConfig",
+    "StopAtStepCallback",
     "read_eval_records",
     "select_checkpoint",
 ]

@@ -94,6 +94,15 @@ class UniversalDetoxConfig(SFTConfig):
         default=1000,
         metadata={"help": "Save a checkpoint every N optimizer steps (the authors' code saves every 1000)."},
     )
+    stop_at_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many optimizer steps while keeping the learning-rate schedule of `max_steps`: "
+            "reproduces the checkpoint chosen at step N of a max_steps run on another model (the chosen configuration "
+            "is the learning rate, the schedule AND the step). None (default): train all max_steps. Must be in "
+            "[1, max_steps]."
+        },
+    )
     save_total_limit: int | None = field(
         default=None,
         metadata={
@@ -154,6 +163,11 @@ class UniversalDetoxConfig(SFTConfig):
             raise ValueError(
                 f"`max_steps` has to be a positive number of optimizer steps (UniDetox trains for a fixed step budget), "
                 f"but is {self.max_steps}. Set e.g. max_steps=3000."
+            )
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
+            raise ValueError(
+                f"`stop_at_step` has to be in [1, max_steps={self.max_steps}] (the step of the chosen checkpoint, with "
+                f"max_steps the length of the schedule it was trained under), but is {self.stop_at_step}."
             )
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"`max_length` has to be >= 2 tokens (or None for no truncation), but is {self.max_length}.")
@@ -407,6 +421,10 @@ class UniversalDetoxTrainer(SFTTrainer):
             )
         self.num_target_tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
         self._peft_config_used = peft_config
+        if args.stop_at_step is not None:
+            from unidetox.callbacks import StopAtStepCallback
+
+            callbacks = [*(callbacks or []), StopAtStepCallback(args.stop_at_step)]
 
         super().__init__(
             model=model,
