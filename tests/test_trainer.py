@@ -297,6 +297,7 @@ def test_stop_at_step_reproduces_a_checkpoint_of_the_longer_schedule(tmp_path):
     stopped = build("llama_word", tmp_path / "stopped", max_steps=6, save_steps=3, stop_at_step=3)
     stopped.train()
     assert stopped.state.global_step == 3
+    assert stopped.training_config_summary()["stop_at_step"] == 3  # model card and train summary say so
     for n, p in stopped.model.named_parameters():
         torch.testing.assert_close(p.detach(), want[n].detach(), rtol=0, atol=1e-6)
 

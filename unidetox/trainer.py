@@ -466,7 +466,7 @@ class UniversalDetoxTrainer(SFTTrainer):
         """The fields that define the detox configuration (for model cards and result files)."""
         keys = [
             "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_steps",
-            "save_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "bf16", "fp16",
+            "stop_at_step", "save_steps", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "bf16", "fp16",
             "packing", "add_bos_token", "add_eos_token", "gradient_checkpointing",
         ]
         summary = {k: getattr(self.args, k) for k in keys}
