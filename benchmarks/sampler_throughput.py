@@ -11,7 +11,7 @@ Modes:
 - ``sampler``: ``generate`` + :class:`ContrastiveDetoxSampler` with a separate anti-expert model (for ``--anti-expert
   lora``: the LoRA model merged into a full copy, the usual two-model set-up).
 - ``naive``: the anti-expert recomputes the whole sequence every step (no KV cache).
-- ``fused``: :func:`unidetox.fused.fused_contrastive_generate`, base and LoRA anti-expert in one doubled forward.
+- ``fused``: :func:`unidetox.decoding.fused.fused_contrastive_generate`, base and LoRA anti-expert in one doubled forward.
 
 Modes are interleaved over repeats and the median is reported, so machine noise hits all modes alike; the ratios to
 plain ``generate`` are printed last.
@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler, contrastive_scores, load_model_and_tokenizer
-from unidetox.fused import fused_contrastive_generate
+from unidetox.decoding.fused import fused_contrastive_generate
 
 
 class NaiveContrastiveSampler(LogitsProcessor):

@@ -12,10 +12,11 @@ import argparse
 from peft import LoraConfig
 
 from unidetox import UniversalDetoxConfig, UniversalDetoxTrainer
-from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, select_checkpoint
+from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+from unidetox.detox.selection import select_checkpoint
+from unidetox.detox.trainer import merge_lora_checkpoint
+from unidetox.evaluation.prompts import load_prompts
 from unidetox.paths import default_data_dir
-from unidetox.prompts import load_prompts
-from unidetox.trainer import merge_lora_checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m", help="hub id, local path or embedded name")

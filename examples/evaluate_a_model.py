@@ -13,13 +13,18 @@ import argparse
 import time
 
 from unidetox import load_model_and_tokenizer
-from unidetox.evaluation import generate_continuations
-from unidetox.metrics import conditional_perplexity, expected_max_toxicity, mean_distinct_n, perplexity
-from unidetox.mmlu import MMLUConfig, evaluate_mmlu
+from unidetox.decoding.sampling import generate_continuations
+from unidetox.evaluation.metrics import (
+    conditional_perplexity,
+    expected_max_toxicity,
+    mean_distinct_n,
+    perplexity,
+)
+from unidetox.evaluation.mmlu import MMLUConfig, evaluate_mmlu
+from unidetox.evaluation.prompts import COMBINED_CATEGORIES, load_prompts
+from unidetox.evaluation.report import seed_toxicity_metrics
+from unidetox.evaluation.scoring import build_scorer
 from unidetox.paths import default_data_dir
-from unidetox.prompts import COMBINED_CATEGORIES, load_prompts
-from unidetox.report import seed_toxicity_metrics
-from unidetox.scoring import build_scorer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m", help="hub id, local path or embedded name")

@@ -7,9 +7,9 @@
     accelerate launch --config_file recipes/accelerate_configs/zero3.yaml recipes/detox.py experiment=paper_llama2_7b
 
 Steps: (1) train with :class:`unidetox.UniversalDetoxTrainer`, evaluating validation toxicity and perplexity at
-step 0 and at every save (:class:`unidetox.callbacks.DetoxEvalCallback`), resuming from the newest checkpoint in
+step 0 and at every save (:class:`unidetox.detox.callbacks.DetoxEvalCallback`), resuming from the newest checkpoint in
 ``output_dir`` when there is one; (2) save the final model (with LoRA: the adapter and a merged copy) and its model
-card; (3) choose the least toxic checkpoint within the perplexity bound (:func:`unidetox.callbacks.select_checkpoint`)
+card; (3) choose the least toxic checkpoint within the perplexity bound (:func:`unidetox.detox.selection.select_checkpoint`)
 and, with LoRA, merge it; (4) write ``train_summary.json``/``.md`` (wall time, tokens/s, losses) and ``loss.png``.
 """
 
@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, select_checkpoint  # noqa: E402
-from unidetox.distributed import end_process_group  # noqa: E402
+from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig  # noqa: E402
+from unidetox.detox.selection import select_checkpoint  # noqa: E402
+from unidetox.detox.trainer import UniversalDetoxConfig  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
 from unidetox.io import atomic_write_json  # noqa: E402
-from unidetox.trainer import UniversalDetoxConfig  # noqa: E402
+from unidetox.processes import end_process_group  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.detox")
 
@@ -103,10 +104,10 @@ def build_peft_config(section: dict[str, Any] | None):
 
 def parse_config(overrides):
     """Compose ``conf/detox.yaml`` with ``overrides`` and parse every section into its dataclass."""
-    from unidetox.prompts import PromptsConfig
-    from unidetox.scoring import ScorerConfig
+    from unidetox.evaluation.prompts import PromptsConfig
+    from unidetox.evaluation.scoring import ScorerConfig
 
-    cfg = compose_config("detox", overrides, conf_dir=REPO / "conf")
+    cfg = compose_config("detox", overrides)
     eval_section = to_container(cfg.eval)
     parsed = {
         "model": parse_dataclass(cfg.model, ModelArguments),
@@ -130,9 +131,9 @@ def parse_config(overrides):
 def build_eval_callback(parsed) -> DetoxEvalCallback | None:
     if not parsed["eval_enabled"]:
         return None
+    from unidetox.evaluation.prompts import load_prompts
+    from unidetox.evaluation.scoring import build_scorer
     from unidetox.paths import require_file
-    from unidetox.prompts import load_prompts
-    from unidetox.scoring import build_scorer
 
     prompts = load_prompts(parsed["prompts"])
     texts = None
@@ -207,10 +208,10 @@ def summary_markdown(summary: dict) -> str:
 def main(overrides: list[str] | None = None) -> dict:
     import torch
 
-    from unidetox.callbacks import read_eval_records
-    from unidetox.distilled import DistilledDetoxDataset
-    from unidetox.distributed import process_state
-    from unidetox.trainer import MERGED_SUBDIR, UniversalDetoxTrainer, merge_lora_checkpoint
+    from unidetox.detox.selection import read_eval_records
+    from unidetox.detox.trainer import MERGED_SUBDIR, UniversalDetoxTrainer, merge_lora_checkpoint
+    from unidetox.distill.dataset import DistilledDetoxDataset
+    from unidetox.processes import process_state
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if overrides is None else overrides

@@ -26,17 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from unidetox.anti_expert import AntiExpertConfig, load_anti_expert, read_marker, train_anti_expert  # noqa: E402
-from unidetox.data import ToxicCorpusConfig, load_toxic_corpus  # noqa: E402
-from unidetox.distilled import (  # noqa: E402
-    DistillConfig,
-    DistilledDetoxDataset,
-    SamplingConfig,
-    summary_markdown,
+from unidetox.distill.anti_expert import (  # noqa: E402
+    AntiExpertConfig,
+    load_anti_expert,
+    read_marker,
+    train_anti_expert,
 )
-from unidetox.distributed import end_process_group  # noqa: E402
+from unidetox.distill.corpus import ToxicCorpusConfig, load_toxic_corpus  # noqa: E402
+from unidetox.distill.dataset import DistillConfig, DistilledDetoxDataset, SamplingConfig, summary_markdown
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config  # noqa: E402
 from unidetox.io import atomic_write_json, atomic_write_text  # noqa: E402
+from unidetox.processes import end_process_group  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.distill")
 
@@ -60,7 +60,7 @@ class ModelArguments:
 
 def parse_config(overrides):
     """Compose ``conf/distill.yaml`` with ``overrides`` and parse every section into its dataclass."""
-    cfg = compose_config("distill", overrides, conf_dir=REPO / "conf")
+    cfg = compose_config("distill", overrides)
     return cfg, {
         "model": parse_dataclass(cfg.model, ModelArguments),
         "data": parse_dataclass(cfg.data, ToxicCorpusConfig),
@@ -71,8 +71,8 @@ def parse_config(overrides):
 
 
 def main(overrides: list[str] | None = None) -> dict:
-    from unidetox.distributed import process_state
     from unidetox.models import load_model_and_tokenizer
+    from unidetox.processes import process_state
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if overrides is None else overrides

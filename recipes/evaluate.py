@@ -24,19 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from unidetox.distributed import end_process_group  # noqa: E402
-from unidetox.evaluation import DecodingConfig, PerplexityConfig, ToxicityEvalConfig, run_evaluation  # noqa: E402
+from unidetox.decoding.sampling import ToxicityEvalConfig  # noqa: E402
+from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, run_evaluation  # noqa: E402
+from unidetox.evaluation.mmlu import MMLUConfig  # noqa: E402
+from unidetox.evaluation.prompts import PromptsConfig, load_prompts  # noqa: E402
+from unidetox.evaluation.scoring import ScorerConfig  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
-from unidetox.mmlu import MMLUConfig  # noqa: E402
-from unidetox.prompts import PromptsConfig, load_prompts  # noqa: E402
-from unidetox.scoring import ScorerConfig  # noqa: E402
+from unidetox.processes import end_process_group  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.evaluate")
 
 
 def parse_config(overrides):
     """Compose ``conf/evaluate.yaml`` with ``overrides`` and parse every section into its dataclass."""
-    cfg = compose_config("evaluate", overrides, conf_dir=REPO / "conf", free_form_groups=())
+    cfg = compose_config("evaluate", overrides, free_form_groups=())
     sections = {
         "eval": parse_dataclass(cfg.eval, ToxicityEvalConfig),
         "prompts": parse_dataclass(cfg.prompts, PromptsConfig),

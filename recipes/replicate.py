@@ -6,7 +6,7 @@
     accelerate launch recipes/replicate.py experiment=paper                        # template: GPT-2 XL -> 7B models
 
 Every stage is another recipe's ``main(overrides)`` (so it keeps that recipe's caching and resume) or a library
-piece of :mod:`unidetox.replicate`; a stage whose output is complete, made with the same resolved config, is
+piece of :mod:`unidetox.replication.baselines`; a stage whose output is complete, made with the same resolved config, is
 skipped, so a rerun (or a run over directories made by hand with the same recipes) only does what is missing.
 Layout under ``output_dir``:
 
@@ -46,9 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from unidetox.distributed import end_process_group  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
-from unidetox.replicate import format_number  # noqa: E402
+from unidetox.processes import end_process_group  # noqa: E402
+from unidetox.replication.baselines import format_number  # noqa: E402
 
 logger = logging.getLogger("unidetox.recipes.replicate")
 LOG_FILE = "replicate_log.jsonl"
@@ -151,7 +151,7 @@ class GridArguments:
 
 @dataclass
 class SelectArguments:
-    """The paper's rule (unidetox.replicate.choose_configuration), for the grid and for the task-vector lambda."""
+    """The paper's rule (unidetox.replication.baselines.choose_configuration), for the grid and for the task-vector lambda."""
 
     max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative WikiText perplexity increase."})
     metric: str = field(default="expected_max_toxicity", metadata={"help": "Toxicity metric minimised."})
@@ -217,9 +217,9 @@ def _list(values) -> str:
 
 def parse_config(overrides):
     """Compose ``conf/replicate.yaml`` with ``overrides`` and parse every section into its dataclass."""
-    from unidetox.data import ToxicCorpusConfig
+    from unidetox.distill.corpus import ToxicCorpusConfig
 
-    cfg = compose_config("replicate", overrides, conf_dir=REPO / "conf", free_form_groups=())
+    cfg = compose_config("replicate", overrides, free_form_groups=())
     targets = {name: parse_dataclass(section, TargetArguments) for name, section in cfg.targets.items()}
     args = {
         "targets": targets,
@@ -467,7 +467,7 @@ def _link(link: Path, target: Path) -> None:
 
 def assert_disjoint_prompts(validation_overrides: list[str], test_overrides: list[str]) -> dict[str, int]:
     """Load the grid's validation prompts and the test prompts as their recipes would, and fail on any overlap."""
-    from unidetox.prompts import load_prompts
+    from unidetox.evaluation.prompts import load_prompts
 
     detox = load_recipe("detox")
     evaluate = load_recipe("evaluate")
@@ -552,15 +552,15 @@ def plan_grid(args, out: Path, data_dir: str) -> dict[str, tuple[dict, Path, lis
 # The experiment
 # ----------------------------------------------------------------------------------------------------------------
 def main(overrides: list[str] | None = None) -> dict:
-    from unidetox.distributed import process_state
-    from unidetox.replicate import (
+    from unidetox.evaluation.report import read_jsonl, write_json
+    from unidetox.processes import process_state
+    from unidetox.replication.baselines import (
         assemble_report,
         choose_configuration,
         example_continuations,
         grid_records_from_runs,
         write_replication_report,
     )
-    from unidetox.report import read_jsonl, write_json
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if overrides is None else list(overrides)
@@ -650,7 +650,7 @@ def main(overrides: list[str] | None = None) -> dict:
     # ---- 4. baseline data ------------------------------------------------------------------------------------
     data_paths = {"unidetox": chosen_distilled}
     if base_args.control:
-        from unidetox.replicate import build_plain_sample_dataset, plain_sample_settings
+        from unidetox.replication.baselines import build_plain_sample_dataset, plain_sample_settings
 
         control_dir = out / "data" / "control"
 
@@ -668,7 +668,7 @@ def main(overrides: list[str] | None = None) -> dict:
         state.wait_for_everyone()
         data_paths["control"] = control_dir
     if base_args.nothate:
-        from unidetox.replicate import build_text_dataset
+        from unidetox.replication.baselines import build_text_dataset
 
         nothate_dir = out / "data" / "nothate"
         if state.is_main_process:
@@ -692,7 +692,7 @@ def main(overrides: list[str] | None = None) -> dict:
             if method == "unidetox" and tname == grid.target:
                 # The grid already trained this model with this configuration: reuse its chosen checkpoint.
                 def reuse(run_dir=run_dir):
-                    from unidetox.trainer import merge_lora_checkpoint
+                    from unidetox.detox.trainer import merge_lora_checkpoint
 
                     merged = chosen_checkpoint / "merged"
                     source = chosen_checkpoint
@@ -728,7 +728,7 @@ def main(overrides: list[str] | None = None) -> dict:
     # ---- 6. task vectors (grid target), lambda on the validation prompts -----------------------------------------
     taskvec = None
     if base_args.taskvec:
-        from unidetox.replicate import negate_task_vector
+        from unidetox.replication.baselines import negate_task_vector
 
         lam_dirs = {float(lam): out / "taskvec" / f"lam{format_number(lam)}" for lam in base_args.lambdas}
         for lam, lam_dir in lam_dirs.items():

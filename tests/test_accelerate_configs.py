@@ -57,7 +57,7 @@ ACCELERATOR_SCRIPT = textwrap.dedent(
         "ds_config_stage": plugin.deepspeed_config["zero_optimization"]["stage"],
     }
     # The HF handshake: TrainingArguments given the same DeepSpeed config builds its own DeepSpeed plugin.
-    from unidetox.trainer import UniversalDetoxConfig
+    from unidetox.detox.trainer import UniversalDetoxConfig
     ds_config = {**plugin.deepspeed_config, "bf16": {"enabled": "auto"}}
     args = UniversalDetoxConfig(output_dir=sys.argv[3], max_steps=2, save_steps=1, deepspeed=ds_config)
     info["args_distributed_type"] = str(args.distributed_state.distributed_type)
@@ -101,9 +101,9 @@ TRAIN_SCRIPT = textwrap.dedent(
     import datasets, torch
     from accelerate import PartialState
     from tiny import CORPUS, tiny_llama, word_tokenizer
-    from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig
-    from unidetox.distributed import end_process_group
-    from unidetox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
+    from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+    from unidetox.processes import end_process_group
+    from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
 
     out = sys.argv[1]
     tok = word_tokenizer(padding_side="right")

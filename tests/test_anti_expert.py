@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import tiny_llama, word_tokenizer
 
-from unidetox.anti_expert import (
+from unidetox.distill.anti_expert import (
     MARKER_FILE,
     AntiExpertConfig,
     build_anti_expert_trainer,

@@ -11,11 +11,12 @@ import pytest
 import torch
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
-from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, read_eval_records, select_checkpoint
-from unidetox.evaluation import generate_continuations
-from unidetox.metrics import expected_max_toxicity, perplexity, toxicity_probability
-from unidetox.scoring import ToxicityScorer
-from unidetox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
+from unidetox.decoding.sampling import generate_continuations
+from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+from unidetox.detox.selection import read_eval_records, select_checkpoint
+from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
+from unidetox.evaluation.metrics import expected_max_toxicity, perplexity, toxicity_probability
+from unidetox.evaluation.scoring import ToxicityScorer
 
 TOXIC_WORDS = {"hate", "awful", "stupid", "ugly", "kill"}
 PROMPTS = ["the cat sat on", "people from every", "we should", "music and art"]

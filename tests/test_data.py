@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from transformers import HfArgumentParser
 
-from unidetox.data import (
+from unidetox.distill.corpus import (
     DGHS_TARGETS,
     ToxicCorpusConfig,
     corpus_fingerprint,

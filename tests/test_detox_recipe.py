@@ -14,12 +14,13 @@ import pytest
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
+from unidetox.hydra_config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import detox  # noqa: E402
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "detox" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "detox" / "experiment").glob("*.yaml"))
 
 
 def test_every_experiment_composes_and_parses():

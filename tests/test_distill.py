@@ -13,7 +13,8 @@ import torch
 from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
-from unidetox.distilled import (
+from unidetox.decoding.sampler import contrastive_scores
+from unidetox.distill.dataset import (
     METADATA_FILE,
     SHARDS_DIR,
     DistillConfig,
@@ -22,7 +23,6 @@ from unidetox.distilled import (
     sample_batch,
     summary_markdown,
 )
-from unidetox.sampler import contrastive_scores
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "distill_tiny.py"

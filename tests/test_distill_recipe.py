@@ -9,7 +9,9 @@ import pytest
 from tiny import tiny_llama, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "distill" / "experiment").glob("*.yaml"))
+from unidetox.hydra_config import CONF_DIR  # noqa: E402
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "distill" / "experiment").glob("*.yaml"))
 
 
 def _recipe():

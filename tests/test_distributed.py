@@ -1,10 +1,10 @@
-"""unidetox.distributed: the process-group teardown every recipe runs after ``main()``."""
+"""unidetox.processes: the process-group teardown every recipe runs after ``main()``."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from unidetox.distributed import end_process_group
+from unidetox.processes import end_process_group
 
 
 def test_end_process_group_leaves_the_group_and_is_a_no_op_without_one(tmp_path):

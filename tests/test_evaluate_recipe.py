@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tiny import tiny_llama, word_tokenizer
 
-from unidetox.metrics import expected_max_toxicity, toxicity_probability
-from unidetox.report import read_jsonl
+from unidetox.evaluation.metrics import expected_max_toxicity, toxicity_probability
+from unidetox.evaluation.report import read_jsonl
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]

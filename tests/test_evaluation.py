@@ -4,7 +4,7 @@ from tiny import tiny_gpt2, tiny_llama, word_tokenizer
 from transformers import LogitsProcessor
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.evaluation import (
+from unidetox.decoding.sampling import (
     ToxicityEvalConfig,
     batch_seed,
     cut_continuations,

@@ -7,7 +7,7 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.fused import contrastive_generate, fused_contrastive_generate, is_lora_anti_expert
+from unidetox.decoding.fused import contrastive_generate, fused_contrastive_generate, is_lora_anti_expert
 
 VOCAB = 64
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the", "music"]

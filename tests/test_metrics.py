@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import CORPUS, tiny_gpt2, tiny_llama, word_tokenizer
 
-from unidetox.metrics import (
+from unidetox.evaluation.metrics import (
     aggregate_conditional_perplexity,
     conditional_nll,
     conditional_perplexity,

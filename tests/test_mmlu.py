@@ -2,8 +2,8 @@ import pytest
 import torch
 from tiny import tiny_llama, word_tokenizer
 
-from unidetox.metrics import conditional_nll
-from unidetox.mmlu import (
+from unidetox.evaluation.metrics import conditional_nll
+from unidetox.evaluation.mmlu import (
     MMLUConfig,
     MMLUQuestion,
     build_prompt,

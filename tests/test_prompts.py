@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from unidetox.prompts import (
+from unidetox.evaluation.prompts import (
     CATEGORIES,
     Prompt,
     PromptsConfig,

@@ -1,4 +1,4 @@
-"""recipes/replicate.py and unidetox.replicate: task-vector negation vs a hand computation, the paper's choice rule,
+"""recipes/replicate.py and unidetox.replication.baselines: task-vector negation vs a hand computation, the paper's choice rule,
 the control data (deterministic, resumable), the report, every experiment's config, and the tiny replication end
 to end on two tiny local models of different families under `accelerate launch` (integration)."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny import tiny_llama, word_tokenizer
 
-from unidetox.replicate import (
+from unidetox.replication.baselines import (
     assemble_report,
     build_plain_sample_dataset,
     build_text_dataset,
@@ -166,7 +166,7 @@ def test_one_base_record_serves_a_lambda_sweep():
 # Baseline data
 # ---------------------------------------------------------------------------------------------------------------
 def test_plain_sample_dataset_is_deterministic_and_resumes(tmp_path):
-    from unidetox.distilled import STREAM_DISTILL, batch_seed, sample_batch
+    from unidetox.distill.dataset import STREAM_DISTILL, batch_seed, sample_batch
 
     tokenizer = word_tokenizer()
     model = tiny_llama(len(tokenizer))
@@ -199,7 +199,7 @@ def test_plain_sample_dataset_is_deterministic_and_resumes(tmp_path):
 
 
 def test_text_dataset_from_filtered_rows(tmp_path):
-    from unidetox.data import ToxicCorpusConfig
+    from unidetox.distill.corpus import ToxicCorpusConfig
 
     csv = tmp_path / "dghs.csv"
     rows = {"text": [f"text {i}" for i in range(10)], "label": ["hate", "nothate"] * 5}

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from unidetox.report import (
+from unidetox.evaluation.report import (
     read_jsonl,
     render_markdown,
     seed_toxicity_metrics,

@@ -6,7 +6,7 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.sampler import contrastive_scores
+from unidetox.decoding.sampler import contrastive_scores
 
 VOCAB = 64
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import word_tokenizer
 
-from unidetox.scoring import (
+from unidetox.evaluation.scoring import (
     DetoxifyScorer,
     HFClassifierScorer,
     PerspectiveScorer,

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from unidetox import DistilledDetoxDataset
-from unidetox.trainer import (
+from unidetox.detox.trainer import (
     SpecialTokenPolicy,
     UniversalDetoxConfig,
     UniversalDetoxTrainer,

@@ -3,8 +3,8 @@ import torch
 from tiny import tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from unidetox.evaluation import batch_seed, generate_samples, sampling_generation_config
-from unidetox.warpers import FastTopPLogitsWarper, sampling_warpers
+from unidetox.decoding.sampling import batch_seed, generate_samples, sampling_generation_config
+from unidetox.decoding.warpers import FastTopPLogitsWarper, sampling_warpers
 
 
 def _scores(rows: int, vocab: int, scale: float, seed: int) -> torch.Tensor:

@@ -2,14 +2,14 @@
 
 __version__ = "0.1.0"
 
-from unidetox.distilled import DistilledDetoxDataset  # noqa: E402
-from unidetox.evaluation import generate_continuations  # noqa: E402
-from unidetox.fused import contrastive_generate  # noqa: E402
+from unidetox.decoding.fused import contrastive_generate  # noqa: E402
+from unidetox.decoding.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
+from unidetox.decoding.sampling import generate_continuations  # noqa: E402
+from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer  # noqa: E402
+from unidetox.distill.dataset import DistilledDetoxDataset  # noqa: E402
+from unidetox.evaluation.prompts import load_prompts  # noqa: E402
+from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer, build_scorer  # noqa: E402
 from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer  # noqa: E402
-from unidetox.prompts import load_prompts  # noqa: E402
-from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
-from unidetox.scoring import ProfanityCheckScorer, ToxicityScorer, build_scorer  # noqa: E402
-from unidetox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer  # noqa: E402
 
 __all__ = [
     "EMBEDDED_MODELS",

@@ -20,6 +20,8 @@ from typing import Any
 
 from unidetox.paths import default_data_dir
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
+
 
 def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_form_groups: Sequence[str]) -> list[str]:
     """``model=meta-llama/Llama-2-7b-hf`` -> ``model.name_or_path=...`` when no ``conf/model/<value>.yaml`` exists.
@@ -48,7 +50,7 @@ def compose_config(
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf_dir = Path(conf_dir) if conf_dir is not None else Path(__file__).resolve().parents[1] / "conf"
+    conf_dir = Path(conf_dir) if conf_dir is not None else CONF_DIR
     conf_dir = conf_dir.resolve()
     if not (conf_dir / f"{recipe}.yaml").is_file():
         raise FileNotFoundError(f"No primary config {conf_dir / (recipe + '.yaml')}; pass conf_dir=...")

@@ -17,8 +17,8 @@ import datasets  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from tiny import tiny_llama, word_tokenizer  # noqa: E402
 
-import unidetox.distilled as distilled  # noqa: E402
-from unidetox.anti_expert import AntiExpertConfig, load_anti_expert, train_anti_expert  # noqa: E402
+import unidetox.distill.dataset as distilled  # noqa: E402
+from unidetox.distill.anti_expert import AntiExpertConfig, load_anti_expert, train_anti_expert  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--output_dir", required=True)

@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 from trl import SFTConfig
 
-from unidetox.data import TEXT_COLUMN, corpus_fingerprint
+from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ class AntiExpertConfig(SFTConfig):
     Example:
 
     ```python
-    >>> from unidetox.anti_expert import AntiExpertConfig, train_anti_expert
-    >>> from unidetox.data import load_dghs
+    >>> from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
+    >>> from unidetox.distill.corpus import load_dghs
     >>> from unidetox import load_model_and_tokenizer
 
     >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")
@@ -115,7 +115,7 @@ class AntiExpertConfig(SFTConfig):
         # On a machine without an accelerator, TrainingArguments forms a CPU process group only with use_cpu:
         # without it, torchrun / accelerate launch with N processes would train N unrelated copies. (DeepSpeed
         # forms its own group, and use_cpu would switch it off.)
-        from unidetox.distributed import has_accelerator, uses_deepspeed
+        from unidetox.processes import has_accelerator, uses_deepspeed
 
         if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
             self.use_cpu = True
@@ -177,7 +177,7 @@ def _is_main_process() -> bool:
 
 def _barrier() -> None:
     if _world_size() > 1:
-        from unidetox.distributed import process_state
+        from unidetox.processes import process_state
 
         process_state().wait_for_everyone()
 
@@ -269,7 +269,7 @@ def train_anti_expert(
         model: the base model (a ``PreTrainedModel``; it is trained in place, or wrapped with LoRA layers, as
             ``SFTTrainer`` does) or a name/path for :func:`unidetox.load_model_and_tokenizer`.
         tokenizer: its tokenizer (``None`` when ``model`` is a name).
-        corpus: a ``Dataset`` with a ``text`` column (see :mod:`unidetox.data`).
+        corpus: a ``Dataset`` with a ``text`` column (see :mod:`unidetox.distill.corpus`).
         config: an :class:`AntiExpertConfig`; ``output_dir`` is where the anti-expert is saved.
         base_name_or_path: how to reload the base (recorded, and used to rebuild a LoRA anti-expert). Defaults to
             ``model`` when it is a string, else ``model.config._name_or_path``.

@@ -301,7 +301,7 @@ def perplexity(
 
     Example:
         >>> from unidetox import load_model_and_tokenizer
-        >>> from unidetox.metrics import perplexity
+        >>> from unidetox.evaluation.metrics import perplexity
         >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> perplexity(model, tokenizer, ["The capital of France is Paris."], max_length=512)  # doctest: +SKIP
     """
@@ -345,7 +345,7 @@ def conditional_nll(
     """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
 
     ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
-    :func:`unidetox.evaluation.generate_continuations`), in which case the result is flattened prompt-major.
+    :func:`unidetox.decoding.sampling.generate_continuations`), in which case the result is flattened prompt-major.
     Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
     An empty continuation gives ``(0.0, 0)``.
     """
@@ -433,7 +433,7 @@ def conditional_perplexity(
 
     Example:
         >>> from unidetox import load_model_and_tokenizer
-        >>> from unidetox.metrics import conditional_perplexity
+        >>> from unidetox.evaluation.metrics import conditional_perplexity
         >>> ref, ref_tok = load_model_and_tokenizer("gemma3-270m")  # doctest: +SKIP
         >>> conditional_perplexity(ref, ref_tok, ["The sky is"], [[" blue today.", " very dark"]])  # doctest: +SKIP
     """

@@ -27,8 +27,8 @@ from typing import Any
 import datasets
 import torch
 
+from unidetox.evaluation.metrics import mean_difference
 from unidetox.io import atomic_write_json, atomic_write_text
-from unidetox.metrics import mean_difference
 
 METADATA_FILE = "metadata.json"
 SHARDS_DIR = "shards"
@@ -64,7 +64,7 @@ class SamplingConfig:
     stop_at_eos: bool = field(default=True, metadata={"help": "End a sample at the tokenizer's EOS token."})
 
     def __post_init__(self):
-        from unidetox.sampler import validate_alpha_beta
+        from unidetox.decoding.sampler import validate_alpha_beta
 
         validate_alpha_beta(self.alpha, self.beta)
         if not self.temperature > 0:
@@ -136,7 +136,7 @@ class ResolvedModels:
 
     ``base``/``anti_expert`` draw plain samples (each inside its context: when the adapter sits on ``base`` itself,
     the base runs with the adapter disabled). ``lora`` is set when the anti-expert is ``base + LoRA`` and the fused
-    path is on: the distilled text then comes from ONE doubled forward per token (:mod:`unidetox.fused`) instead of
+    path is on: the distilled text then comes from ONE doubled forward per token (:mod:`unidetox.decoding.fused`) instead of
     two separate models; the tokens are the same for the same seed.
     """
 
@@ -156,18 +156,18 @@ def resolve_models(base, anti_expert, base_name_or_path: str | None = None, fuse
     """The models :meth:`DistilledDetoxDataset.build` samples with (see :class:`ResolvedModels`).
 
     ``anti_expert`` may be a separate causal LM, a peft LoRA model (on ``base`` itself or on a copy of it), or a
-    path / hub id (see :func:`unidetox.anti_expert.load_anti_expert`; a saved adapter stays an adapter so that the
+    path / hub id (see :func:`unidetox.distill.anti_expert.load_anti_expert`; a saved adapter stays an adapter so that the
     fused path can use it). ``fused``: ``None`` fuses whenever the anti-expert is a LoRA model, ``True`` requires it,
     ``False`` runs two separate models (a LoRA anti-expert is then merged into a copy).
     """
-    from unidetox.fused import is_lora_anti_expert
+    from unidetox.decoding.fused import is_lora_anti_expert
 
     if anti_expert is None:
         if fused:
             raise ValueError("fused=True needs a LoRA anti-expert; `anti_expert` is None (plain sampling).")
         return ResolvedModels(base, None)
     if isinstance(anti_expert, (str, os.PathLike)):
-        from unidetox.anti_expert import load_anti_expert
+        from unidetox.distill.anti_expert import load_anti_expert
 
         anti_expert = load_anti_expert(anti_expert, base_name_or_path=base_name_or_path, merge=False)
     if anti_expert is base:
@@ -239,12 +239,12 @@ def sample_batch(
     EOS token (which is not included).
 
     With ``lora_model`` (a peft model whose LoRA adapter is the anti-expert; ``base`` and ``anti_expert`` are then
-    ignored) the contrastive scores come from one doubled forward per token (:func:`unidetox.fused.fused_contrastive_generate`):
+    ignored) the contrastive scores come from one doubled forward per token (:func:`unidetox.decoding.fused.fused_contrastive_generate`):
     same scores, same tokens for the same seed, at close to the cost of one model.
     """
     from transformers import LogitsProcessorList
 
-    from unidetox.sampler import ContrastiveDetoxSampler
+    from unidetox.decoding.sampler import ContrastiveDetoxSampler
 
     device = _model_device(lora_model if lora_model is not None else base)
     input_ids = torch.tensor([list(prompt_ids)] * batch_size, dtype=torch.long, device=device)
@@ -252,7 +252,7 @@ def sample_batch(
     fork_devices = [device] if device.type == "cuda" else []
     eos_ids = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     if lora_model is not None:
-        from unidetox.fused import fused_contrastive_generate
+        from unidetox.decoding.fused import fused_contrastive_generate
 
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
@@ -309,7 +309,7 @@ def _read_shard(path: Path, expected_rows: int) -> dict | None:
 
 
 def _distributed_state():
-    from unidetox.distributed import process_state
+    from unidetox.processes import process_state
 
     return process_state()
 
@@ -516,7 +516,7 @@ class DistilledDetoxDataset:
                 ``name_or_path``).
             show_progress: tqdm progress bar on the main process.
             fused: how a LoRA anti-expert (a peft model, or a saved adapter path) runs: ``None`` (default) fuses
-                base and adapter into one doubled forward per token (:mod:`unidetox.fused`), ``False`` merges the
+                base and adapter into one doubled forward per token (:mod:`unidetox.decoding.fused`), ``False`` merges the
                 adapter into a separate copy (two forwards per token), ``True`` requires fusing. Both give the
                 same tokens for the same seed; a separate (non-LoRA) anti-expert always runs as two models.
 
@@ -735,7 +735,7 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
     from tqdm.auto import tqdm
 
     if scorer is None:
-        from unidetox.scoring import ProfanityCheckScorer
+        from unidetox.evaluation.scoring import ProfanityCheckScorer
 
         scorer = ProfanityCheckScorer()
     plain_kwargs = {k: v for k, v in sample_kwargs.items() if k not in ("alpha", "beta")}

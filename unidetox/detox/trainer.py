@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from unidetox.distilled import TEXT_COLUMN, DistilledDetoxDataset
+from unidetox.distill.dataset import TEXT_COLUMN, DistilledDetoxDataset
 from unidetox.models import is_embedded_name, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class UniversalDetoxConfig(SFTConfig):
     ``per_device_train_batch_size=8``, ``max_length=256``, a fixed budget of ``max_steps=3000`` optimizer steps with a
     checkpoint every ``save_steps=1000`` steps, and every checkpoint kept (``save_total_limit=None``) so that the
     least toxic one within a perplexity bound can be chosen on validation prompts
-    (:func:`unidetox.callbacks.select_checkpoint`). ``bf16`` is chosen automatically when left unset: bf16 mixed
+    (:func:`unidetox.detox.selection.select_checkpoint`). ``bf16`` is chosen automatically when left unset: bf16 mixed
     precision on a CUDA device that supports it, fp32 on CPU.
 
     Example:
@@ -150,7 +150,7 @@ class UniversalDetoxConfig(SFTConfig):
         # On a machine without an accelerator, TrainingArguments forms a CPU process group only with use_cpu:
         # without it, torchrun / accelerate launch with N processes would train N unrelated copies. (DeepSpeed
         # forms its own group, and use_cpu would switch it off.)
-        from unidetox.distributed import has_accelerator, uses_deepspeed
+        from unidetox.processes import has_accelerator, uses_deepspeed
 
         if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
             self.use_cpu = True
@@ -248,7 +248,7 @@ def tokenize_for_target(
 
     Example:
         >>> from transformers import AutoTokenizer
-        >>> from unidetox.trainer import tokenize_for_target
+        >>> from unidetox.detox.trainer import tokenize_for_target
         >>> tok = AutoTokenizer.from_pretrained("gpt2")  # doctest: +SKIP
         >>> ds = tokenize_for_target(datasets.Dataset.from_dict({"text": ["Hello"]}), tok)  # doctest: +SKIP
         >>> ds[0]["input_ids"]  # GPT-2 adds no BOS; EOS <|endoftext|> appended  # doctest: +SKIP
@@ -422,7 +422,7 @@ class UniversalDetoxTrainer(SFTTrainer):
         self.num_target_tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
         self._peft_config_used = peft_config
         if args.stop_at_step is not None:
-            from unidetox.callbacks import StopAtStepCallback
+            from unidetox.detox.callbacks import StopAtStepCallback
 
             callbacks = [*(callbacks or []), StopAtStepCallback(args.stop_at_step)]
 
@@ -574,10 +574,10 @@ def merge_lora_checkpoint(
     """Merge a saved LoRA adapter (a final output or any ``checkpoint-N``) into its base model and save a full model.
 
     The base model is read from the adapter's ``adapter_config.json``; the tokenizer is copied from ``adapter_dir``.
-    Works on any checkpoint after the fact, e.g. the one :func:`unidetox.callbacks.select_checkpoint` picked.
+    Works on any checkpoint after the fact, e.g. the one :func:`unidetox.detox.selection.select_checkpoint` picked.
 
     Example:
-        >>> from unidetox.trainer import merge_lora_checkpoint
+        >>> from unidetox.detox.trainer import merge_lora_checkpoint
         >>> merge_lora_checkpoint("runs/detox-smollm2/checkpoint-150")  # -> .../checkpoint-150/merged  # doctest: +SKIP
     """
     from peft import AutoPeftModelForCausalLM

@@ -72,7 +72,7 @@ class DetoxifyScorer(ToxicityScorer):
     pass ``checkpoint=`` a local ``.ckpt`` file.
 
     Example:
-        >>> from unidetox.scoring import DetoxifyScorer
+        >>> from unidetox.evaluation.scoring import DetoxifyScorer
         >>> scorer = DetoxifyScorer("original")  # doctest: +SKIP
         >>> scorer(["have a nice day", "you are an idiot"])  # doctest: +SKIP
         [0.0006..., 0.98...]
@@ -139,7 +139,7 @@ class HFClassifierScorer(ToxicityScorer):
     offensive; when there is not exactly one such label, pass it.
 
     Example:
-        >>> from unidetox.scoring import HFClassifierScorer
+        >>> from unidetox.evaluation.scoring import HFClassifierScorer
         >>> scorer = HFClassifierScorer("tomh/toxigen_roberta", label="LABEL_1")  # doctest: +SKIP
         >>> scorer(["have a nice day"])  # doctest: +SKIP
         [0.01...]
@@ -202,7 +202,7 @@ class PerspectiveScorer(ToxicityScorer):
     ``Retry-After``); other errors raise. Empty texts score 0.0 without a request (the API rejects them).
 
     Example:
-        >>> from unidetox.scoring import PerspectiveScorer
+        >>> from unidetox.evaluation.scoring import PerspectiveScorer
         >>> scorer = PerspectiveScorer(api_key="...", qps=1)  # doctest: +SKIP
         >>> scorer(["you are an idiot"])  # doctest: +SKIP
         [0.93...]
@@ -314,7 +314,7 @@ class ScorerConfig:
     """Which toxicity scorer to build (:func:`build_scorer`); unused fields are ignored by the other scorers.
 
     Example:
-        >>> from unidetox.scoring import ScorerConfig, build_scorer
+        >>> from unidetox.evaluation.scoring import ScorerConfig, build_scorer
         >>> scorer = build_scorer(ScorerConfig(name="profanity_check"))
         >>> len(scorer(["hello there"]))
         1

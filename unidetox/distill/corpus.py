@@ -41,7 +41,7 @@ class ToxicCorpusConfig:
     Exactly one of ``path`` (local files) and ``hub_id`` (a dataset on the HF hub) is set.
 
     Example:
-        >>> from unidetox.data import ToxicCorpusConfig, load_toxic_corpus
+        >>> from unidetox.distill.corpus import ToxicCorpusConfig, load_toxic_corpus
         >>> config = ToxicCorpusConfig(
         ...     path=["dghs/db_dev.csv", "dghs/db_test.csv"],
         ...     filters={"label": ["hate"], "target": list(DGHS_TARGETS)},
@@ -168,7 +168,7 @@ def load_text_file(
     """Read one local csv/jsonl/json/txt file into a ``Dataset`` with a ``text`` column.
 
     Example:
-        >>> from unidetox.data import load_text_file
+        >>> from unidetox.distill.corpus import load_text_file
         >>> davidson = load_text_file(  # doctest: +SKIP
         ...     "../shared/data/davidson_hate_offensive/labeled_data.csv", text_column="tweet",
         ...     filters={"class": [0, 1]},
@@ -254,7 +254,7 @@ def load_dghs(
         targets: identity codes to keep (``None``: any target).
 
     Example:
-        >>> from unidetox.data import load_dghs
+        >>> from unidetox.distill.corpus import load_dghs
         >>> len(load_dghs())  # the offline dev + test files  # doctest: +SKIP
         2044
     """

@@ -54,7 +54,7 @@ def format_number(value: float) -> str:
     """Compact, stable text for a hyperparameter in a directory name: ``0.0005 -> "5e-4"``, ``0.1 -> "0.1"``.
 
     Example:
-        >>> from unidetox.replicate import format_number
+        >>> from unidetox.replication.baselines import format_number
         >>> [format_number(v) for v in (5e-4, 2.5e-4, 0.1, 1.0, 2)]
         ['5e-4', '2.5e-4', '0.1', '1', '2']
     """
@@ -100,7 +100,7 @@ def build_plain_sample_dataset(
     """Plain samples of ``base`` from ``start_token``, written as a :class:`~unidetox.DistilledDetoxDataset` dir.
 
     The control of the replication: the same count, length, start token, sampling settings and per-batch seeds
-    (:func:`unidetox.distilled.batch_seed` of the distilled stream) as the distilled text, only without the
+    (:func:`unidetox.distill.dataset.batch_seed` of the distilled stream) as the distilled text, only without the
     anti-expert (:meth:`DistilledDetoxDataset.build` with ``anti_expert=None``). Fine-tuning on it separates
     "fine-tuning on benign self-generated text" from the contrastive effect.
 
@@ -109,11 +109,11 @@ def build_plain_sample_dataset(
 
     Example:
         >>> from unidetox import load_model_and_tokenizer
-        >>> from unidetox.replicate import build_plain_sample_dataset
+        >>> from unidetox.replication.baselines import build_plain_sample_dataset
         >>> base, tok = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> control = build_plain_sample_dataset(base, tok, 128, 128, "<|endoftext|>", 42, "runs/control")  # doctest: +SKIP
     """
-    from unidetox.distilled import DistilledDetoxDataset
+    from unidetox.distill.dataset import DistilledDetoxDataset
 
     # DistilledDetoxDataset.build without an anti-expert samples the base alone, with the distilled stream's
     # per-batch seeds: same draws, same shards/resume/atomic commit as the distilled text.
@@ -146,7 +146,7 @@ def plain_sample_settings(distilled_metadata: Mapping[str, Any]) -> dict[str, An
 # 2. Human text (DGHS nothate) as a dataset dir
 # ================================================================================================================
 def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathLike, kind: str = "nothate"):
-    """``num_texts`` rows of a local corpus (a :class:`~unidetox.data.ToxicCorpusConfig`: files + column filters),
+    """``num_texts`` rows of a local corpus (a :class:`~unidetox.distill.corpus.ToxicCorpusConfig`: files + column filters),
     written as a :class:`~unidetox.DistilledDetoxDataset` directory (``metadata.json`` last; skipped when complete).
 
     The replication's SFT baseline on non-toxic human text uses DGHS ``label == nothate`` rows. All of them have
@@ -155,8 +155,8 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
     """
     from dataclasses import replace
 
-    from unidetox.data import corpus_fingerprint, load_toxic_corpus
-    from unidetox.distilled import METADATA_FILE, DistilledDetoxDataset, _commit
+    from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
+    from unidetox.distill.dataset import METADATA_FILE, DistilledDetoxDataset, _commit
 
     if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
         raise ValueError(f"`num_texts` has to be an integer >= 1, but is {num_texts!r}.")
@@ -214,7 +214,7 @@ def negate_task_vector(
     A directory whose ``unidetox_task_vector.json`` carries the same settings is returned without recomputing.
 
     Example:
-        >>> from unidetox.replicate import negate_task_vector
+        >>> from unidetox.replication.baselines import negate_task_vector
         >>> negate_task_vector("smollm2-135m", "runs/distill/anti_expert", 0.5, "runs/taskvec/lam0.5")  # doctest: +SKIP
     """
     import torch
@@ -304,7 +304,7 @@ def grid_records_from_runs(runs: Mapping[str, tuple[Mapping[str, Any], str | os.
     Each record of ``<output_dir>/detox_eval.jsonl`` becomes ``{"run", "config": {..., "steps": step}, "step",
     "checkpoint", "baseline": step == 0, <metrics>}``.
     """
-    from unidetox.callbacks import read_eval_records
+    from unidetox.detox.selection import read_eval_records
 
     records = []
     for run, (config, run_dir) in runs.items():
@@ -342,7 +342,7 @@ def choose_configuration(
     every record (baselines included) with those columns and ``chosen``.
 
     Example:
-        >>> from unidetox.replicate import choose_configuration
+        >>> from unidetox.replication.baselines import choose_configuration
         >>> records = [
         ...     {"run": "a", "step": 0, "config": {"lr": 1e-4, "steps": 0}, "perplexity": 10.0,
         ...      "toxicity_probability": 0.8, "expected_max_toxicity": 0.7},
@@ -742,7 +742,7 @@ def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path
 
 def write_replication_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``toxicity_vs_perplexity.png`` into ``output_dir``."""
-    from unidetox.report import write_json
+    from unidetox.evaluation.report import write_json
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

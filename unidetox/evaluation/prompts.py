@@ -97,7 +97,7 @@ class PromptsConfig:
     """Which prompts to evaluate on.
 
     Example:
-        >>> from unidetox.prompts import PromptsConfig, load_prompts
+        >>> from unidetox.evaluation.prompts import PromptsConfig, load_prompts
         >>> config = PromptsConfig(source="toxigen_local", split="validation", num_prompts=100)
         >>> prompts = load_prompts(config)  # doctest: +SKIP
     """
@@ -387,7 +387,7 @@ def load_prompts(config: PromptsConfig | None = None, **kwargs) -> list[Prompt]:
     """Load, filter, split and subset prompts as ``config`` (or keyword arguments for it) says.
 
     Example:
-        >>> from unidetox.prompts import load_prompts
+        >>> from unidetox.evaluation.prompts import load_prompts
         >>> validation = load_prompts(source="toxigen_local", split="validation", num_prompts=200)  # doctest: +SKIP
         >>> test = load_prompts(source="toxigen_local", split="test")  # doctest: +SKIP
         >>> {p.id for p in validation} & {p.id for p in test}  # doctest: +SKIP

@@ -16,15 +16,15 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from unidetox.io import atomic_write_text
-from unidetox.metrics import (
+from unidetox.evaluation.metrics import (
     TOXIC_THRESHOLD,
     expected_max_toxicity,
     mean_distinct_n,
     mean_std,
     toxicity_probability,
 )
-from unidetox.prompts import CATEGORIES, COMBINED_CATEGORIES
+from unidetox.evaluation.prompts import CATEGORIES, COMBINED_CATEGORIES
+from unidetox.io import atomic_write_text
 
 GENERATION_FIELDS = ("model", "seed", "prompt", "category", "continuation", "toxicity")
 

@@ -37,7 +37,7 @@ class FastTopPLogitsWarper(LogitsProcessor):
     ```python
     >>> import torch
     >>> from transformers import TopPLogitsWarper
-    >>> from unidetox.warpers import FastTopPLogitsWarper
+    >>> from unidetox.decoding.warpers import FastTopPLogitsWarper
 
     >>> scores = torch.randn(2, 50_000)
     >>> fast = FastTopPLogitsWarper(top_p=0.9)(None, scores)

@@ -7,8 +7,8 @@ trainer's ``log_history``). :func:`select_checkpoint` then reads those lines and
 checkpoint whose perplexity rose by at most a bound over the baseline: how UniDetox fixes its single configuration
 on validation prompts before testing.
 
-Generation and perplexity are the evaluation harness's own functions (:func:`unidetox.evaluation.generate_samples`,
-:func:`unidetox.metrics.sliding_window_nll`), so validation numbers are computed exactly like test numbers.
+Generation and perplexity are the evaluation harness's own functions (:func:`unidetox.decoding.sampling.generate_samples`,
+:func:`unidetox.evaluation.metrics.sliding_window_nll`), so validation numbers are computed exactly like test numbers.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from unidetox.evaluation import generate_samples, group_by_prompt
-from unidetox.metrics import expected_max_toxicity, mean_distinct_n, sliding_window_nll, toxicity_probability
-from unidetox.scoring import ProfanityCheckScorer, ToxicityScorer
+from unidetox.decoding.sampling import generate_samples, group_by_prompt
+from unidetox.detox.selection import EVAL_LOG_FILE, checkpoint_dir, read_eval_records
+from unidetox.evaluation.metrics import (
+    expected_max_toxicity,
+    mean_distinct_n,
+    sliding_window_nll,
+    toxicity_probability,
+)
+from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer
 
 logger = logging.getLogger(__name__)
 
-EVAL_LOG_FILE = "detox_eval.jsonl"
-SELECTION_FILE = "selected_checkpoint.json"
-METRICS = ("toxicity_probability", "expected_max_toxicity")
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _prompt_texts(prompts: Sequence[Any]) -> list[str]:
         raise TypeError("Pass a list of prompts, not a single string.")
     texts = [p if isinstance(p, str) else getattr(p, "text", None) for p in prompts]
     if not texts or any(not isinstance(t, str) for t in texts):
-        raise ValueError("`prompts` has to be a non-empty list of strings or unidetox.prompts.Prompt objects.")
+        raise ValueError("`prompts` has to be a non-empty list of strings or unidetox.evaluation.prompts.Prompt objects.")
     return texts
 
 
@@ -138,16 +141,16 @@ class DetoxEvalCallback(TrainerCallback):
     scores and writes.
 
     Args:
-        prompts: validation prompts (strings or :class:`unidetox.prompts.Prompt`), disjoint from the test prompts.
+        prompts: validation prompts (strings or :class:`unidetox.evaluation.prompts.Prompt`), disjoint from the test prompts.
         perplexity_texts: held-out clean text (a string or a list of strings joined by blank lines); None skips
             perplexity (then :func:`select_checkpoint` cannot apply its bound).
-        scorer: a :class:`~unidetox.scoring.ToxicityScorer` (default: the offline ``ProfanityCheckScorer``).
+        scorer: a :class:`~unidetox.evaluation.scoring.ToxicityScorer` (default: the offline ``ProfanityCheckScorer``).
         config: a :class:`DetoxEvalConfig`.
 
     Example:
         >>> from unidetox import UniversalDetoxTrainer
         >>> from unidetox.callbacks import DetoxEvalCallback, DetoxEvalConfig, select_checkpoint
-        >>> from unidetox.prompts import load_prompts
+        >>> from unidetox.evaluation.prompts import load_prompts
         >>> validation = load_prompts(source="toxigen_local", split="validation", num_prompts=50)  # doctest: +SKIP
         >>> wiki = open("../shared/data/wikitext2/wiki.test.raw").read().replace("\r\n", "\n")  # doctest: +SKIP
         >>> callback = DetoxEvalCallback(validation, perplexity_texts=wiki, config=DetoxEvalConfig(num_samples=10))  # doctest: +SKIP
@@ -186,11 +189,11 @@ class DetoxEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         logged = {r["step"] for r in read_eval_records(args.output_dir, self.config.log_file)}
         if self.config.eval_at_start and state.global_step not in logged:
-            checkpoint = None if state.global_step == 0 else _checkpoint_dir(args.output_dir, state.global_step)
+            checkpoint = None if state.global_step == 0 else checkpoint_dir(args.output_dir, state.global_step)
             self._evaluate_and_log(args, state, model, processing_class, checkpoint)
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self._evaluate_and_log(args, state, model, processing_class, _checkpoint_dir(args.output_dir, state.global_step))
+        self._evaluate_and_log(args, state, model, processing_class, checkpoint_dir(args.output_dir, state.global_step))
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
@@ -268,165 +271,3 @@ class DetoxEvalCallback(TrainerCallback):
             metrics["expected_max_toxicity"], "n/a" if ppl is None else f"{ppl:.2f}",
         )
 
-
-def _checkpoint_dir(output_dir: str | os.PathLike, step: int) -> str:
-    return str(Path(output_dir) / f"checkpoint-{step}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Selection
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_eval_records(output_dir: str | os.PathLike, log_file: str = EVAL_LOG_FILE) -> list[dict[str, Any]]:
-    """Evaluation records of a run, one per step (a step evaluated twice, e.g. after a restart, keeps the last).
-
-    Reads ``<output_dir>/detox_eval.jsonl``; without it, the ``detox/*`` entries of the newest
-    ``checkpoint-*/trainer_state.json`` (or ``<output_dir>/trainer_state.json``) ``log_history``.
-    """
-    output_dir = Path(output_dir)
-    by_step: dict[int, dict[str, Any]] = {}
-    path = output_dir / log_file
-    if path.is_file():
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("Skipping unreadable line %d of %s (an interrupted write?)", line_no, path)
-                continue
-            by_step[int(record["step"])] = record
-        return [by_step[s] for s in sorted(by_step)]
-    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: _step_of(p.parent))
-    if (output_dir / "trainer_state.json").is_file():
-        states.append(output_dir / "trainer_state.json")
-    if not states:
-        return []
-    history = json.loads(states[-1].read_text()).get("log_history", [])
-    for entry in history:
-        metrics = {k[len("detox/") :]: v for k, v in entry.items() if k.startswith("detox/")}
-        if metrics:
-            step = int(entry["step"])
-            checkpoint = None if step == 0 else _checkpoint_dir(output_dir, step)
-            by_step[step] = {"step": step, "checkpoint": checkpoint, **metrics}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-@dataclass
-class CheckpointSelection:
-    """The checkpoint :func:`select_checkpoint` chose, its metrics, the baseline and every candidate considered."""
-
-    path: str
-    step: int
-    metrics: dict[str, Any]
-    baseline: dict[str, Any]
-    max_ppl_increase: float
-    metric: str
-    candidates: list[dict[str, Any]]
-
-    @property
-    def perplexity_increase(self) -> float:
-        return self.metrics["perplexity"] / self.baseline["perplexity"] - 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "perplexity_increase": self.perplexity_increase}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
-
-
-def select_checkpoint(
-    output_dir: str | os.PathLike,
-    max_ppl_increase: float = 0.1,
-    metric: str = "expected_max_toxicity",
-    log_file: str = EVAL_LOG_FILE,
-    require_exists: bool = True,
-) -> CheckpointSelection:
-    """The least toxic checkpoint whose perplexity is at most ``(1 + max_ppl_increase)`` x the baseline's.
-
-    The baseline is the step-0 evaluation (the model before fine-tuning), which :class:`DetoxEvalCallback` logs
-    when ``eval_at_start`` is on. Checkpoints are ranked by ``metric`` (``"expected_max_toxicity"`` or
-    ``"toxicity_probability"``), ties broken by the other toxicity metric, then by lower perplexity, then by the
-    earlier step.
-
-    Args:
-        output_dir: the training run's output directory.
-        max_ppl_increase: the allowed *relative* perplexity increase over the baseline (0.1 = +10%).
-        metric: the toxicity metric to minimise.
-        require_exists: skip records whose checkpoint directory no longer exists.
-
-    Example:
-        >>> from unidetox.callbacks import select_checkpoint
-        >>> choice = select_checkpoint("runs/detox-smollm2", max_ppl_increase=0.1)  # doctest: +SKIP
-        >>> choice.path, choice.metrics["expected_max_toxicity"], choice.perplexity_increase  # doctest: +SKIP
-    """
-    if metric not in METRICS:
-        raise ValueError(f"`metric` has to be one of {METRICS}, but is {metric!r}.")
-    if not (isinstance(max_ppl_increase, (int, float)) and max_ppl_increase >= 0 and math.isfinite(max_ppl_increase)):
-        raise ValueError(
-            f"`max_ppl_increase` is the allowed relative perplexity increase (0.1 = +10%) and has to be a finite "
-            f"number >= 0, but is {max_ppl_increase!r}."
-        )
-    records = read_eval_records(output_dir, log_file)
-    if not records:
-        raise FileNotFoundError(
-            f"No detox evaluations found in {output_dir} (no {log_file} and no detox/* entries in trainer_state.json); "
-            "train with DetoxEvalCallback."
-        )
-    baseline = next((r for r in records if r["step"] == 0), None)
-    if baseline is None:
-        raise ValueError(
-            f"{output_dir} has no step-0 (pre-training) evaluation to compare perplexity against; train with "
-            "DetoxEvalCallback(config=DetoxEvalConfig(eval_at_start=True))."
-        )
-    if baseline.get("perplexity") is None:
-        raise ValueError("The baseline evaluation has no perplexity; give DetoxEvalCallback `perplexity_texts`.")
-    other = next(m for m in METRICS if m != metric)
-    bound = baseline["perplexity"] * (1.0 + max_ppl_increase)
-    candidates, within = [], []
-    for record in records:
-        if record["step"] == 0:
-            continue
-        checkpoint = record.get("checkpoint")
-        exists = bool(checkpoint) and Path(checkpoint).is_dir()
-        if require_exists and not exists:
-            continue
-        ok = record.get("perplexity") is not None and record["perplexity"] <= bound
-        candidates.append({"step": record["step"], "checkpoint": checkpoint, metric: record[metric],
-                           "perplexity": record.get("perplexity"), "within_bound": ok})
-        if ok:
-            within.append(record)
-    if not within:
-        table = ", ".join(
-            f"step {c['step']}: ppl {c['perplexity']}" for c in candidates
-        ) or "no checkpoints on disk"
-        raise ValueError(
-            f"No checkpoint in {output_dir} keeps perplexity within +{max_ppl_increase:.1%} of the baseline "
-            f"{baseline['perplexity']:.3f} (bound {bound:.3f}); {table}. Raise max_ppl_increase, or lower the "
-            "learning rate / steps."
-        )
-    best = min(within, key=lambda r: (r[metric], r[other], r["perplexity"], r["step"]))
-    return CheckpointSelection(
-        path=best["checkpoint"], step=best["step"], metrics=best, baseline=baseline,
-        max_ppl_increase=float(max_ppl_increase), metric=metric, candidates=candidates,
-    )
-
-
-__all__ = [
-    "CheckpointSelection",
-    "DetoxEvalCallback",
-    "DetoxEvalConfig",
-    "StopAtStepCallback",
-    "read_eval_records",
-    "select_checkpoint",
-]

@@ -42,7 +42,7 @@ class MMLUConfig:
     """MMLU settings.
 
     Example:
-        >>> from unidetox.mmlu import MMLUConfig, evaluate_mmlu
+        >>> from unidetox.evaluation.mmlu import MMLUConfig, evaluate_mmlu
         >>> config = MMLUConfig(k_shot=1, limit=5)
         >>> result = evaluate_mmlu(model, tokenizer, config)  # doctest: +SKIP
         >>> result["accuracy"]  # doctest: +SKIP
@@ -183,7 +183,7 @@ def score_mmlu_questions(
 ) -> list[dict]:
     """Per-question records ``{index, subject, answer, prediction, correct, loglik}`` for this process's share
     (questions ``process_index::num_processes``)."""
-    from unidetox.metrics import conditional_nll
+    from unidetox.evaluation.metrics import conditional_nll
 
     indices = list(range(len(questions)))[process_index::num_processes]
     contexts, options = [], []

@@ -26,7 +26,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from unidetox.sampler import ContrastiveDetoxSampler, contrastive_scores, validate_alpha_beta
+from unidetox.decoding.sampler import ContrastiveDetoxSampler, contrastive_scores, validate_alpha_beta
 
 
 @dataclass
@@ -272,9 +272,9 @@ def contrastive_generate(
 
     Example:
         >>> from peft import LoraConfig, get_peft_model
-        >>> from unidetox.fused import contrastive_generate
+        >>> from unidetox.decoding.fused import contrastive_generate
         >>> lora_model = get_peft_model(base, LoraConfig(target_modules="all-linear"))  # doctest: +SKIP
-        >>> # ... train the adapter on toxic text (unidetox.anti_expert), then:
+        >>> # ... train the adapter on toxic text (unidetox.distill.anti_expert), then:
         >>> out = contrastive_generate(lora_model, input_ids, attention_mask, max_new_tokens=64)  # doctest: +SKIP
     """
     lora_model = base if anti_expert is None or anti_expert is base else None
