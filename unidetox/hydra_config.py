@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.paths import default_data_dir
+from unidetox.processes import is_main_process
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
 
@@ -92,7 +93,7 @@ def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config
     """Write the resolved config on the main process only (rank from the usual launcher env variables)."""
     from omegaconf import OmegaConf
 
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    if not is_main_process():
         return None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

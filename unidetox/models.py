@@ -296,6 +296,42 @@ def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
+    """A dtype as given in a config (``"bfloat16"``, ``"auto"``, a ``torch.dtype`` or ``None``) for ``from_pretrained``.
+
+    Example:
+        >>> from unidetox.models import parse_dtype
+        >>> parse_dtype("bfloat16")
+        torch.bfloat16
+    """
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return value
+    dtype = getattr(torch, str(value), None) if str(value) in DTYPES else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown dtype {value!r}; use one of {', '.join(DTYPES)} (or null for the default).")
+    return dtype
+
+
+@dataclass
+class ModelArguments:
+    """The model a stage loads (the shared ``model`` config group)."""
+
+    name_or_path: str = field(metadata={"help": "Hub id, local path, or embedded name (smollm2-135m, gemma3-270m)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "float32/bfloat16/float16/auto; null: float32 on CPU, auto on GPU."}
+    )
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments (none for the default dtype)."""
+        return {} if self.dtype is None else {"dtype": parse_dtype(self.dtype)}
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Map an embedded name to its provisioned directory; leave hub ids and paths untouched."""
     name_or_path = str(name_or_path)

@@ -19,6 +19,48 @@ def process_state():
     return PartialState(cpu=use_cpu)
 
 
+def _joined_group():
+    """torch.distributed when this process is already in a process group (a launcher's, a Trainer's or the user's)."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, number of processes)`` of this run: the joined process group's, else the launcher's."""
+    dist = _joined_group()
+    if dist is not None:
+        return dist.get_rank(), dist.get_world_size()
+    state = process_state()
+    return state.process_index, state.num_processes
+
+
+def is_main_process() -> bool:
+    """True on the process that writes shared files (rank 0), and in a plain single-process run."""
+    return rank_and_world_size()[0] == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier over every process of the run; returns at once in a single-process run."""
+    if rank_and_world_size()[1] > 1:
+        dist = _joined_group()
+        dist.barrier() if dist is not None else process_state().wait_for_everyone()
+
+
+def gather_objects(items: list) -> list:
+    """Every process's ``items``, concatenated in rank order, on every process (a copy in a single process)."""
+    world = rank_and_world_size()[1]
+    if world == 1:
+        return list(items)
+    dist = _joined_group()
+    if dist is None:
+        process_state()  # joins the launcher's group
+        import torch.distributed as dist
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 def end_process_group() -> None:
     """Leave the process group, if this process joined one, before the interpreter exits.
 

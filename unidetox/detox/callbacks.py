@@ -34,6 +34,7 @@ from unidetox.evaluation.metrics import (
     toxicity_probability,
 )
 from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer
+from unidetox.processes import gather_objects, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ def _prompt_texts(prompts: Sequence[Any]) -> list[str]:
     if not texts or any(not isinstance(t, str) for t in texts):
         raise ValueError("`prompts` has to be a non-empty list of strings or unidetox.evaluation.prompts.Prompt objects.")
     return texts
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 class StopAtStepCallback(TrainerCallback):
@@ -200,8 +195,7 @@ class DetoxEvalCallback(TrainerCallback):
     def evaluate(self, model, tokenizer, is_zero3: bool = False) -> dict[str, Any] | None:
         """Evaluate ``model`` now; returns the metrics on the main process and None on the others."""
         cfg = self.config
-        dist = _dist()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+        rank, world = rank_and_world_size()
         shard_index, shard_count = (0, 1) if is_zero3 else (rank, world)
         start = time.perf_counter()
         samples = generate_samples(
@@ -217,9 +211,8 @@ class DetoxEvalCallback(TrainerCallback):
                 batch_size=cfg.ppl_batch_size, max_tokens=cfg.ppl_max_tokens,
                 process_index=shard_index, num_processes=shard_count,
             )
-        if dist and shard_count > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (samples, nll, count))
+        if shard_count > 1:
+            gathered = gather_objects([(samples, nll, count)])
             samples = [s for part, _, _ in gathered for s in part]
             nll, count = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
         if rank != 0:

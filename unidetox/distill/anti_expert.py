@@ -24,6 +24,7 @@ from trl import SFTConfig
 
 from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
+from unidetox.processes import is_main_process, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +168,6 @@ class AntiExpertResult:
         return load_anti_expert(self.path, **kwargs)
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    if _world_size() > 1:
-        from unidetox.processes import process_state
-
-        process_state().wait_for_everyone()
-
-
 def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
     """The ``unidetox_anti_expert.json`` record of a saved anti-expert, or None."""
     marker = Path(path) / MARKER_FILE
@@ -313,7 +299,7 @@ def train_anti_expert(
                 f"{out} holds an anti-expert trained with other settings ({'; '.join(changes) or 'unknown'}). "
                 "Use another `output_dir`, or set `overwrite=True` to retrain it."
             )
-    _barrier()  # every rank has read the marker before the main process may replace it
+    wait_for_everyone()  # every rank has read the marker before the main process may replace it
 
     resume = None
     pending = out / PENDING_FILE
@@ -323,12 +309,12 @@ def train_anti_expert(
         resume = get_last_checkpoint(str(out)) if out.is_dir() else None
         if resume:
             logger.info("Resuming the anti-expert training from %s", resume)
-    if _is_main_process():
+    if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         if existing is not None:  # overwrite: the old weights must not survive next to the new ones
             (out / MARKER_FILE).unlink(missing_ok=True)
         atomic_write_json(pending, {"fingerprint": fingerprint, "record": record})
-    _barrier()
+    wait_for_everyone()
 
     trainer = build_anti_expert_trainer(model, tokenizer, corpus, config, callbacks)
     start = time.perf_counter()
@@ -351,13 +337,13 @@ def train_anti_expert(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "unidetox_version": _version(),
     }
-    if _is_main_process():
+    if is_main_process():
         tokenizer.save_pretrained(str(out))
         for checkpoint in out.glob("checkpoint-*"):  # the final weights are saved; checkpoints are spent
             shutil.rmtree(checkpoint, ignore_errors=True)
         atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
         pending.unlink(missing_ok=True)
-    _barrier()
+    wait_for_everyone()
     return AntiExpertResult(out, trained=True, metadata=metadata)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from unidetox.evaluation.metrics import mean_difference
 from unidetox.io import atomic_write_json, atomic_write_text
+from unidetox.processes import process_state, wait_for_everyone
 
 METADATA_FILE = "metadata.json"
 SHARDS_DIR = "shards"
@@ -308,12 +309,6 @@ def _read_shard(path: Path, expected_rows: int) -> dict | None:
     return shard
 
 
-def _distributed_state():
-    from unidetox.processes import process_state
-
-    return process_state()
-
-
 def _mean_sem(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -527,7 +522,7 @@ class DistilledDetoxDataset:
                                   stop_at_eos=stop_at_eos)
         DistillConfig(num_samples=num_samples, max_length=max_length, batch_size=batch_size, start_token=start_token,
                       summary_num_samples=summary_num_samples)
-        state = _distributed_state()
+        state = process_state()
         rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
         if world > 1 and output_dir is None:
             raise ValueError(
@@ -603,7 +598,7 @@ class DistilledDetoxDataset:
                         f"{out} holds shards sampled with other settings ({'; '.join(changed)}). Use another "
                         "`output_dir`, or `overwrite=True` to discard them."
                     )
-            state.wait_for_everyone()
+            wait_for_everyone()
             if is_main:
                 if overwrite and shard_config.is_file() and json.loads(shard_config.read_text()) != fingerprint:
                     shutil.rmtree(shards)
@@ -611,7 +606,7 @@ class DistilledDetoxDataset:
                 shards.mkdir(parents=True, exist_ok=True)
                 (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
                 atomic_write_json(shard_config, fingerprint)
-            state.wait_for_everyone()
+            wait_for_everyone()
 
         models = resolve_models(base, anti_expert, base_id, fused=fused)
         models.base.to(state.device).eval()
@@ -657,7 +652,7 @@ class DistilledDetoxDataset:
             progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
         progress.close()
         if out is not None:
-            state.wait_for_everyone()
+            wait_for_everyone()
 
         result = None
         if is_main:
@@ -710,7 +705,7 @@ class DistilledDetoxDataset:
             if out is not None:
                 _commit(result, out)
         if out is not None:
-            state.wait_for_everyone()
+            wait_for_everyone()
             if result is None:
                 result = cls.load(out)
         return result

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.models import load_model_and_tokenizer, load_tokenizer, parse_dtype
+from unidetox.processes import gather_objects, process_state, wait_for_everyone
 
 
 @dataclass
@@ -93,42 +95,11 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _Processes:
-    """This process's place in an ``accelerate launch`` run (or a single process), with gather and barrier."""
-
-    def __init__(self):
-        from unidetox.processes import process_state
-
-        self.state = process_state()
-        self.index, self.count = self.state.process_index, self.state.num_processes
-        self.is_main = self.state.is_main_process
-        self.device = self.state.device
-
-    def gather(self, items: list) -> list:
-        if self.count == 1:
-            return list(items)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(items))
-
-    def wait(self) -> None:
-        if self.count > 1:
-            self.state.wait_for_everyone()
-
-
 def _load(name_or_path: str, dtype: str | None, device):
     """A model and its tokenizer by hub id, path or embedded name; a LoRA adapter folder is merged into its base."""
     from pathlib import Path
 
-    from unidetox.models import load_model_and_tokenizer, load_tokenizer
-
-    kwargs = {}
-    if dtype not in (None, "auto"):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
-        kwargs["dtype"] = getattr(torch, dtype)
-    elif dtype == "auto":
-        kwargs["dtype"] = "auto"
+    kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
     path = Path(name_or_path).expanduser()
     if not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
         raise FileNotFoundError(f"No model at {path}: pass an existing checkpoint folder, a hub id or an embedded name.")
@@ -209,12 +180,12 @@ def run_evaluation(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("No prompts to evaluate.")
-    procs = _Processes()
+    procs = process_state()
     out = Path(output_dir)
     parts_root = Path(parts_dir) if parts_dir is not None else out / "parts"
-    if procs.is_main:
+    if procs.is_main_process:
         parts_root.mkdir(parents=True, exist_ok=True)
-    procs.wait()
+    wait_for_everyone()
 
     entries: list[_Entry] = []
     for name in models:
@@ -276,8 +247,8 @@ def run_evaluation(
         for entry, seed in todo_gen:
             if scorer is None:
                 scorer_kwargs = {}
-                if scorer_config.name == "perspective" and procs.count > 1:
-                    scorer_kwargs["qps"] = scorer_config.qps / procs.count  # the quota is shared
+                if scorer_config.name == "perspective" and procs.num_processes > 1:
+                    scorer_kwargs["qps"] = scorer_config.qps / procs.num_processes  # the quota is shared
                 scorer = build_scorer(scorer_config, **scorer_kwargs)
             factory = None
             if entry.contrastive:
@@ -293,8 +264,8 @@ def run_evaluation(
                 model, tokenizer, [p.text for p in prompts], eval_config.num_samples,
                 max_new_tokens=eval_config.max_new_tokens, top_p=eval_config.top_p,
                 temperature=eval_config.temperature, seed=seed, batch_size=eval_config.batch_size,
-                sampler_factory=factory, process_index=procs.index, num_processes=procs.count,
-                progress=progress and procs.is_main,
+                sampler_factory=factory, process_index=procs.process_index, num_processes=procs.num_processes,
+                progress=progress and procs.is_main_process,
             )
             t1 = time.perf_counter()
             scores = scorer([s.continuation for s in samples])
@@ -306,9 +277,9 @@ def run_evaluation(
                  "continuation": s.continuation, "toxicity": score, "num_tokens": s.num_tokens}
                 for s, score in zip(samples, scores, strict=True)
             ]
-            gathered = procs.gather(records)
-            timings = procs.gather([{"generation_s": t1 - t0, "scoring_s": t2 - t1}])
-            if procs.is_main:
+            gathered = gather_objects(records)
+            timings = gather_objects([{"generation_s": t1 - t0, "scoring_s": t2 - t1}])
+            if procs.is_main_process:
                 gathered.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
                 group_by_prompt([_as_sample(r) for r in gathered], len(prompts), eval_config.num_samples)  # complete?
                 write_jsonl(gathered, part_dir(entry) / f"seed{seed}.jsonl")
@@ -318,9 +289,9 @@ def run_evaluation(
                     "generation_s": max(t["generation_s"] for t in timings),
                     "scoring_s": max(t["scoring_s"] for t in timings),
                     "generated_tokens": sum(r["num_tokens"] for r in gathered),
-                    "num_processes": procs.count,
+                    "num_processes": procs.num_processes,
                 }, part_dir(entry) / f"seed{seed}.json")
-            procs.wait()
+            wait_for_everyone()
         if need_wikitext:
             from unidetox.evaluation.metrics import sliding_window_nll
 
@@ -329,28 +300,28 @@ def run_evaluation(
             nll, count = sliding_window_nll(
                 model, tokenizer, [text], max_length=perplexity_config.max_length, stride=perplexity_config.stride,
                 batch_size=perplexity_config.wikitext_batch_size, max_tokens=perplexity_config.max_tokens,
-                process_index=procs.index, num_processes=procs.count, progress=progress and procs.is_main,
+                process_index=procs.process_index, num_processes=procs.num_processes, progress=progress and procs.is_main_process,
             )
-            sums = procs.gather([(nll, count, time.perf_counter() - t0)])
-            if procs.is_main:
+            sums = gather_objects([(nll, count, time.perf_counter() - t0)])
+            if procs.is_main_process:
                 import math
 
                 total_nll, total_count = sum(s[0] for s in sums), sum(s[1] for s in sums)
                 write_json({"fingerprint": wikitext_fp, "perplexity": math.exp(total_nll / total_count),
                             "nll": total_nll, "num_tokens": total_count, "seconds": max(s[2] for s in sums),
                             **wikitext_settings}, part_dir(plain) / "wikitext.json")
-            procs.wait()
+            wait_for_everyone()
         if need_mmlu:
             t0 = time.perf_counter()
             records = score_mmlu_questions(model, tokenizer, mmlu_questions, mmlu_dev, mmlu_config,
-                                           procs.index, procs.count, progress=progress and procs.is_main)
-            gathered = procs.gather(records)
-            seconds = max(procs.gather([time.perf_counter() - t0]))
-            if procs.is_main:
+                                           procs.process_index, procs.num_processes, progress=progress and procs.is_main_process)
+            gathered = gather_objects(records)
+            seconds = max(gather_objects([time.perf_counter() - t0]))
+            if procs.is_main_process:
                 gathered.sort(key=lambda r: r["index"])
                 write_json({"fingerprint": mmlu_fp, **summarize_mmlu(gathered), "seconds": seconds,
                             "config": dict(mmlu_config.__dict__), "records": gathered}, part_dir(plain) / "mmlu.json")
-            procs.wait()
+            wait_for_everyone()
         del model
 
     # ---- conditional perplexity of every (model, seed) under the reference LM -----------------------------
@@ -367,16 +338,16 @@ def run_evaluation(
             ref_model, ref_tokenizer = _load(reference, dtype, procs.device)
             for entry, seed in todo:
                 records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
-                mine_idx = list(range(len(records)))[procs.index :: procs.count]
+                mine_idx = list(range(len(records)))[procs.process_index :: procs.num_processes]
                 t0 = time.perf_counter()
                 per_sample = conditional_nll(
                     ref_model, ref_tokenizer, [records[i]["prompt"] for i in mine_idx],
                     [records[i]["continuation"] for i in mine_idx], batch_size=perplexity_config.batch_size,
-                    progress=progress and procs.is_main,
+                    progress=progress and procs.is_main_process,
                 )
-                gathered = procs.gather([(i, nll, n) for i, (nll, n) in zip(mine_idx, per_sample, strict=True)])
-                seconds = max(procs.gather([time.perf_counter() - t0]))
-                if procs.is_main:
+                gathered = gather_objects([(i, nll, n) for i, (nll, n) in zip(mine_idx, per_sample, strict=True)])
+                seconds = max(gather_objects([time.perf_counter() - t0]))
+                if procs.is_main_process:
                     gathered.sort()
                     pairs = [(nll, n) for _, nll, n in gathered]
                     write_json({
@@ -387,12 +358,12 @@ def run_evaluation(
                         "max_perplexity": perplexity_config.max_perplexity,
                         "per_sample_nll": [nll for nll, _ in pairs], "per_sample_tokens": [n for _, n in pairs],
                     }, part_dir(entry) / f"conditional_ppl_seed{seed}.json")
-                procs.wait()
+                wait_for_everyone()
             del ref_model
 
     # ---- assemble the report (main process) --------------------------------------------------------------
-    if not procs.is_main:
-        procs.wait()
+    if not procs.is_main_process:
+        wait_for_everyone()
         return None
     all_records = []
     report_models = {}
@@ -438,7 +409,6 @@ def run_evaluation(
             "timings": timing,
         }
     write_jsonl(all_records, out / "generations.jsonl")
-    import torch
     import transformers
 
     report = {
@@ -453,12 +423,12 @@ def run_evaluation(
         "mmlu": asdict(mmlu_config),
         "decoding": asdict(decoding_config),
         "config": config_dict,
-        "num_processes": procs.count,
+        "num_processes": procs.num_processes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_time_s": time.perf_counter() - started,
     }
     write_report(report, out)
-    procs.wait()
+    wait_for_everyone()
     return report
 
 

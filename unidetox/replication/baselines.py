@@ -188,12 +188,10 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
 def _load_base(base_name_or_path, dtype=None):
     import torch
 
-    from unidetox.models import load_model_and_tokenizer
+    from unidetox.models import load_model_and_tokenizer, parse_dtype
 
-    kwargs = {"dtype": dtype if isinstance(dtype, torch.dtype) or dtype in (None, "auto") else getattr(torch, dtype)}
-    if kwargs["dtype"] is None:
-        kwargs["dtype"] = torch.float32  # merging in float32: a bf16 round trip would blur small deltas
-    return load_model_and_tokenizer(str(base_name_or_path), **kwargs)
+    # merging in float32 by default: a bf16 round trip would blur small deltas
+    return load_model_and_tokenizer(str(base_name_or_path), dtype=parse_dtype(dtype) or torch.float32)
 
 
 def negate_task_vector(
