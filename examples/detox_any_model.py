@@ -13,8 +13,8 @@ from peft import LoraConfig
 
 from unidetox import UniversalDetoxConfig, UniversalDetoxTrainer
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+from unidetox.detox.merge import merge_lora_checkpoint
 from unidetox.detox.selection import select_checkpoint
-from unidetox.detox.trainer import merge_lora_checkpoint
 from unidetox.evaluation.prompts import load_prompts
 from unidetox.paths import default_data_dir
 

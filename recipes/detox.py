@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig  # noqa: E402
 from unidetox.detox.selection import select_checkpoint  # noqa: E402
-from unidetox.detox.trainer import UniversalDetoxConfig  # noqa: E402
+from unidetox.detox.config import UniversalDetoxConfig  # noqa: E402
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container  # noqa: E402
 from unidetox.io import atomic_write_json  # noqa: E402
 from unidetox.processes import end_process_group  # noqa: E402
@@ -209,7 +209,8 @@ def main(overrides: list[str] | None = None) -> dict:
     import torch
 
     from unidetox.detox.selection import read_eval_records
-    from unidetox.detox.trainer import MERGED_SUBDIR, UniversalDetoxTrainer, merge_lora_checkpoint
+    from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
+    from unidetox.detox.trainer import UniversalDetoxTrainer
     from unidetox.distill.dataset import DistilledDetoxDataset
     from unidetox.processes import process_state
 

@@ -692,7 +692,7 @@ def main(overrides: list[str] | None = None) -> dict:
             if method == "unidetox" and tname == grid.target:
                 # The grid already trained this model with this configuration: reuse its chosen checkpoint.
                 def reuse(run_dir=run_dir):
-                    from unidetox.detox.trainer import merge_lora_checkpoint
+                    from unidetox.detox.merge import merge_lora_checkpoint
 
                     merged = chosen_checkpoint / "merged"
                     source = chosen_checkpoint

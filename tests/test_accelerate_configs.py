@@ -57,7 +57,7 @@ ACCELERATOR_SCRIPT = textwrap.dedent(
         "ds_config_stage": plugin.deepspeed_config["zero_optimization"]["stage"],
     }
     # The HF handshake: TrainingArguments given the same DeepSpeed config builds its own DeepSpeed plugin.
-    from unidetox.detox.trainer import UniversalDetoxConfig
+    from unidetox.detox.config import UniversalDetoxConfig
     ds_config = {**plugin.deepspeed_config, "bf16": {"enabled": "auto"}}
     args = UniversalDetoxConfig(output_dir=sys.argv[3], max_steps=2, save_steps=1, deepspeed=ds_config)
     info["args_distributed_type"] = str(args.distributed_state.distributed_type)
@@ -103,7 +103,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     from tiny import CORPUS, tiny_llama, word_tokenizer
     from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
     from unidetox.processes import end_process_group
-    from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
+    from unidetox.detox.config import UniversalDetoxConfig
+    from unidetox.detox.trainer import UniversalDetoxTrainer
 
     out = sys.argv[1]
     tok = word_tokenizer(padding_side="right")

@@ -13,8 +13,9 @@ from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox.decoding.sampling import generate_continuations
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
+from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.selection import read_eval_records, select_checkpoint
-from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer
+from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.evaluation.metrics import expected_max_toxicity, perplexity, toxicity_probability
 from unidetox.evaluation.scoring import ToxicityScorer
 

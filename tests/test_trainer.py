@@ -12,14 +12,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from unidetox import DistilledDetoxDataset
-from unidetox.detox.trainer import (
-    SpecialTokenPolicy,
-    UniversalDetoxConfig,
-    UniversalDetoxTrainer,
-    config_fields_help,
-    merge_lora_checkpoint,
-    tokenize_for_target,
-)
+from unidetox.detox.config import UniversalDetoxConfig, config_fields_help
+from unidetox.detox.merge import merge_lora_checkpoint
+from unidetox.detox.tokenization import SpecialTokenPolicy, tokenize_for_target
+from unidetox.detox.trainer import UniversalDetoxTrainer
 
 TEXTS = CORPUS * 2  # the same "distilled" text for every target
 

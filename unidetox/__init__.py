@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from unidetox.decoding.fused import contrastive_generate  # noqa: E402
 from unidetox.decoding.sampler import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
 from unidetox.decoding.sampling import generate_continuations  # noqa: E402
-from unidetox.detox.trainer import UniversalDetoxConfig, UniversalDetoxTrainer  # noqa: E402
+from unidetox.detox.config import UniversalDetoxConfig  # noqa: E402
+from unidetox.detox.trainer import UniversalDetoxTrainer  # noqa: E402
 from unidetox.distill.dataset import DistilledDetoxDataset  # noqa: E402
 from unidetox.evaluation.prompts import load_prompts  # noqa: E402
 from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer, build_scorer  # noqa: E402

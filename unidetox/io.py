@@ -1,4 +1,4 @@
-"""Atomic file writes: a killed job never leaves a half-written file under its final name."""
+"""The JSON and text files of a run: read leniently, written atomically (a killed job never leaves a half-written file)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, **dumps_kwargs) -> 
     """``payload`` as indented JSON (non-JSON values through ``str``), written atomically."""
     dumps_kwargs = {"indent": 2, "default": str, **dumps_kwargs}
     return atomic_write_text(path, json.dumps(payload, **dumps_kwargs))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or None when the file is missing or unreadable (a write that was cut short)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
