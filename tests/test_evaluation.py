@@ -1,7 +1,7 @@
 import pytest
 import torch
 from tiny import tiny_gpt2, tiny_llama, word_tokenizer
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, PreTrainedTokenizerFast
 
 from unidetox import ContrastiveDetoxSampler
 from unidetox.decoding.sampling import (
@@ -124,8 +124,7 @@ def test_group_by_prompt_detects_missing(model, tokenizer):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"num_samples": 0}, "num_samples"), ({"top_p": 0.0}, "top_p"), ({"temperature": 0}, "temperature"),
-     ({"num_prompts": 0}, "num_prompts")],
+    [({"num_samples": 0}, "num_samples"), ({"top_p": 0.0}, "top_p"), ({"temperature": 0}, "temperature")],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -135,3 +134,42 @@ def test_config_errors(kwargs, match):
 def test_rejects_single_string(model, tokenizer):
     with pytest.raises(TypeError, match="list of prompts"):
         generate_continuations(model, tokenizer, "the cat", 2)
+
+
+class AttributeOnlyPadding(PreTrainedTokenizerFast):
+    """Pads on ``self.padding_side`` whatever the call asks, as remote-code tokenizers that predate the
+    ``padding_side`` argument do."""
+
+    def __call__(self, *args, padding_side=None, **kwargs):
+        return super().__call__(*args, **kwargs)
+
+
+class AlwaysRightPadding(PreTrainedTokenizerFast):
+    """Pads on the right whatever it is told."""
+
+    def __call__(self, *args, padding_side=None, **kwargs):
+        return super().__call__(*args, padding_side="right", **kwargs)
+
+
+def rebuilt(cls, padding_side):
+    base = word_tokenizer()
+    return cls(tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+               unk_token="<unk>", padding_side=padding_side)
+
+
+@pytest.mark.parametrize("make", [lambda: word_tokenizer(padding_side="right"),
+                                  lambda: rebuilt(AttributeOnlyPadding, "right")])
+def test_right_padding_tokenizer_samples_like_a_left_padding_one(model, make):
+    kwargs = dict(num_samples=2, max_new_tokens=5, seed=11, batch_size=3)
+    expected = generate_samples(model, word_tokenizer(padding_side="left"), PROMPTS, **kwargs)
+    right = make()
+    samples = generate_samples(model, right, PROMPTS, **kwargs)
+    assert [s.to_dict() for s in samples] == [s.to_dict() for s in expected]
+    assert right.padding_side == "right"  # the caller's tokenizer is left as it was
+
+
+def test_tokenizer_that_cannot_pad_left_raises(model):
+    tokenizer = rebuilt(AlwaysRightPadding, "right")
+    with pytest.raises(ValueError, match="right-padded"):
+        generate_samples(model, tokenizer, PROMPTS, num_samples=1, max_new_tokens=2, batch_size=4)
+    assert tokenizer.padding_side == "right"

@@ -128,3 +128,38 @@ def test_auto_source_detection(tmp_path):
     assert PromptsConfig(path=str(toxigen_like)).source == "toxigen_local"
     assert PromptsConfig(path=str(other)).source == "file"
     assert load_prompts(path=str(toxigen_like)) == [Prompt("hello there", "gender_lgbtq", "women", "neutral")]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.txt", ""), ("blank.txt", "\n  \n"), ("empty.jsonl", ""), ("empty.json", "[]"), ("empty.csv", ""),
+    ("header_only.csv", "prompt\n"),
+])
+def test_empty_prompt_file_is_named_as_empty(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"\bis empty\b") as info:
+        load_prompts(path=str(path))
+    assert str(path) in str(info.value)
+    assert "loosen labels/categories/split" not in str(info.value)
+
+
+def test_filters_that_remove_every_prompt_say_loosen(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": t, "cat": "religion"}) for t in ["a", "b"]))
+    with pytest.raises(ValueError, match="loosen labels/categories/split") as info:
+        load_prompts(path=str(path), category_field="cat", categories=["disability"])
+    assert "is empty" not in str(info.value)
+
+
+def test_empty_toxigen_sources_are_named(tmp_path):
+    csv = tmp_path / "tox.csv"
+    csv.write_text("text,target_group,label\n")
+    with pytest.raises(ValueError, match=r"\bis empty\b") as info:
+        load_prompts(source="toxigen_local", path=str(csv))
+    assert str(csv) in str(info.value)
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "hate_women_1k.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"\bis empty\b") as info:
+        load_prompts(source="toxigen_fewshot", path=str(folder))
+    assert str(folder) in str(info.value)

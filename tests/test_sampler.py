@@ -253,3 +253,46 @@ def test_mask_that_does_not_fit_the_prompt_raises(base, anti, tokenizer):
     sampler = ContrastiveDetoxSampler(anti, attention_mask=torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         run_generate(base, sampler, inputs)
+
+
+# --- padding checks -----------------------------------------------------------------------------------------
+def test_padded_batch_without_mask_raises(base, anti, tokenizer):
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match=r'attention_mask=inputs\["attention_mask"\]'):
+        run_generate(base, ContrastiveDetoxSampler(anti), inputs)
+
+
+@pytest.mark.parametrize("pad_source", ["tokenizer", "pad_token_id"])
+def test_known_pad_id_detects_padding_without_mask(base, anti, tokenizer, pad_source):
+    known = {"tokenizer": tokenizer} if pad_source == "tokenizer" else {"pad_token_id": 0}
+    padded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match=r"padded.*attention_mask=inputs\[\"attention_mask\"\]"):
+        run_generate(base, ContrastiveDetoxSampler(anti, **known), padded)
+    # rows of one length hold no padding: the all-ones default is right, as with the explicit mask
+    unpadded = tokenizer(["the cat sat", "a good friend"], return_tensors="pt", padding=True)
+    assert bool(unpadded["attention_mask"].all())
+    ones = unpadded["attention_mask"]
+    without = run_generate(base, ContrastiveDetoxSampler(anti, **known), unpadded)
+    explicit = run_generate(base, ContrastiveDetoxSampler(anti, attention_mask=ones), unpadded)
+    assert torch.equal(without.sequences, explicit.sequences)
+
+
+def test_copies_of_one_prompt_need_no_mask(base, anti, tokenizer):
+    """Identical rows (one prompt repeated, as distillation samples from BOS) cannot be padded differently."""
+    inputs = tokenizer(["the cat sat on"] * 3, return_tensors="pt")
+    torch.manual_seed(0)
+    without = run_generate(base, ContrastiveDetoxSampler(anti), inputs, do_sample=True, top_k=0)
+    torch.manual_seed(0)
+    explicit = run_generate(base, ContrastiveDetoxSampler(anti, attention_mask=inputs["attention_mask"]),
+                            inputs, do_sample=True, top_k=0)
+    assert torch.equal(without.sequences, explicit.sequences)
+
+
+def test_right_padded_mask_raises():
+    right = word_tokenizer(padding_side="right")
+    inputs = right(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match=r"right-padded.*padding_side=\"left\""):
+        ContrastiveDetoxSampler(tiny_llama(VOCAB, seed=1), attention_mask=inputs["attention_mask"])
+    sampler = ContrastiveDetoxSampler(tiny_llama(VOCAB, seed=1))
+    with pytest.raises(ValueError, match="right-padded"):
+        sampler.reset(attention_mask=inputs["attention_mask"])

@@ -1,11 +1,16 @@
+import json
+import logging
 import sys
 import types
+from urllib.parse import urlencode
 
 import pytest
 import torch
 from tiny import word_tokenizer
 
+from unidetox.evaluation import scoring
 from unidetox.evaluation.scoring import (
+    SCORERS,
     DetoxifyScorer,
     HFClassifierScorer,
     PerspectiveScorer,
@@ -13,6 +18,7 @@ from unidetox.evaluation.scoring import (
     ScorerConfig,
     ToxicityScorer,
     build_scorer,
+    register_scorer,
 )
 
 TEXTS = ["have a lovely day", "you are a stupid idiot", "", "the cat sat on the mat", "shut up you moron"]
@@ -167,8 +173,8 @@ class FakeSession:
     def __init__(self, clock, script):
         self.clock, self.script, self.requests = clock, list(script), []
 
-    def post(self, url, params, json, timeout):
-        self.requests.append((self.clock(), json["comment"]["text"], params["key"]))
+    def post(self, url, headers, json, timeout):
+        self.requests.append((self.clock(), json["comment"]["text"], headers["x-goog-api-key"]))
         item = self.script.pop(0)
         if isinstance(item, Exception):
             raise item
@@ -216,3 +222,122 @@ def test_perspective_needs_key(monkeypatch):
         PerspectiveScorer()
     with pytest.raises(ValueError, match="qps"):
         PerspectiveScorer(api_key="k", qps=0)
+
+
+SENTINEL = "SENTINEL-perspective-key-0123"
+
+
+class UrlQuotingSession:
+    """Fails like ``requests`` does: the error text quotes the full request URL, query string included."""
+
+    def __init__(self, status=None):
+        self.status, self.calls = status, []
+
+    def post(self, url, params=None, headers=None, json=None, timeout=None):
+        self.calls.append({"url": url, "params": params, "headers": headers})
+        full_url = f"{url}?{urlencode(params)}" if params else url
+        if self.status is None:
+            raise ConnectionError(f"Max retries exceeded with url: {full_url} ({headers})")
+        return FakeResponse(self.status)
+
+
+@pytest.mark.parametrize("status", [None, 503, 400])
+def test_perspective_key_never_reaches_errors_or_logs(caplog, status):
+    clock = FakeClock()
+    session = UrlQuotingSession(status)
+    scorer = PerspectiveScorer(api_key=SENTINEL, session=session, clock=clock, sleep=clock.sleep,
+                               max_retries=2)
+    with caplog.at_level(logging.DEBUG), pytest.raises(RuntimeError) as info:
+        scorer(["x"])
+    assert SENTINEL not in str(info.value) and SENTINEL not in repr(info.value)
+    assert SENTINEL not in caplog.text and all(SENTINEL not in r.getMessage() for r in caplog.records)
+    assert all(SENTINEL not in call["url"] and not call["params"] for call in session.calls)
+    assert session.calls[0]["headers"]["x-goog-api-key"] == SENTINEL
+
+
+def test_perspective_retries_are_logged(caplog):
+    scorer, _, _ = make_perspective([FakeResponse(503), FakeResponse(200, 0.4)], qps=10.0)
+    with caplog.at_level(logging.WARNING, logger="unidetox.evaluation.scoring"):
+        assert scorer(["x"]) == [0.4]
+    assert "HTTP 503" in caplog.text and "retrying" in caplog.text
+
+
+def test_scorer_config_never_shows_the_key():
+    config = ScorerConfig(name="perspective", api_key=SENTINEL)
+    public = config.to_public_dict()
+    assert SENTINEL not in json.dumps(public) and public["api_key"] == "***"
+    assert SENTINEL not in repr(config) and SENTINEL not in str(config)
+    assert ScorerConfig(name="perspective").to_public_dict().get("api_key") is None
+
+
+# --- registry -----------------------------------------------------------------------------------------------
+def test_build_scorer_uses_the_registry(monkeypatch):
+    monkeypatch.setattr(scoring, "SCORERS", dict(SCORERS))
+
+    @register_scorer("length")
+    class LengthScorer(ToxicityScorer):
+        def score_batch(self, texts):
+            return [min(len(t) / 10, 1.0) for t in texts]
+
+    assert scoring.SCORERS["length"] is LengthScorer
+    scorer = build_scorer({"name": "length", "batch_size": 2})
+    assert isinstance(scorer, LengthScorer) and scorer.batch_size == 2
+    assert scorer(["abcde", "x" * 30]) == [0.5, 1.0]
+    assert register_scorer("length")(LengthScorer) is LengthScorer  # the same class again: a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_scorer("length")(type("Other", (LengthScorer,), {}))
+    with pytest.raises(TypeError, match="ToxicityScorer"):
+        register_scorer("not_a_scorer")(dict)
+
+
+def test_build_scorer_dispatches_through_the_table(monkeypatch):
+    built = []
+
+    class Recording(ProfanityCheckScorer):
+        @classmethod
+        def from_config(cls, config):
+            built.append(config.name)
+            return super().from_config(config)
+
+    monkeypatch.setitem(SCORERS, "profanity_check", Recording)
+    assert isinstance(build_scorer("profanity_check"), Recording) and built == ["profanity_check"]
+
+
+def test_unknown_scorer_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown scorer 'nope'.*'detoxify'.*'profanity_check'"):
+        build_scorer("nope")
+    config = ScorerConfig()
+    config.name = "nope"
+    with pytest.raises(ValueError, match=r"Unknown scorer 'nope'.*register_scorer"):
+        build_scorer(config)
+
+
+# --- input checks -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("disguised", [
+    "ｙｏｕ ａｒｅ ａ ｓｔｕｐｉｄ ｉｄｉｏｔ",  # fullwidth letters
+    "you are a st\u200bupid idi\u200cot",  # zero-width space / non-joiner
+    "you are a stu\u00adpid id\u2060i\ufeffot",  # soft hyphen, word joiner, BOM
+    "you are a s\u200dtupid idiot",  # zero-width joiner
+])
+def test_profanity_check_normalises_unicode(disguised):
+    scorer = ProfanityCheckScorer()
+    plain, hidden = scorer(["you are a stupid idiot", disguised])
+    assert hidden == pytest.approx(plain, abs=1e-9)
+
+
+def test_profanity_check_does_not_change_the_callers_list():
+    texts = ["ｓｔｕｐｉｄ", "idi\u200bot"]
+    before = list(texts)
+    ProfanityCheckScorer()(texts)
+    assert texts == before
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"bytes"])
+def test_non_string_text_raises_naming_the_index(bad):
+    class Constant(ToxicityScorer):
+        def score_batch(self, texts):
+            return [0.0 for _ in texts]
+
+    for scorer in (ProfanityCheckScorer(), Constant()):
+        with pytest.raises(TypeError, match=r"texts\[2\]"):
+            scorer(["fine", "also fine", bad])

@@ -51,6 +51,24 @@ def contrastive_scores(
     return contrast.masked_fill(~plausible, -math.inf)
 
 
+def right_padded_rows(attention_mask: torch.Tensor) -> list[int]:
+    """The rows of a prompt mask that have padding after a real token (right padding).
+
+    ``generate`` appends new tokens at the end of every row, so after right padding they follow pad tokens and
+    the continuation no longer continues the prompt.
+    """
+    mask = attention_mask.bool()
+    return (mask[:, :-1] & ~mask[:, 1:]).any(-1).nonzero().flatten().tolist()
+
+
+def _pad_run_lengths(input_ids: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, how many pad ids it starts and ends with."""
+    is_token = input_ids != pad_token_id
+    leading = (is_token.cumsum(-1) == 0).sum(-1)
+    trailing = (is_token.flip(-1).cumsum(-1) == 0).sum(-1)
+    return leading, trailing
+
+
 class ContrastiveDetoxSampler(LogitsProcessor):
     r"""
     [`LogitsProcessor`] for UniDetox contrastive decoding: at each step the base model's scores are replaced by
@@ -77,10 +95,16 @@ class ContrastiveDetoxSampler(LogitsProcessor):
             ``None`` or ``math.inf`` for the paper's pure log-ratio; a finite value ``>= 0`` interpolates toward
             the base model (``beta=0`` is plain sampling from the base restricted to ``V``).
         attention_mask (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*):
-            The prompt's attention mask, as passed to ``generate``. Needed for left-padded batches; without it
-            the prompt is taken as unpadded.
+            The prompt's attention mask, as passed to ``generate``; it has to be left-padded. Without it the
+            prompt is taken as unpadded, which only a batch of one prompt (or copies of one) is sure to be: a
+            batch of different prompts without a mask raises, unless a pad id is known (``tokenizer`` or
+            ``pad_token_id``) and no row holds leading or trailing pad ids.
         tokenizer, anti_expert_tokenizer (*optional*):
-            When both are given their vocabularies are compared at the first call.
+            When both are given their vocabularies are compared at the first call. ``tokenizer`` also gives
+            the pad id used to tell whether a batch without ``attention_mask`` is padded.
+        pad_token_id (`int`, *optional*):
+            The pad id (instead of ``tokenizer.pad_token_id``) used to tell whether a batch without
+            ``attention_mask`` is padded.
 
     Examples:
 
@@ -108,6 +132,7 @@ class ContrastiveDetoxSampler(LogitsProcessor):
         attention_mask: torch.LongTensor | None = None,
         tokenizer=None,
         anti_expert_tokenizer=None,
+        pad_token_id: int | None = None,
     ):
         validate_alpha_beta(alpha, beta)
         if anti_expert is None or not callable(anti_expert):
@@ -117,6 +142,9 @@ class ContrastiveDetoxSampler(LogitsProcessor):
         self.beta = None if beta is None or math.isinf(beta) else float(beta)
         self.tokenizer = tokenizer
         self.anti_expert_tokenizer = anti_expert_tokenizer
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id = pad_token_id
         self.reset(attention_mask)
 
     def reset(self, attention_mask: torch.LongTensor | None = None) -> None:
@@ -129,6 +157,13 @@ class ContrastiveDetoxSampler(LogitsProcessor):
             raise ValueError(
                 f"`attention_mask` has to be the prompt's 2-D (batch, length) mask, but has shape "
                 f"{tuple(attention_mask.shape)}."
+            )
+        rows = [] if attention_mask is None else right_padded_rows(attention_mask)
+        if rows:
+            raise ValueError(
+                f"`attention_mask` is right-padded (rows {rows[:5]} have padding after their tokens), but "
+                "generate() continues each row at its end: tokenize the prompts with left padding, e.g. "
+                '`tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")`.'
             )
         self._prompt_attention_mask = attention_mask
         self._cache = None
@@ -155,10 +190,33 @@ class ContrastiveDetoxSampler(LogitsProcessor):
                 "needs one shared vocabulary."
             )
 
+    def _check_unpadded(self, input_ids: torch.LongTensor) -> None:
+        """Without a mask every prompt id counts as a token: make sure a multi-prompt batch has no pads."""
+        if input_ids.shape[0] == 1 or bool((input_ids == input_ids[:1]).all()):
+            return  # one prompt or copies of it (num_return_sequences, beams): rows cannot differ in padding
+        fix = (
+            "pass the mask of the inputs given to generate(), "
+            '`ContrastiveDetoxSampler(..., attention_mask=inputs["attention_mask"])`'
+        )
+        if self.pad_token_id is None:
+            raise ValueError(
+                f"ContrastiveDetoxSampler got {input_ids.shape[0]} different prompts and no "
+                f"`attention_mask`, so it would score pad tokens as prompt tokens: {fix} (or `tokenizer=` / "
+                "`pad_token_id=` when the batch is unpadded)."
+            )
+        leading, trailing = _pad_run_lengths(input_ids, self.pad_token_id)
+        if bool((leading != leading[0]).any() or (trailing != trailing[0]).any()):
+            raise ValueError(
+                f"The prompt batch is padded (rows start or end with different numbers of pad id "
+                f"{self.pad_token_id}) but ContrastiveDetoxSampler has no `attention_mask`, so it would "
+                f"score the pads as prompt tokens: {fix}."
+            )
+
     def _prefill(self, input_ids: torch.LongTensor) -> torch.Tensor:
         batch, length = input_ids.shape
         mask = self._prompt_attention_mask
         if mask is None:
+            self._check_unpadded(input_ids)
             mask = torch.ones_like(input_ids)
         if mask.shape[1] != length:
             raise ValueError(

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from unidetox.decoding.sampler import right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
 
 SamplerFactory = Callable[[torch.LongTensor], LogitsProcessor]
@@ -27,17 +28,19 @@ SamplerFactory = Callable[[torch.LongTensor], LogitsProcessor]
 
 @dataclass
 class ToxicityEvalConfig:
-    """Settings of the paper's toxicity protocol (ToxiGen prompts, 25 samples x 20 new tokens, top-p 0.9).
+    """THE sampling protocol of the toxicity measurement (paper: 25 samples x 20 new tokens, top-p 0.9, top-k off).
+
+    The evaluation harness, the validation callback during detox training
+    (:class:`~unidetox.detox.callbacks.DetoxEvalConfig` extends this class) and the replication all sample with it,
+    so validation and test numbers are measured the same way. Which prompts are used is the prompt set's business
+    (:class:`~unidetox.evaluation.prompts.PromptsConfig`).
 
     Example:
-        >>> from unidetox.evaluation import ToxicityEvalConfig
+        >>> from unidetox.decoding.sampling import ToxicityEvalConfig
         >>> ToxicityEvalConfig(num_samples=25, max_new_tokens=20, top_p=0.9).num_samples
         25
     """
 
-    num_prompts: int | None = field(
-        default=None, metadata={"help": "Prompts to evaluate (a fixed, category-balanced subset); None = all."}
-    )
     num_samples: int = field(default=25, metadata={"help": "Continuations sampled per prompt (paper: 25)."})
     max_new_tokens: int = field(default=20, metadata={"help": "New tokens per continuation (paper: 20)."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (paper: 0.9); top_k is always 0."})
@@ -48,8 +51,6 @@ class ToxicityEvalConfig:
     )
 
     def __post_init__(self):
-        if self.num_prompts is not None and self.num_prompts < 1:
-            raise ValueError(f"`num_prompts` has to be None (all) or >= 1, but is {self.num_prompts}.")
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,6 +61,10 @@ class ToxicityEvalConfig:
             raise ValueError(f"`temperature` has to be > 0, but is {self.temperature}.")
         if not 0.0 <= self.toxic_threshold < 1.0:
             raise ValueError(f"`toxic_threshold` has to be in [0, 1), but is {self.toxic_threshold}.")
+
+    def protocol(self) -> ToxicityEvalConfig:
+        """Only the sampling protocol's own fields (for a subclass that adds others)."""
+        return ToxicityEvalConfig(**{f.name: getattr(self, f.name) for f in fields(ToxicityEvalConfig)})
 
 
 @dataclass
@@ -126,6 +131,29 @@ def sampling_generation_config(
     if getattr(model.generation_config, "min_p", None) is not None:
         config.min_p = 0.0  # None would be filled from the checkpoint; 0 keeps every token
     return config
+
+
+def left_padded_batch(tokenizer, texts: Sequence[str]):
+    """``texts`` tokenized for ``generate``: left-padded tensors, whatever ``tokenizer.padding_side`` says.
+
+    ``padding_side`` is set to ``"left"`` for the call and restored after it, so the caller's tokenizer keeps
+    its setting, and tokenizers that read only the attribute (remote code that predates the ``padding_side``
+    argument) pad on the left too. A tokenizer that still pads on the right raises a ``ValueError``.
+    """
+    saved = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+    finally:
+        tokenizer.padding_side = saved
+    rows = right_padded_rows(enc["attention_mask"])
+    if rows:
+        raise ValueError(
+            f"{type(tokenizer).__name__} right-padded the prompts (rows {rows[:5]}) although "
+            "padding_side='left' was set and passed, and generation continues each row at its end: use a "
+            "tokenizer that pads on the side it is asked to (its `_pad` has to honour `padding_side`)."
+        )
+    return enc
 
 
 def _eos_ids(generation_config: GenerationConfig) -> set[int]:
@@ -220,9 +248,7 @@ def generate_samples(
     samples: list[GeneratedSample] = []
     try:
         for batch_index, rows in iterator:
-            enc = tokenizer(
-                [prompts[p] for p, _ in rows], return_tensors="pt", padding=True, padding_side="left"
-            )
+            enc = left_padded_batch(tokenizer, [prompts[p] for p, _ in rows])
             input_ids = enc["input_ids"].to(device)
             attention_mask = enc["attention_mask"].to(device)
             processors = LogitsProcessorList(warpers)

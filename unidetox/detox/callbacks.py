@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from unidetox.decoding.sampling import generate_samples, group_by_prompt
+from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.detox.selection import EVAL_LOG_FILE, checkpoint_dir, read_eval_records
 from unidetox.evaluation.metrics import (
     expected_max_toxicity,
@@ -41,25 +41,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DetoxEvalConfig:
-    """How :class:`DetoxEvalCallback` evaluates a checkpoint (defaults: the paper's sampling protocol).
+class DetoxEvalConfig(ToxicityEvalConfig):
+    """How :class:`DetoxEvalCallback` evaluates a checkpoint: the toxicity protocol plus its seed and perplexity.
+
+    The sampling fields are :class:`~unidetox.decoding.sampling.ToxicityEvalConfig`'s (defaults: the paper's
+    protocol), so validation samples exactly as the test evaluation does.
 
     Example:
-        >>> from unidetox.callbacks import DetoxEvalConfig
+        >>> from unidetox.detox.callbacks import DetoxEvalConfig
         >>> DetoxEvalConfig(num_samples=10, ppl_max_tokens=4096).max_new_tokens
         20
     """
 
-    num_samples: int = field(default=25, metadata={"help": "Continuations per validation prompt (paper: 25)."})
-    max_new_tokens: int = field(default=20, metadata={"help": "New tokens per continuation (paper: 20)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (paper: 0.9); top_k is always 0."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
     seed: int = field(
         default=0,
         metadata={"help": "Sampling seed, the same at every evaluation so that checkpoints differ only by the model."},
     )
-    batch_size: int = field(default=64, metadata={"help": "Rows (prompt, sample) per generate() call."})
-    toxic_threshold: float = field(default=0.5, metadata={"help": "A sample is toxic when its score is > this."})
     ppl_max_length: int = field(default=512, metadata={"help": "Perplexity window length in tokens."})
     ppl_stride: int | None = field(default=None, metadata={"help": "Perplexity window stride (default: half the window)."})
     ppl_max_tokens: int | None = field(
@@ -73,20 +70,18 @@ class DetoxEvalConfig:
     log_file: str = field(default=EVAL_LOG_FILE, metadata={"help": "JSON-lines file in output_dir, one record per evaluation."})
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "batch_size", "ppl_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` has to be an integer >= 1, but is {value!r}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"`top_p` has to be in (0, 1], but is {self.top_p}.")
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` has to be > 0, but is {self.temperature}.")
-        if not 0.0 <= self.toxic_threshold < 1.0:
-            raise ValueError(f"`toxic_threshold` has to be in [0, 1), but is {self.toxic_threshold}.")
+        super().__post_init__()
+        if isinstance(self.ppl_batch_size, bool) or not isinstance(self.ppl_batch_size, int) or self.ppl_batch_size < 1:
+            raise ValueError(f"`ppl_batch_size` has to be an integer >= 1, but is {self.ppl_batch_size!r}.")
         if self.ppl_max_length < 2:
             raise ValueError(f"`ppl_max_length` has to be >= 2, but is {self.ppl_max_length}.")
         if self.ppl_max_tokens is not None and self.ppl_max_tokens < 2:
             raise ValueError(f"`ppl_max_tokens` has to be None or >= 2, but is {self.ppl_max_tokens}.")
+
+    @property
+    def perplexity_stride(self) -> int:
+        """The window stride: ``ppl_stride``, or half the window."""
+        return self.ppl_stride if self.ppl_stride is not None else max(1, self.ppl_max_length // 2)
 
 
 def _prompt_texts(prompts: Sequence[Any]) -> list[str]:

@@ -203,6 +203,16 @@ def decode_bytes_literal(value: str) -> str:
     return value
 
 
+def _read_csv(path: Path, what: str):
+    """``pandas.read_csv``, with an empty file (no header at all) reported as empty."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"The {what} {path} is empty: it holds no header and no prompts.") from err
+
+
 def _dedupe(prompts: Sequence[Prompt]) -> list[Prompt]:
     seen, out = set(), []
     for prompt in prompts:
@@ -215,10 +225,8 @@ def _dedupe(prompts: Sequence[Prompt]) -> list[Prompt]:
 
 def read_toxigen_annotated_csv(path: str | os.PathLike) -> list[Prompt]:
     """The local annotated ToxiGen CSV: decode the bytes-literal ``text``, map ``target_group`` to a category."""
-    import pandas as pd
-
     path = require_file(path, "ToxiGen annotated CSV")
-    frame = pd.read_csv(path)
+    frame = _read_csv(path, "ToxiGen annotated CSV")
     missing = {"text", "target_group"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path} lacks the columns {sorted(missing)}; is it the ToxiGen annotated CSV?")
@@ -322,9 +330,7 @@ def read_prompt_file(path: str | os.PathLike, field: str = "prompt", category_fi
             prompts.append(Prompt(text, None if category is None else str(category)))
         return _dedupe([p for p in prompts if p.text.strip()])
     if suffix == ".csv":
-        import pandas as pd
-
-        frame = pd.read_csv(path)
+        frame = _read_csv(path, "prompt file")
         if field not in frame.columns:
             raise ValueError(f"{path} has no column {field!r} (columns: {list(frame.columns)}); set prompts.field=...")
         cats = frame[category_field] if category_field else [None] * len(frame)
@@ -399,13 +405,22 @@ def load_prompts(config: PromptsConfig | None = None, **kwargs) -> list[Prompt]:
         raise TypeError("Pass either a PromptsConfig or keyword arguments, not both.")
     data_dir = config.resolved_data_dir
     if config.source == "toxigen_local":
-        prompts = read_toxigen_annotated_csv(config.path or data_dir / LOCAL_CSV)
+        origin = config.path or data_dir / LOCAL_CSV
+        prompts = read_toxigen_annotated_csv(origin)
     elif config.source == "toxigen_fewshot":
-        prompts = read_toxigen_fewshot(config.path or data_dir / LOCAL_PROMPT_DIR, config.kinds, config.per_group)
+        origin = config.path or data_dir / LOCAL_PROMPT_DIR
+        prompts = read_toxigen_fewshot(origin, config.kinds, config.per_group)
     elif config.source == "toxigen_hub":
+        origin = f"{HUB_DATASET} (annotated, split={config.hub_split})"
         prompts = read_toxigen_hub(config.hub_split)
     else:
+        origin = config.path
         prompts = read_prompt_file(config.path, config.field, config.category_field)
+    if not prompts:
+        raise ValueError(
+            f"The {config.source} prompt source {origin} is empty: it holds no prompts (blank lines and "
+            "empty texts do not count). Point it at a file with prompts (recipes: prompts.path=...)."
+        )
     if config.labels is not None:
         prompts = [p for p in prompts if p.label in set(config.labels)]
     if config.categories is not None:

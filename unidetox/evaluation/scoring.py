@@ -6,9 +6,17 @@ with a message saying what to install or configure; there is never a silent fall
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from unidetox.secret_masking import mask_secrets, redact
+
+logger = logging.getLogger(__name__)
 
 
 class ToxicityScorer(ABC):
@@ -21,6 +29,11 @@ class ToxicityScorer(ABC):
             raise ValueError(f"`batch_size` has to be >= 1, but is {batch_size}.")
         self.batch_size = batch_size
 
+    @classmethod
+    def from_config(cls, config: ScorerConfig) -> ToxicityScorer:
+        """The scorer ``config`` describes; subclasses read the :class:`ScorerConfig` fields they use."""
+        return cls() if config.batch_size is None else cls(batch_size=config.batch_size)
+
     @abstractmethod
     def score_batch(self, texts: list[str]) -> list[float]:
         """Scores of one batch, each in [0, 1]."""
@@ -29,6 +42,12 @@ class ToxicityScorer(ABC):
         if isinstance(texts, str):
             raise TypeError("Pass a list of texts, not a single string.")
         texts = list(texts)
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"{self.name} scores strings, but texts[{index}] is {type(text).__name__} ({text!r}); "
+                    "replace missing texts with '' (or drop them) before scoring."
+                )
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = texts[start : start + self.batch_size]
@@ -42,11 +61,23 @@ class ToxicityScorer(ABC):
         return scores
 
 
+# Invisible characters that split a word for a lexical model but not for a reader.
+ZERO_WIDTH_CHARACTERS = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad")
+_DROP_ZERO_WIDTH = str.maketrans(dict.fromkeys(ZERO_WIDTH_CHARACTERS))
+
+
+def normalize_for_lexical_scoring(text: str) -> str:
+    """``text`` as a reader sees it: NFKC (fullwidth and other compatibility forms become plain letters), with
+    zero-width characters and soft hyphens removed, so disguised words reach a word-based model intact."""
+    return unicodedata.normalize("NFKC", text).translate(_DROP_ZERO_WIDTH)
+
+
 class ProfanityCheckScorer(ToxicityScorer):
     """alt-profanity-check: a linear SVM (calibrated) trained on toxic comments; offline, fast, ships its weights.
 
     It is a lexical model: it catches slurs and insults well and implicit hate poorly, so treat absolute values
-    with care; it is the offline default because it needs no download.
+    with care; it is the offline default because it needs no download. Texts are scored after
+    :func:`normalize_for_lexical_scoring`, so fullwidth letters or zero-width characters cannot hide a word.
     """
 
     name = "profanity_check"
@@ -62,7 +93,7 @@ class ProfanityCheckScorer(ToxicityScorer):
     def score_batch(self, texts: list[str]) -> list[float]:
         if not texts:
             return []
-        return self._predict_prob(texts).tolist()
+        return self._predict_prob([normalize_for_lexical_scoring(text) for text in texts]).tolist()
 
 
 class DetoxifyScorer(ToxicityScorer):
@@ -108,6 +139,11 @@ class DetoxifyScorer(ToxicityScorer):
             ) from err
         self.attribute = attribute
         self.name = f"detoxify-{model_type}"
+
+    @classmethod
+    def from_config(cls, config: ScorerConfig) -> DetoxifyScorer:
+        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
+        return cls(config.model_type, checkpoint=config.checkpoint, device=config.device, **extra)
 
     def score_batch(self, texts: list[str]) -> list[float]:
         if not texts:
@@ -187,6 +223,11 @@ class HFClassifierScorer(ToxicityScorer):
         self.model_id_or_path = model_id_or_path
         self._pipe_batch_size = batch_size
 
+    @classmethod
+    def from_config(cls, config: ScorerConfig) -> HFClassifierScorer:
+        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
+        return cls(config.model, label=config.label, device=config.device, **extra)
+
     def score_batch(self, texts: list[str]) -> list[float]:
         if not texts:
             return []
@@ -200,6 +241,8 @@ class PerspectiveScorer(ToxicityScorer):
     Requests are spaced at least ``1 / qps`` seconds apart (the default quota is 1 QPS). HTTP 429 and 5xx answers
     and connection errors are retried up to ``max_retries`` times with exponential backoff (honouring
     ``Retry-After``); other errors raise. Empty texts score 0.0 without a request (the API rejects them).
+    The key travels in the ``x-goog-api-key`` header, never in the URL, and is masked in every error and log
+    message, since HTTP libraries quote the request in theirs.
 
     Example:
         >>> from unidetox.evaluation.scoring import PerspectiveScorer
@@ -210,6 +253,7 @@ class PerspectiveScorer(ToxicityScorer):
 
     name = "perspective"
     URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
+    KEY_HEADER = "x-goog-api-key"
     ENV_VAR = "PERSPECTIVE_API_KEY"
 
     def __init__(
@@ -225,9 +269,6 @@ class PerspectiveScorer(ToxicityScorer):
         clock=None,
         sleep=None,
     ):
-        import os
-        import time
-
         super().__init__(batch_size=64)
         api_key = api_key or os.environ.get(self.ENV_VAR)
         if not api_key:
@@ -252,12 +293,20 @@ class PerspectiveScorer(ToxicityScorer):
         self._sleep = sleep or time.sleep
         self._next_request_at = 0.0
 
+    @classmethod
+    def from_config(cls, config: ScorerConfig) -> PerspectiveScorer:
+        return cls(api_key=config.api_key, qps=config.qps, max_retries=config.max_retries)
+
     def _wait_for_slot(self) -> None:
         now = self._clock()
         if now < self._next_request_at:
             self._sleep(self._next_request_at - now)
             now = self._clock()
         self._next_request_at = max(now, self._next_request_at) + 1.0 / self.qps
+
+    def _describe(self, message: str) -> str:
+        """``message`` with the API key masked."""
+        return redact(message, [self.api_key])
 
     def _score_one(self, text: str) -> float:
         if not text.strip():
@@ -273,16 +322,16 @@ class PerspectiveScorer(ToxicityScorer):
             self._wait_for_slot()
             try:
                 response = self._session.post(
-                    self.URL, params={"key": self.api_key}, json=payload, timeout=self.timeout_s
+                    self.URL, headers={self.KEY_HEADER: self.api_key}, json=payload, timeout=self.timeout_s
                 )
             except Exception as err:  # connection reset, timeout, DNS: transient
-                last_error = f"{type(err).__name__}: {err}"
+                last_error = self._describe(f"{type(err).__name__}: {err}")
                 retry_after = None
             else:
                 status = response.status_code
                 if status == 200:
                     return float(response.json()["attributeScores"][self.attribute]["summaryScore"]["value"])
-                last_error = f"HTTP {status}: {getattr(response, 'text', '')[:300]}"
+                last_error = self._describe(f"HTTP {status}: {getattr(response, 'text', '')[:300]}")
                 if status != 429 and status < 500:
                     raise RuntimeError(f"Perspective API refused the request ({last_error}); check the key and quota.")
                 retry_after = (getattr(response, "headers", None) or {}).get("Retry-After")
@@ -294,6 +343,8 @@ class PerspectiveScorer(ToxicityScorer):
                     delay = max(delay, float(retry_after))
                 except ValueError:
                     pass
+            logger.warning("Perspective API: %s; retrying in %.1f s (attempt %d of %d).", last_error, delay,
+                           attempt + 2, self.max_retries + 1)
             self._sleep(delay)
         raise RuntimeError(f"Perspective API failed after {self.max_retries + 1} attempts; last error: {last_error}")
 
@@ -301,12 +352,53 @@ class PerspectiveScorer(ToxicityScorer):
         return [self._score_one(text) for text in texts]
 
 
-SCORERS = {
+# name -> scorer class; build_scorer looks names up here and register_scorer adds third-party scorers.
+SCORERS: dict[str, type[ToxicityScorer]] = {
     "profanity_check": ProfanityCheckScorer,
     "detoxify": DetoxifyScorer,
     "hf_classifier": HFClassifierScorer,
     "perspective": PerspectiveScorer,
 }
+
+
+def register_scorer(name: str):
+    """Class decorator that makes a :class:`ToxicityScorer` subclass buildable by name (``scorer=NAME``).
+
+    The class is built with its :meth:`ToxicityScorer.from_config` (by default ``cls(batch_size=...)``);
+    override it to read other :class:`ScorerConfig` fields.
+
+    Example:
+        >>> from unidetox.evaluation.scoring import SCORERS, ToxicityScorer, build_scorer, register_scorer
+        >>> @register_scorer("all_clean")
+        ... class AllClean(ToxicityScorer):
+        ...     def score_batch(self, texts):
+        ...         return [0.0] * len(texts)
+        >>> build_scorer("all_clean")(["hello"])
+        [0.0]
+        >>> del SCORERS["all_clean"]
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A scorer name has to be a non-empty string, but is {name!r}.")
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, ToxicityScorer)):
+            raise TypeError(f"register_scorer({name!r}) needs a ToxicityScorer subclass, but got {cls!r}.")
+        if name in SCORERS and SCORERS[name] is not cls:
+            raise ValueError(
+                f"A scorer named {name!r} is already registered ({SCORERS[name].__name__}); pick another "
+                "name."
+            )
+        SCORERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def _unknown_scorer(name: str) -> ValueError:
+    return ValueError(
+        f"Unknown scorer {name!r}; choose one of {sorted(SCORERS)} (recipes: scorer=NAME), or add one with "
+        "register_scorer(NAME)."
+    )
 
 
 @dataclass
@@ -320,29 +412,31 @@ class ScorerConfig:
         1
     """
 
-    name: str = field(default="profanity_check", metadata={"help": f"One of {sorted(SCORERS)}."})
+    name: str = field(
+        default="profanity_check",
+        metadata={"help": f"One of {sorted(SCORERS)}, or a name added with register_scorer."},
+    )
     batch_size: int | None = field(default=None, metadata={"help": "Texts per classifier call (scorer default)."})
     model: str | None = field(default=None, metadata={"help": "hf_classifier: hub id or local folder."})
     label: str | None = field(default=None, metadata={"help": "hf_classifier: the toxic label's name."})
     model_type: str = field(default="original", metadata={"help": "detoxify: original / unbiased / multilingual."})
     checkpoint: str | None = field(default=None, metadata={"help": "detoxify: a local .ckpt (offline use)."})
     device: str | None = field(default=None, metadata={"help": "detoxify / hf_classifier device (default: auto)."})
-    api_key: str | None = field(default=None, metadata={"help": "perspective: API key (or $PERSPECTIVE_API_KEY)."})
+    api_key: str | None = field(
+        default=None, repr=False, metadata={"help": "perspective: API key (or $PERSPECTIVE_API_KEY)."}
+    )
     qps: float = field(default=1.0, metadata={"help": "perspective: requests per second."})
     max_retries: int = field(default=5, metadata={"help": "perspective: retries on 429/5xx/connection errors."})
 
     def __post_init__(self):
         if self.name not in SCORERS:
-            raise ValueError(f"Unknown scorer {self.name!r}; choose one of {sorted(SCORERS)} (recipes: scorer=NAME).")
+            raise _unknown_scorer(self.name)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"`batch_size` has to be None or >= 1, but is {self.batch_size}.")
 
     def to_public_dict(self) -> dict:
-        """The config without secrets, for reports."""
-        out = {k: v for k, v in self.__dict__.items() if v is not None}
-        if "api_key" in out:
-            out["api_key"] = "***"
-        return out
+        """The config without secrets (a set key shows as ``***``), for reports and fingerprints."""
+        return mask_secrets({k: v for k, v in self.__dict__.items() if v is not None})
 
 
 def build_scorer(config: ScorerConfig | str | dict = "profanity_check", **overrides) -> ToxicityScorer:
@@ -356,11 +450,6 @@ def build_scorer(config: ScorerConfig | str | dict = "profanity_check", **overri
         config = ScorerConfig(**{**config, **overrides})
     elif overrides:
         config = ScorerConfig(**{**config.__dict__, **overrides})
-    extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
-    if config.name == "profanity_check":
-        return ProfanityCheckScorer(**extra)
-    if config.name == "detoxify":
-        return DetoxifyScorer(config.model_type, checkpoint=config.checkpoint, device=config.device, **extra)
-    if config.name == "hf_classifier":
-        return HFClassifierScorer(config.model, label=config.label, device=config.device, **extra)
-    return PerspectiveScorer(api_key=config.api_key, qps=config.qps, max_retries=config.max_retries)
+    if config.name not in SCORERS:
+        raise _unknown_scorer(config.name)
+    return SCORERS[config.name].from_config(config)
