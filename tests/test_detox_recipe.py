@@ -1,5 +1,5 @@
-"""recipes/detox.py: config composition, the overrides users type, and end-to-end runs (tiny local model in-process;
-an embedded model under `accelerate launch` as the integration test)."""
+"""The detox stage (unidetox.detox.pipeline, recipes/detox.py): config composition, the overrides users type, and
+end-to-end runs (tiny local model in-process; an embedded model under `accelerate launch` as the integration test)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import pytest
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
+from unidetox.detox import pipeline as detox
 from unidetox.hydra_config import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-import detox  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "detox" / "experiment").glob("*.yaml"))
 
@@ -26,51 +25,51 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "detox" / "experiment").glob("*
 def test_every_experiment_composes_and_parses():
     assert {"embedded_smollm2", "embedded_gemma3", "paper_opt6.7b", "paper_llama2_7b"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
-        _, parsed = detox.parse_config([f"experiment={name}"])
-        assert parsed["trainer"].max_steps > 0 and parsed["trainer"].output_dir.startswith("runs/detox-")
+        parsed = detox.parse_args([f"experiment={name}"])
+        assert parsed.trainer.max_steps > 0 and parsed.trainer.output_dir.startswith("runs/detox-")
 
 
 def test_paper_experiments_keep_the_papers_configuration():
     for name in ("paper_opt6.7b", "paper_llama2_7b"):
-        _, parsed = detox.parse_config([f"experiment={name}"])
-        args = parsed["trainer"]
+        parsed = detox.parse_args([f"experiment={name}"])
+        args = parsed.trainer
         assert (args.learning_rate, args.per_device_train_batch_size, args.max_length) == (5e-5, 8, 256)
-        assert parsed["peft"] is None  # full fine-tuning
+        assert parsed.peft is None  # full fine-tuning
         assert args.save_total_limit is None
-        assert parsed["data"].path.endswith("generated_texts_alpha=0.1_beta=inf_checkpoint-15126.csv")
-    _, parsed = detox.parse_config(["experiment=paper_llama2_7b"])
-    assert parsed["model"].name_or_path == "meta-llama/Llama-2-7b-hf"
-    _, parsed = detox.parse_config(["experiment=paper_opt6.7b"])
-    assert parsed["model"].name_or_path == "facebook/opt-6.7b"
+        assert parsed.data.path.endswith("generated_texts_alpha=0.1_beta=inf_checkpoint-15126.csv")
+    parsed = detox.parse_args(["experiment=paper_llama2_7b"])
+    assert parsed.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    parsed = detox.parse_args(["experiment=paper_opt6.7b"])
+    assert parsed.model.name_or_path == "facebook/opt-6.7b"
 
 
 def test_embedded_models_share_one_configuration():
-    cfg_s, parsed_s = detox.parse_config(["experiment=embedded_smollm2"])
-    cfg_g, parsed_g = detox.parse_config(["experiment=embedded_gemma3"])
-    assert (parsed_s["model"].name_or_path, parsed_g["model"].name_or_path) == ("smollm2-135m", "gemma3-270m")
-    trainer_s = {k: v for k, v in dict(cfg_s.trainer).items() if k != "output_dir"}
-    trainer_g = {k: v for k, v in dict(cfg_g.trainer).items() if k != "output_dir"}
+    parsed_s = detox.parse_args(["experiment=embedded_smollm2"])
+    parsed_g = detox.parse_args(["experiment=embedded_gemma3"])
+    assert (parsed_s.model.name_or_path, parsed_g.model.name_or_path) == ("smollm2-135m", "gemma3-270m")
+    trainer_s = {k: v for k, v in parsed_s.config["trainer"].items() if k != "output_dir"}
+    trainer_g = {k: v for k, v in parsed_g.config["trainer"].items() if k != "output_dir"}
     assert trainer_s == trainer_g  # universality: the same configuration for both families
-    assert cfg_s.peft == cfg_g.peft and cfg_s.peft.use_peft
-    assert parsed_s["peft"].r == 16 and parsed_s["peft"].target_modules == "all-linear"
+    assert parsed_s.config["peft"] == parsed_g.config["peft"] and parsed_s.config["peft"]["use_peft"]
+    assert parsed_s.peft.r == 16 and parsed_s.peft.target_modules == "all-linear"
 
 
 def test_overrides_as_written():
-    _, parsed = detox.parse_config(
+    parsed = detox.parse_args(
         ["experiment=embedded_gemma3", "data.path=/some/file.csv", "output_dir=/tmp/x", "trainer.max_steps=7"]
     )
-    assert parsed["model"].name_or_path == "gemma3-270m"
-    assert parsed["data"].path == "/some/file.csv"
-    assert parsed["trainer"].output_dir == "/tmp/x" and parsed["trainer"].max_steps == 7
+    assert parsed.model.name_or_path == "gemma3-270m"
+    assert parsed.data.path == "/some/file.csv"
+    assert parsed.trainer.output_dir == "/tmp/x" and parsed.trainer.max_steps == 7
     for value, expected in [("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"), ("/models/mine", "/models/mine"),
                             ("gemma3-270m", "gemma3-270m"), ("llama2-7b", "meta-llama/Llama-2-7b-hf"),
                             ("falcon-7b", "tiiuae/falcon-7b")]:
-        _, parsed = detox.parse_config([f"model={value}"])
-        assert parsed["model"].name_or_path == expected
-    _, parsed = detox.parse_config(["trainer=paper", "data=authors_reference"])
-    assert parsed["peft"] is None and parsed["trainer"].learning_rate == 5e-5
+        parsed = detox.parse_args([f"model={value}"])
+        assert parsed.model.name_or_path == expected
+    parsed = detox.parse_args(["trainer=paper", "data=authors_reference"])
+    assert parsed.peft is None and parsed.trainer.learning_rate == 5e-5
     with pytest.raises(Exception, match="not_a_field"):
-        detox.parse_config(["+trainer.not_a_field=1"])
+        detox.parse_args(["+trainer.not_a_field=1"])
 
 
 def test_data_path_resolution(tmp_path):
@@ -113,7 +112,7 @@ def test_recipe_end_to_end_with_a_local_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    summary = detox.main(_tiny_overrides(tmp_path, out))
+    summary = detox.run(detox.parse_args(_tiny_overrides(tmp_path, out))).summary
     # The run wrote everything it promises.
     for name in ("config.yaml", "README.md", "adapter_config.json", "detox_eval.jsonl", "selected_checkpoint.json",
                  "train_summary.json", "train_summary.md", "loss.png"):
@@ -135,19 +134,19 @@ def test_recipe_end_to_end_with_a_local_model(tmp_path):
 
     # Relaunching the finished run resumes from its last checkpoint: no step and no evaluation is repeated.
     lines = (out / "detox_eval.jsonl").read_text().splitlines()
-    again = detox.main(_tiny_overrides(tmp_path, out))
+    again = detox.run(detox.parse_args(_tiny_overrides(tmp_path, out))).summary
     assert again["resumed_from"].endswith("checkpoint-4") and again["train"]["global_step"] == 4
     assert (out / "detox_eval.jsonl").read_text().splitlines() == lines
 
 
 def test_recipe_full_finetuning_and_resume_false(tmp_path):
     out = tmp_path / "out"
-    summary = detox.main(_tiny_overrides(tmp_path, out, **{"peft.use_peft": "false", "eval.enabled": "false",
-                                                           "trainer.max_steps": 2}))
+    summary = detox.run(detox.parse_args(_tiny_overrides(tmp_path, out, **{
+        "peft.use_peft": "false", "eval.enabled": "false", "trainer.max_steps": 2}))).summary
     assert (out / "model.safetensors").is_file() and not (out / "merged").exists()
     assert "selection" not in summary
     with pytest.raises(FileExistsError, match="resume=false"):
-        detox.main(_tiny_overrides(tmp_path, out, resume="false"))
+        detox.run(detox.parse_args(_tiny_overrides(tmp_path, out, resume="false")))
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""recipes/distill.py end to end on a tiny local model: stages, outputs, caching, overrides."""
+"""The distill stage (unidetox.distill.pipeline, recipes/distill.py) end to end on a tiny local model: stages,
+outputs, caching, overrides."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -8,38 +8,32 @@ from pathlib import Path
 import pytest
 from tiny import tiny_llama, word_tokenizer
 
+from unidetox.distill import pipeline
+from unidetox.hydra_config import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-from unidetox.hydra_config import CONF_DIR  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "distill" / "experiment").glob("*.yaml"))
 
 
-def _recipe():
-    if "distill_recipe" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distill_recipe", REPO / "recipes" / "distill.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["distill_recipe"] = module  # dataclasses resolve string annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["distill_recipe"]
-
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_parses(experiment):
-    cfg, args = _recipe().parse_config([f"experiment={experiment}"])
-    assert args["sampler"].alpha == 0.1 and args["sampler"].top_k == 0 and args["sampler"].top_p == 1.0
-    assert args["distill"].num_samples >= 128 and cfg.output_dir.startswith("runs/")
+    args = pipeline.parse_args([f"experiment={experiment}"])
+    assert args.sampler.alpha == 0.1 and args.sampler.top_k == 0 and args.sampler.top_p == 1.0
+    assert args.distill.num_samples >= 128 and args.output_dir.startswith("runs/")
 
 
 def test_overrides_as_written():
-    cfg, args = _recipe().parse_config([
+    args = pipeline.parse_args([
         "output_dir=runs/x", "distill.num_samples=256", "seed=1", "sampler.alpha=0.2",
         "anti_expert.pretrained_path=runs/y/anti_expert", "distill.fused=false", "model=gemma3-270m",
     ])
-    assert cfg.output_dir == "runs/x" and cfg.seed == 1 and args["distill"].num_samples == 256
-    assert args["sampler"].alpha == 0.2 and args["anti_expert"].pretrained_path == "runs/y/anti_expert"
-    assert args["distill"].fused is False and args["model"].name_or_path == "gemma3-270m"
+    assert args.output_dir == "runs/x" and args.seed == 1 and args.distill.num_samples == 256
+    assert args.sampler.alpha == 0.2 and args.anti_expert.pretrained_path == "runs/y/anti_expert"
+    assert args.distill.fused is False and args.model.name_or_path == "gemma3-270m"
     with pytest.raises(ValueError, match="alpha"):
-        _recipe().parse_config(["sampler.alpha=1.5"])
+        pipeline.parse_args(["sampler.alpha=1.5"])
 
 
 def test_recipe_end_to_end_then_cached(tmp_path):
@@ -57,7 +51,7 @@ def test_recipe_end_to_end_then_cached(tmp_path):
         "anti_expert.logging_steps=1", "distill.num_samples=5", "distill.max_length=6", "distill.batch_size=2",
         "distill.start_token=null", "distill.summary_num_samples=2",
     ]
-    run = _recipe().main(overrides)
+    run = pipeline.run(pipeline.parse_args(overrides)).to_dict()
     assert run["stages"]["anti_expert"]["trained_now"] is True
     assert run["stages"]["anti_expert"]["global_steps"] == 3
     assert run["stages"]["distill"]["num_samples"] == 5 and run["stages"]["distill"]["decoding"] == "fused-lora"
@@ -68,14 +62,15 @@ def test_recipe_end_to_end_then_cached(tmp_path):
     assert meta["num_samples"] == 5 and set(meta["summary"]) >= {"distilled", "base", "anti_expert"}
     stamp = (out / "distilled" / "metadata.json").stat().st_mtime_ns
 
-    again = _recipe().main(overrides)  # everything cached: no training, no sampling
+    again = pipeline.run(pipeline.parse_args(overrides)).to_dict()  # everything cached: no training, no sampling
     assert again["stages"]["anti_expert"]["trained_now"] is False
     assert (out / "distilled" / "metadata.json").stat().st_mtime_ns == stamp
 
     # The same anti-expert passed by path is named as the run that trained it names it (path@fingerprint), so
     # texts sampled with it count as the same texts (a larger build reuses the smaller one's shards).
-    reuse = _recipe().main([*overrides[:2], f"output_dir={tmp_path / 'reuse'}", f"anti_expert.pretrained_path={out}/anti_expert",
-                            *overrides[3:]])
+    reuse = pipeline.run(pipeline.parse_args([*overrides[:2], f"output_dir={tmp_path / 'reuse'}",
+                                              f"anti_expert.pretrained_path={out}/anti_expert", *overrides[3:]]))
+    reuse = reuse.to_dict()
     reused = json.loads((tmp_path / "reuse" / "distilled" / "metadata.json").read_text())
     assert reuse["stages"]["anti_expert"]["trained_now"] is False
     assert reused["anti_expert"] == meta["anti_expert"] and reused["anti_expert"].startswith(f"{out}/anti_expert@")

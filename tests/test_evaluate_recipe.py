@@ -1,6 +1,6 @@
-"""End-to-end runs of recipes/evaluate.py on tiny in-process models and a tiny copy of the data layout."""
+"""End-to-end runs of the evaluate stage (unidetox.evaluation.pipeline, recipes/evaluate.py) on tiny in-process
+models and a tiny copy of the data layout."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tiny import tiny_llama, word_tokenizer
 
+from unidetox.evaluation import pipeline
 from unidetox.evaluation.metrics import expected_max_toxicity, toxicity_probability
 from unidetox.evaluation.report import read_jsonl
 
@@ -23,11 +24,9 @@ STATEMENTS = ["the cat sat on the mat", "a good friend helps people", "science h
               "we should treat everyone with respect", "the weather is nice today"]
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", REPO / "recipes" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def evaluate(overrides):
+    """The evaluate stage from Python, as the recipe and the CLI run it: the report."""
+    return pipeline.run(pipeline.parse_args(overrides)).report
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def overrides(root, out, *extra):
 @pytest.fixture(scope="module")
 def first_run(setup):
     out = setup / "out"
-    report = load_recipe().main(overrides(setup, out))
+    report = evaluate(overrides(setup, out))
     return setup, out, report
 
 
@@ -115,7 +114,7 @@ def test_resume_redoes_only_missing_parts(first_run):
     victim.unlink()
     mtimes = {p: p.stat().st_mtime_ns for p in parts if p != victim}
     before = read_jsonl(out / "generations.jsonl")
-    again = load_recipe().main(overrides(root, out))
+    again = evaluate(overrides(root, out))
     assert victim.is_file()
     changed = [p for p, t in mtimes.items() if p.stat().st_mtime_ns != t]
     # the re-generated seed's conditional perplexity is redone (its generations' fingerprint is the same, so
@@ -127,17 +126,16 @@ def test_resume_redoes_only_missing_parts(first_run):
 
 
 def test_runs_sharing_parts_dir_reuse_each_others_parts(first_run, tmp_path):
-    """One run per model into a shared parts_dir (what recipes/replicate.py does per model), then one run over both
+    """One run per model into a shared parts_dir (what the replication does per model), then one run over both
     models: the joint run writes no part, and its numbers are the single run's (first_run, same settings)."""
     root, _, single = first_run
     parts = tmp_path / "parts"
-    recipe = load_recipe()
     for i in range(2):
-        recipe.main([*overrides(root, tmp_path / f"m{i}"), f"models=[{root / f'm{i}'}]", f"parts_dir={parts}"])
+        evaluate([*overrides(root, tmp_path / f"m{i}"), f"models=[{root / f'm{i}'}]", f"parts_dir={parts}"])
     assert not (tmp_path / "m0" / "parts").exists()
     mtimes = {p: p.stat().st_mtime_ns for p in parts.rglob("*.json*")}
     assert len(mtimes) > 2 * 2 * 2  # per model: generations + conditional perplexity per seed, WikiText, MMLU
-    joint = recipe.main([*overrides(root, tmp_path / "joint"), f"parts_dir={parts}"])
+    joint = evaluate([*overrides(root, tmp_path / "joint"), f"parts_dir={parts}"])
     assert {p: p.stat().st_mtime_ns for p in parts.rglob("*.json*")} == mtimes
     for key in single["models"]:
         for metric in ("toxicity_probability", "expected_max_toxicity", "conditional_perplexity", "distinct_2"):
@@ -147,7 +145,7 @@ def test_runs_sharing_parts_dir_reuse_each_others_parts(first_run, tmp_path):
 
 def test_changed_setting_is_recomputed(first_run, tmp_path):
     root, out, _ = first_run
-    report = load_recipe().main(overrides(root, out, "eval.num_samples=2", "mmlu.enabled=false",
+    report = evaluate(overrides(root, out, "eval.num_samples=2", "mmlu.enabled=false",
                                           "perplexity.wikitext=false"))
     assert report["models"][str(root / "m0")]["per_seed"]["0"]["num_samples"] == 2 * len(STATEMENTS)
     assert len(read_jsonl(out / "generations.jsonl")) == 2 * 2 * len(STATEMENTS) * 2
@@ -157,7 +155,7 @@ def test_prompt_file_and_contrastive_decoding(setup, tmp_path):
     prompts = tmp_path / "rtp.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": {"text": s}}) for s in STATEMENTS[:3]) + "\n")
     out = tmp_path / "out"
-    report = load_recipe().main([
+    report = evaluate([
         f"models=[{setup / 'm0'}]", f"data_dir={setup / 'data'}", f"prompts.path={prompts}",
         "prompts.field=prompt.text", "eval.num_samples=2", "eval.max_new_tokens=3", "seeds=[0]",
         "perplexity.reference_model=null", "perplexity.wikitext=false", "mmlu.enabled=false",
@@ -175,14 +173,13 @@ def test_prompt_file_and_contrastive_decoding(setup, tmp_path):
 
 
 def test_clear_errors(setup, tmp_path):
-    recipe = load_recipe()
     with pytest.raises(FileNotFoundError, match="No model at"):
-        recipe.main([f"models=[{tmp_path / 'nope'}]", f"data_dir={setup / 'data'}", f"output_dir={tmp_path}",
+        evaluate([f"models=[{tmp_path / 'nope'}]", f"data_dir={setup / 'data'}", f"output_dir={tmp_path}",
                      "mmlu.enabled=false", "perplexity.wikitext=false", "perplexity.reference_model=null"])
     with pytest.raises(ValueError, match="Unknown scorer"):
-        recipe.main([f"data_dir={setup / 'data'}", "scorer.name=bogus", f"output_dir={tmp_path}"])
+        evaluate([f"data_dir={setup / 'data'}", "scorer.name=bogus", f"output_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="WikiText"):
-        recipe.main([f"models=[{setup / 'm0'}]", f"data_dir={tmp_path}", f"prompts.path={setup / 'data' / 'toxigen'}"
+        evaluate([f"models=[{setup / 'm0'}]", f"data_dir={tmp_path}", f"prompts.path={setup / 'data' / 'toxigen'}"
                      "/annotated_train/toxigen_annotated_train.csv", f"output_dir={tmp_path}", "mmlu.enabled=false"])
 
 
@@ -190,7 +187,7 @@ def test_two_processes_shard_and_gather_once(first_run, tmp_path):
     """accelerate launch with 2 CPU processes gives the same generations and scores as one process."""
     root, out, _ = first_run
     single = tmp_path / "single"
-    load_recipe().main(overrides(root, single, "mmlu.enabled=false"))
+    evaluate(overrides(root, single, "mmlu.enabled=false"))
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # `--cpu` alone runs one process (accelerate's multi-CPU launch needs MPI); --multi_gpu goes through torchrun

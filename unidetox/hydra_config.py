@@ -6,22 +6,31 @@ primary config ``conf/<recipe>.yaml``; groups shared by all recipes live in ``co
 that belong to one recipe in ``conf/<recipe>/`` (added to the search path), so ``experiment=embedded_smollm2``
 means the distill experiment in the distill recipe and the detox experiment in the detox recipe.
 
+The hand-off is strict, so that a typo fails at once with the key in the message: a top-level key that no config
+defines is rejected (nested keys are checked by the dataclass of their section), and every value is converted to
+its field's annotated type where that loses nothing, or rejected.
+
 Hydra is imported lazily: the rest of the library works without it.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import math
 import os
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
+from unidetox.secret_masking import mask_secrets
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_form_groups: Sequence[str]) -> list[str]:
@@ -38,6 +47,38 @@ def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_
     return rewritten
 
 
+def _hydra_quoted(value) -> str:
+    """``value`` as a double-quoted Hydra override value, in which '=', spaces and brackets are plain text."""
+    return '"' + str(value).replace('"', '\\"') + '"'
+
+
+def _parse_overrides(overrides: Sequence[str]):
+    """Hydra's parsed overrides; a ``ValueError`` naming the one Hydra's grammar rejects and how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        key, sep, value = err.override.partition("=")
+        fix = ("a value holding '=', spaces, brackets or commas has to be quoted: pass "
+               f"'{key}={_hydra_quoted(value)}' (shell single quotes around, double quotes inside)"
+               if sep else "overrides are key=value")
+        raise ValueError(f"Cannot parse the override {err.override!r}: {fix}.\nHydra says: {err}") from err
+
+
+def _top_key(override) -> str:
+    return override.key_or_group.split(".")[0]
+
+
+def _adds_to_top_level(override, group_dirs: Sequence[Path]) -> bool:
+    """True for ``+key...=``/``++key...=`` overrides that may create a top-level key (not a group, not Hydra's)."""
+    key = override.key_or_group
+    if not (override.is_add() or override.is_force_add()) or "/" in key or _top_key(override) in ("hydra", "data_dir"):
+        return False
+    return "." in key or not any((d / key).is_dir() for d in group_dirs)
+
+
 def compose_config(
     recipe: str,
     overrides: Sequence[str] = (),
@@ -46,7 +87,8 @@ def compose_config(
 ):
     """Compose ``conf/<recipe>.yaml`` with command-line style ``overrides`` and return a resolved DictConfig.
 
-    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden.
+    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
+    override Hydra cannot parse (saying how to quote it) and for a top-level key that no config defines.
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -55,14 +97,27 @@ def compose_config(
     conf_dir = conf_dir.resolve()
     if not (conf_dir / f"{recipe}.yaml").is_file():
         raise FileNotFoundError(f"No primary config {conf_dir / (recipe + '.yaml')}; pass conf_dir=...")
+    parsed = _parse_overrides(overrides)
     overrides = _rewrite_free_form_overrides(list(overrides), conf_dir, free_form_groups)
     extra = []
     if (conf_dir / recipe).is_dir():
         extra.append(f"hydra.searchpath=[file://{conf_dir / recipe}]")
-    if not any(o.split("=", 1)[0].lstrip("+~") == "data_dir" for o in overrides):
-        extra.append(f"++data_dir={default_data_dir()}")
+    if not any(o.key_or_group == "data_dir" for o in parsed):
+        extra.append(f"++data_dir={_hydra_quoted(default_data_dir())}")
+    additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, (conf_dir / recipe, conf_dir))}
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=recipe):
         cfg = compose(config_name=recipe, overrides=extra + overrides)
+        if additions:  # the top-level keys the configs define: the same composition without those additions
+            known = set(compose(config_name=recipe,
+                                overrides=extra + [o for i, o in enumerate(overrides) if i not in additions]))
+            unknown = [f"{_top_key(parsed[i])!r} (from {parsed[i].input_line!r})" for i in sorted(additions)
+                       if _top_key(parsed[i]) not in known]
+            if unknown:
+                raise ValueError(
+                    f"Unknown top-level config key {', '.join(unknown)}: no {recipe} config defines it, so the recipe "
+                    f"would ignore it. The known top-level keys are {', '.join(sorted(known))}; set a field under "
+                    "one of them (section.field=value) or drop the override."
+                )
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -75,29 +130,179 @@ def to_container(section) -> dict[str, Any]:
     return dict(section or {})
 
 
-def parse_dataclass(section, dataclass_type):
+def _type_name(annotation) -> str:
+    if annotation is type(None):
+        return "None"
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"{annotation.__name__} (one of {', '.join(repr(m.value) for m in annotation)})"
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
+
+
+def _mismatch(key: str, value, annotation) -> ValueError:
+    return ValueError(f"{key}={value!r}: expected {_type_name(annotation)}, got {type(value).__name__}. Set {key} "
+                      "to a value of that type (a string that looks like a number or a bool: quote it).")
+
+
+def _is_exactly(value, annotation) -> bool:
+    """``value`` already has the type ``annotation`` names (``True`` is no int, ``5`` is no float)."""
+    if annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(value == a and type(value) is type(a) for a in get_args(annotation))
+    kind = get_origin(annotation) or annotation
+    return isinstance(kind, type) and isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def _coerced(value, annotation, key: str, shown=None):
+    """``value`` converted to ``annotation`` where that loses nothing, else a ``ValueError`` naming ``key``.
+
+    Checks bool, int, float, str, enums, ``Literal``, ``list[X]``, ``dict[K, V]`` and unions of them; any other
+    annotation (and ``None``, which the dataclass judges itself) leaves the value as it is. ``shown`` is the
+    annotation an error names (the whole ``X | None`` rather than ``X``).
+    """
+    shown = annotation if shown is None else shown
+    origin, args = get_origin(annotation), get_args(annotation)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _coerced(value, members[0], key, shown)
+        if any(_is_exactly(value, m) for m in members):
+            return value
+        for member in members:  # the first member the value converts to; one that cannot be checked takes it
+            try:
+                return _coerced(value, member, key)
+            except ValueError:
+                continue
+        raise _mismatch(key, value, shown)
+    if origin is Literal:
+        if _is_exactly(value, annotation):
+            return value
+        raise _mismatch(key, value, shown)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise _mismatch(key, value, shown) from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        raise _mismatch(key, value, shown)
+    if annotation is int:
+        number = value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                number = _float_or_none(value)
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise _mismatch(key, value, shown)
+    if annotation is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = _float_or_none(value)
+        # An int stays an int: it is a valid float, and TrainingArguments' float step fields (a ratio below 1)
+        # count steps as ints (save_steps=1 is one step, not 1.0).
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            return number
+        raise _mismatch(key, value, shown)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise _mismatch(key, value, shown)
+    if (origin or annotation) is list:
+        item = args[0] if args else Any
+        if isinstance(value, (list, tuple)):
+            return [_coerced(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, (str, int, float)):  # one item: a list of it
+            return [_coerced(value, item, key)]
+        raise _mismatch(key, value, shown)
+    if (origin or annotation) in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _mismatch(key, value, shown)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _coerced(v, item, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
+
+
+def _reject_nan(value, key: str) -> None:
+    """NaN is never a valid config number (it passes every ``<``/``>`` check); infinity is."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{key}={value!r}: NaN is not a valid config number. Set {key} to a number (inf is allowed).")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _reject_nan(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_nan(v, f"{key}[{i}]")
+
+
+def parse_dataclass(section, dataclass_type, *, name: str | None = None):
     """Build an HF-style dataclass (``TrainingArguments`` subclasses included) from a config section.
 
-    Goes through ``HfArgumentParser.parse_dict`` so the dataclass's own ``__post_init__`` checks run, and unknown
-    keys raise instead of being silently dropped.
+    Each value is first converted to its field's annotated type where that loses nothing (``"5"`` -> 5 for an
+    int, 5 -> 5.0 for a float, ``"true"`` -> True for a bool); a value that does not fit, and NaN anywhere, raise
+    ``ValueError`` naming ``<name>.<field>`` (pass the section's ``name``; without it the bare field name). Then
+    ``HfArgumentParser.parse_dict`` builds the dataclass, so its own ``__post_init__`` checks run and unknown keys
+    raise instead of being silently dropped.
     """
     from transformers import HfArgumentParser
 
     assert is_dataclass(dataclass_type)
-    values = {k: v for k, v in to_container(section).items() if v is not None or k in {f.name for f in fields(dataclass_type)}}
-    (parsed,) = HfArgumentParser(dataclass_type).parse_dict(values, allow_extra_keys=False)
+    parser = HfArgumentParser(dataclass_type)  # raises itself for annotations it cannot resolve
+    hints = get_type_hints(dataclass_type)
+    field_names = {f.name for f in fields(dataclass_type)}
+    values = {}
+    for key, value in to_container(section).items():
+        if key in field_names:
+            where = f"{name}.{key}" if name else key
+            values[key] = _coerced(value, hints[key], where)
+            _reject_nan(values[key], where)
+        elif value is not None:  # parse_dict names it as an unknown key
+            values[key] = value
+    (parsed,) = parser.parse_dict(values, allow_extra_keys=False)
     return parsed
 
 
 def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path | None:
-    """Write the resolved config on the main process only (rank from the usual launcher env variables)."""
+    """Write the resolved config (``.yaml`` and ``.json``, secrets masked) on the main process only.
+
+    The rank comes from the usual launcher env variables (:func:`unidetox.processes.is_main_process`).
+    """
     from omegaconf import OmegaConf
 
     if not is_main_process():
         return None
+    masked = mask_secrets(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    OmegaConf.save(cfg, path, resolve=True)
-    (out / (Path(name).stem + ".json")).write_text(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=2))
+    OmegaConf.save(OmegaConf.create(masked), path)
+    (out / (Path(name).stem + ".json")).write_text(json.dumps(masked, indent=2))
     return path

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,9 @@ def select_checkpoint(
     """The least toxic checkpoint whose perplexity is at most ``(1 + max_ppl_increase)`` x the baseline's.
 
     The baseline is the step-0 evaluation (the model before fine-tuning), which :class:`DetoxEvalCallback` logs
-    when ``eval_at_start`` is on. Checkpoints are ranked by ``metric`` (``"expected_max_toxicity"`` or
-    ``"toxicity_probability"``), ties broken by the other toxicity metric, then by lower perplexity, then by the
-    earlier step.
+    when ``eval_at_start`` is on. The rule is :func:`choose_configuration`'s over this run's checkpoints: ranked by
+    ``metric`` (``"expected_max_toxicity"`` or ``"toxicity_probability"``), ties broken by the other toxicity
+    metric, then by lower perplexity, then by the earlier step.
 
     Args:
         output_dir: the training run's output directory.
@@ -112,7 +113,7 @@ def select_checkpoint(
         require_exists: skip records whose checkpoint directory no longer exists.
 
     Example:
-        >>> from unidetox.callbacks import select_checkpoint
+        >>> from unidetox.detox.selection import select_checkpoint
         >>> choice = select_checkpoint("runs/detox-smollm2", max_ppl_increase=0.1)  # doctest: +SKIP
         >>> choice.path, choice.metrics["expected_max_toxicity"], choice.perplexity_increase  # doctest: +SKIP
     """
@@ -137,32 +138,129 @@ def select_checkpoint(
         )
     if baseline.get("perplexity") is None:
         raise ValueError("The baseline evaluation has no perplexity; give DetoxEvalCallback `perplexity_texts`.")
-    other = next(m for m in METRICS if m != metric)
     bound = baseline["perplexity"] * (1.0 + max_ppl_increase)
-    candidates, within = [], []
-    for record in records:
-        if record["step"] == 0:
-            continue
-        checkpoint = record.get("checkpoint")
-        exists = bool(checkpoint) and Path(checkpoint).is_dir()
-        if require_exists and not exists:
-            continue
-        ok = record.get("perplexity") is not None and record["perplexity"] <= bound
-        candidates.append({"step": record["step"], "checkpoint": checkpoint, metric: record[metric],
-                           "perplexity": record.get("perplexity"), "within_bound": ok})
-        if ok:
-            within.append(record)
-    if not within:
-        table = ", ".join(
-            f"step {c['step']}: ppl {c['perplexity']}" for c in candidates
-        ) or "no checkpoints on disk"
+    checkpoints = [r for r in records if r["step"] != 0 and (
+        not require_exists or (bool(r.get("checkpoint")) and Path(r["checkpoint"]).is_dir()))]
+    candidates = [{"step": r["step"], "checkpoint": r.get("checkpoint"), metric: r[metric],
+                   "perplexity": r.get("perplexity"),
+                   "within_bound": r.get("perplexity") is not None and r["perplexity"] <= bound} for r in checkpoints]
+    scored = [r for r in checkpoints if r.get("perplexity") is not None]
+    try:
+        if not scored:
+            raise ValueError("no scored checkpoints")
+        choice, _ = choose_configuration(
+            [{**r, "run": str(output_dir), "baseline": r["step"] == 0, "config": {"steps": r["step"]}}
+             for r in (baseline, *scored)],
+            max_ppl_increase=max_ppl_increase, metric=metric, on_empty="raise")
+    except ValueError:
+        table = ", ".join(f"step {c['step']}: ppl {c['perplexity']}" for c in candidates) or "no checkpoints on disk"
         raise ValueError(
             f"No checkpoint in {output_dir} keeps perplexity within +{max_ppl_increase:.1%} of the baseline "
             f"{baseline['perplexity']:.3f} (bound {bound:.3f}); {table}. Raise max_ppl_increase, or lower the "
             "learning rate / steps."
-        )
-    best = min(within, key=lambda r: (r[metric], r[other], r["perplexity"], r["step"]))
+        ) from None
+    best = next(r for r in scored if r["step"] == choice["step"])
     return CheckpointSelection(
         path=best["checkpoint"], step=best["step"], metrics=best, baseline=baseline,
         max_ppl_increase=float(max_ppl_increase), metric=metric, candidates=candidates,
     )
+
+
+def choose_configuration(
+    grid_records: Sequence[Mapping[str, Any]],
+    max_ppl_increase: float = 0.1,
+    metric: str = "expected_max_toxicity",
+    on_empty: str = "raise",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The paper's rule: the least toxic candidate whose perplexity is at most ``(1 + max_ppl_increase)`` x the base's.
+
+    ``grid_records``: one mapping per (grid run, checkpoint) with ``run``, ``config``, ``perplexity`` and both
+    toxicity metrics; records with ``baseline: true`` (default: ``step == 0``) are the model before any change and
+    give the perplexity bound of their ``run`` (a run without its own baseline uses the mean of all baselines, so a
+    single base record serves a sweep such as the task-vector lambdas). Candidates are ranked by ``metric``, then
+    the other toxicity metric, then lower perplexity, then fewer steps, then run name.
+
+    ``on_empty``: what happens when no candidate is within the bound: ``"raise"`` (ValueError) or ``"closest"``
+    (the candidate with the smallest perplexity increase, flagged ``within_bound: false`` in the choice).
+
+    Returns ``(choice, table)``: the chosen record with ``perplexity_increase``, ``bound`` and ``within_bound``, and
+    every record (baselines included) with those columns and ``chosen``.
+
+    Example:
+        >>> from unidetox.detox.selection import choose_configuration
+        >>> records = [
+        ...     {"run": "a", "step": 0, "config": {"lr": 1e-4, "steps": 0}, "perplexity": 10.0,
+        ...      "toxicity_probability": 0.8, "expected_max_toxicity": 0.7},
+        ...     {"run": "a", "step": 50, "config": {"lr": 1e-4, "steps": 50}, "perplexity": 12.0,
+        ...      "toxicity_probability": 0.2, "expected_max_toxicity": 0.2},
+        ...     {"run": "a", "step": 25, "config": {"lr": 1e-4, "steps": 25}, "perplexity": 10.5,
+        ...      "toxicity_probability": 0.5, "expected_max_toxicity": 0.4},
+        ... ]
+        >>> choice, table = choose_configuration(records, max_ppl_increase=0.1)
+        >>> choice["config"]["steps"]  # step 50 is less toxic but +20% perplexity
+        25
+    """
+    if metric not in METRICS:
+        raise ValueError(f"`metric` has to be one of {METRICS}, but is {metric!r}.")
+    if not (isinstance(max_ppl_increase, (int, float)) and math.isfinite(max_ppl_increase) and max_ppl_increase >= 0):
+        raise ValueError(
+            f"`max_ppl_increase` is the allowed relative perplexity increase (0.1 = +10%) and has to be a finite "
+            f"number >= 0, but is {max_ppl_increase!r}."
+        )
+    if on_empty not in ("raise", "closest"):
+        raise ValueError(f"`on_empty` has to be 'raise' or 'closest', but is {on_empty!r}.")
+    records = [dict(r) for r in grid_records]
+    for r in records:
+        r.setdefault("baseline", r.get("step") == 0)
+        missing = [k for k in (*METRICS, "perplexity") if r.get(k) is None and not (k != "perplexity" and r["baseline"])]
+        if missing:
+            raise ValueError(f"Grid record {r.get('run')} step {r.get('step')} lacks {missing}.")
+    baselines: dict[Any, list[float]] = {}
+    for r in records:
+        if r["baseline"]:
+            baselines.setdefault(r.get("run"), []).append(float(r["perplexity"]))
+    if not baselines:
+        raise ValueError(
+            "No baseline record (step 0 / baseline: true) to compare perplexity against; evaluate the model before "
+            "any change (DetoxEvalCallback eval_at_start=True, or the base model in the lambda sweep)."
+        )
+    pooled = [v for values in baselines.values() for v in values]
+    overall = sum(pooled) / len(pooled)
+    other = next(m for m in METRICS if m != metric)
+    table, candidates = [], []
+    for r in records:
+        ref = baselines.get(r.get("run"))
+        base_ppl = sum(ref) / len(ref) if ref else overall
+        bound = base_ppl * (1.0 + max_ppl_increase)
+        r["baseline_perplexity"] = base_ppl
+        r["bound"] = bound
+        r["perplexity_increase"] = float(r["perplexity"]) / base_ppl - 1.0
+        r["within_bound"] = float(r["perplexity"]) <= bound
+        r["chosen"] = False
+        table.append(r)
+        if not r["baseline"]:
+            candidates.append(r)
+    if not candidates:
+        raise ValueError("The grid has only baseline records; train at least one configuration.")
+    within = [r for r in candidates if r["within_bound"]]
+
+    def rank(r):
+        return (r[metric], r[other], r["perplexity"], r.get("step") or 0, str(r.get("run")))
+
+    if within:
+        best = min(within, key=rank)
+    elif on_empty == "closest":
+        best = min(candidates, key=lambda r: (r["perplexity_increase"], *rank(r)))
+        logger.warning("No candidate keeps perplexity within +%.1f%%; taking the closest (%+.1f%%).",
+                       100 * max_ppl_increase, 100 * best["perplexity_increase"])
+    else:
+        closest = min(candidates, key=lambda r: r["perplexity_increase"])
+        raise ValueError(
+            f"No candidate keeps perplexity within +{max_ppl_increase:.1%} of its baseline; the closest is "
+            f"{closest.get('run')} step {closest.get('step')} at {closest['perplexity_increase']:+.1%}. Raise "
+            "max_ppl_increase, lower the learning rates / steps of the grid, or pass on_empty='closest'."
+        )
+    best["chosen"] = True
+    choice = {**best, "metric": metric, "max_ppl_increase": float(max_ppl_increase),
+              "num_candidates": len(candidates), "num_within_bound": len(within)}
+    return choice, table

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.io import read_json
 from unidetox.models import load_model_and_tokenizer, load_tokenizer, parse_dtype
 from unidetox.processes import gather_objects, process_state, wait_for_everyone
+from unidetox.secret_masking import mask_secrets
 
 
 @dataclass
@@ -117,15 +119,6 @@ def _load(name_or_path: str, dtype: str | None, device):
     return model.to(device).eval(), tokenizer
 
 
-def _read_json(path):
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def run_evaluation(
     models: Sequence[str],
     seeds: Sequence[int],
@@ -196,6 +189,12 @@ def run_evaluation(
             beta = "" if decoding_config.beta is None else f", beta={decoding_config.beta}"
             entries.append(_Entry(f"{name} + UniDetox decoding (alpha={decoding_config.alpha}{beta})", name, True))
 
+    # The scorer first: an unavailable one (no weights, no key) fails before any model is loaded.
+    scorer_kwargs = {}
+    if scorer_config.name == "perspective" and procs.num_processes > 1:
+        scorer_kwargs["qps"] = scorer_config.qps / procs.num_processes  # the quota is shared
+    scorer = build_scorer(scorer_config, **scorer_kwargs)
+
     prompt_ids = [p.id for p in prompts]
     generation_settings = {
         "prompts": _fingerprint(prompt_ids),
@@ -213,7 +212,7 @@ def run_evaluation(
         return parts_root / model_slug(entry.key)
 
     def is_done(meta_path: Path, fingerprint: str) -> bool:
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         return bool(meta) and meta.get("fingerprint") == fingerprint
 
     wikitext_settings = {"path": None, "max_length": perplexity_config.max_length,
@@ -228,7 +227,6 @@ def run_evaluation(
     mmlu_questions = mmlu_dev = None
     if mmlu_config.enabled:
         mmlu_questions, mmlu_dev = load_mmlu(mmlu_config, data_dir)
-    scorer = None
     anti_expert = None
 
     # ---- per model: generations + scores per seed, WikiText, MMLU ------------------------------------------
@@ -245,11 +243,6 @@ def run_evaluation(
             continue
         model, tokenizer = _load(name, dtype, procs.device)
         for entry, seed in todo_gen:
-            if scorer is None:
-                scorer_kwargs = {}
-                if scorer_config.name == "perspective" and procs.num_processes > 1:
-                    scorer_kwargs["qps"] = scorer_config.qps / procs.num_processes  # the quota is shared
-                scorer = build_scorer(scorer_config, **scorer_kwargs)
             factory = None
             if entry.contrastive:
                 if anti_expert is None:
@@ -372,11 +365,11 @@ def run_evaluation(
         cond_seconds = 0.0
         for seed in seeds:
             records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
-            meta = _read_json(part_dir(entry) / f"seed{seed}.json")
+            meta = read_json(part_dir(entry) / f"seed{seed}.json")
             all_records.extend(records)
             metrics = seed_toxicity_metrics(records, eval_config.toxic_threshold)
             metrics.update({k: meta[k] for k in ("generation_s", "scoring_s", "generated_tokens")})
-            cond = _read_json(part_dir(entry) / f"conditional_ppl_seed{seed}.json") if reference else None
+            cond = read_json(part_dir(entry) / f"conditional_ppl_seed{seed}.json") if reference else None
             if cond:
                 metrics["conditional_perplexity"] = cond["conditional_perplexity"]
                 metrics["conditional_perplexity_token"] = cond["conditional_perplexity_token"]
@@ -390,11 +383,11 @@ def run_evaluation(
         plain = next((e for e in entries if e.name_or_path == entry.name_or_path and not e.contrastive), None)
         wikitext = mmlu = None
         if plain is not None and perplexity_config.wikitext:
-            wikitext = _read_json(part_dir(plain) / "wikitext.json")
+            wikitext = read_json(part_dir(plain) / "wikitext.json")
             timing["wikitext_s"] = wikitext["seconds"]
             wikitext = {k: wikitext[k] for k in ("perplexity", "num_tokens", "max_length", "stride", "max_tokens")}
         if plain is not None and mmlu_config.enabled:
-            mmlu_part = _read_json(part_dir(plain) / "mmlu.json")
+            mmlu_part = read_json(part_dir(plain) / "mmlu.json")
             timing["mmlu_s"] = mmlu_part["seconds"]
             mmlu = {k: mmlu_part[k] for k in ("accuracy", "macro_accuracy", "num_questions", "num_subjects", "per_subject")}
         report_models[entry.key] = {
@@ -422,7 +415,7 @@ def run_evaluation(
         "perplexity": asdict(perplexity_config),
         "mmlu": asdict(mmlu_config),
         "decoding": asdict(decoding_config),
-        "config": config_dict,
+        "config": mask_secrets(config_dict),
         "num_processes": procs.num_processes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_time_s": time.perf_counter() - started,

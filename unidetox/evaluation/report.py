@@ -26,8 +26,6 @@ from unidetox.evaluation.metrics import (
 from unidetox.evaluation.prompts import CATEGORIES, COMBINED_CATEGORIES
 from unidetox.io import atomic_write_text
 
-GENERATION_FIELDS = ("model", "seed", "prompt", "category", "continuation", "toxicity")
-
 
 def group_records_by_prompt(records: Iterable[dict]) -> OrderedDict:
     """``prompt_id (or prompt) -> {"category", "scores", "continuations"}`` in first-seen order."""

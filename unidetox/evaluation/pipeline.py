@@ -1,0 +1,132 @@
+"""The evaluate stage as one call: several models x seeds on one prompt set -> ``report.{json,md}`` and plots.
+
+:func:`parse_args` turns Hydra overrides of ``unidetox/conf/evaluate.yaml`` into :class:`EvaluateArguments`;
+:func:`run` loads the prompts, runs :func:`~unidetox.evaluation.harness.run_evaluation` and returns an
+:class:`EvaluateResult`. Finished (model, seed) parts are reused when a run is started again, also with changed
+settings: each part records the settings that made it, and only the parts a change affects are redone.
+
+Example:
+    >>> from unidetox.evaluation.pipeline import parse_args, run
+    >>> args = parse_args(["models=[smollm2-135m]", "prompts.num_prompts=20", "seeds=[0,1,2]"])  # doctest: +SKIP
+    >>> run(args).report["models"]["smollm2-135m"]["expected_max_toxicity"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, run_evaluation
+from unidetox.evaluation.mmlu import MMLUConfig
+from unidetox.evaluation.prompts import PromptsConfig, load_prompts
+from unidetox.evaluation.report import read_jsonl
+from unidetox.evaluation.scoring import ScorerConfig
+from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
+from unidetox.io import read_json
+from unidetox.processes import is_main_process
+from unidetox.run_dir import check_output_dir
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+GENERATIONS_FILE = "generations.jsonl"
+
+
+@dataclass
+class EvaluateArguments:
+    """Everything the evaluate stage needs (the sections of ``conf/evaluate.yaml``)."""
+
+    models: list[str]
+    seeds: list[int]
+    output_dir: str
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    eval: ToxicityEvalConfig = field(default_factory=ToxicityEvalConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    data_dir: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+    parts_dir: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateResult:
+    """The report (``report.json``'s content) and where it was written."""
+
+    output_dir: str
+    report: dict[str, Any]
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return self.report["models"]
+
+    def generations(self) -> list[dict[str, Any]]:
+        """Every sample with its score (``generations.jsonl``)."""
+        return read_jsonl(Path(self.output_dir) / GENERATIONS_FILE)
+
+    @classmethod
+    def load(cls, output_dir: str | Path) -> EvaluateResult | None:
+        report = read_json(Path(output_dir) / REPORT_FILE)
+        return cls(str(output_dir), report) if report else None
+
+
+def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments:
+    """Compose ``conf/evaluate.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
+    cfg = compose_config("evaluate", list(overrides), free_form_groups=())
+    models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
+    seeds = [cfg.seeds] if isinstance(cfg.seeds, int) else list(cfg.seeds)
+    return EvaluateArguments(
+        models=[str(m) for m in models],
+        seeds=[int(s) for s in seeds],
+        output_dir=str(cfg.output_dir),
+        prompts=parse_dataclass(cfg.prompts, PromptsConfig, name="prompts"),
+        eval=parse_dataclass(cfg.eval, ToxicityEvalConfig, name="eval"),
+        scorer=parse_dataclass(cfg.scorer, ScorerConfig, name="scorer"),
+        perplexity=parse_dataclass(cfg.perplexity, PerplexityConfig, name="perplexity"),
+        mmlu=parse_dataclass(cfg.mmlu, MMLUConfig, name="mmlu"),
+        decoding=parse_dataclass(cfg.decoding, DecodingConfig, name="decoding"),
+        data_dir=cfg.data_dir,
+        dtype=cfg.dtype,
+        progress=bool(cfg.progress),
+        parts_dir=cfg.get("parts_dir"),
+        config=to_container(cfg),
+    )
+
+
+def finished(args: EvaluateArguments) -> EvaluateResult | None:
+    """The report when ``args.output_dir`` holds this evaluation, finished with the same settings."""
+    if check_output_dir(args.output_dir, args.config, incremental=True):
+        return None
+    return EvaluateResult.load(args.output_dir)
+
+
+def run(args: EvaluateArguments) -> EvaluateResult | None:
+    """Evaluate every model for every seed; returns the result on the main process (None on the others)."""
+    out = Path(args.output_dir)
+    changed = check_output_dir(out, args.config, incremental=True)
+    if changed:
+        logger.info("%s: settings changed (%s); redoing only the parts they affect", out, "; ".join(changed[:4]))
+    prompts = load_prompts(args.prompts)
+    logger.info("%d prompts (%s, split %s); models %s; seeds %s", len(prompts), args.prompts.source,
+                args.prompts.split, args.models, args.seeds)
+    save_resolved_config(args.config, out)
+    report = run_evaluation(
+        args.models, args.seeds, out, prompts,
+        eval_config=args.eval, scorer_config=args.scorer, perplexity_config=args.perplexity,
+        mmlu_config=args.mmlu, decoding_config=args.decoding,
+        prompts_info={"source": args.prompts.source, "path": args.prompts.path, "split": args.prompts.split,
+                      "split_seed": args.prompts.split_seed, "subset_seed": args.prompts.subset_seed},
+        data_dir=args.data_dir, dtype=args.dtype, config_dict=args.config, progress=args.progress,
+        parts_dir=args.parts_dir,
+    )
+    if report is None or not is_main_process():
+        return None
+    print((out / "report.md").read_text(), flush=True)
+    print(f"Report: {out.resolve()}/{REPORT_FILE} (wall time {report['wall_time_s']:.0f}s)", flush=True)
+    return EvaluateResult(str(out), report)

@@ -1,0 +1,697 @@
+"""The replication as one call: from the base models to the paper's table with baselines.
+
+:func:`parse_args` turns Hydra overrides of ``unidetox/conf/replicate.yaml`` into :class:`ReplicateArguments`;
+:func:`run` runs every stage through the stage pipelines (:mod:`unidetox.distill.pipeline`,
+:mod:`unidetox.detox.pipeline`, :mod:`unidetox.evaluation.pipeline`) and the baselines
+(:mod:`unidetox.replication.baselines`), each composed once from overrides of that stage's own config, and reads
+what each stage returned. A stage whose output is complete, made with the same settings, is skipped, so a rerun only
+does what is missing. Layout under ``output_dir``:
+
+    distill-a{A}/            the distill stage per alpha (the first trains the anti-expert, the others reuse it)
+    grid/{t}-a{A}-lr{LR}/    the detox stage on the grid target, validation at step 0 and every save
+    selection.json           the paper's rule over every (grid run, checkpoint): chosen (alpha, lr, steps) + table
+    data/{control,nothate}/  baseline texts (plain base samples; DGHS nothate rows), as many as the distilled text
+    apply/{t}-{method}/      the chosen configuration, unchanged, on every target (the grid target's UniDetox model
+                             is the chosen grid checkpoint, merged; other targets train under the grid's schedule and
+                             stop at the chosen step)
+    taskvec/lam{L}/          base - L x anti-expert delta; taskvec/validation + taskvec/selection.json pick L
+    test/models/{t}-{m}/     the evaluate stage on the TEST split, one model each, its parts cached in test/parts/
+    test/                    the same over every method x target: reuses test/parts/, writes the joint report
+    test/decoding/           inference-time contrastive decoding with the anti-expert (grid target only)
+    report.json, report.md, toxicity_vs_perplexity.png, replicate_log.jsonl (one line per stage and run)
+
+With ``share_stages=true`` several copies of the command split the stages (:mod:`unidetox.replication.stages`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from unidetox.detox import pipeline as detox_stage
+from unidetox.detox.callbacks import DetoxEvalConfig
+from unidetox.detox.merge import merged_model_path
+from unidetox.detox.selection import METRICS, choose_configuration
+from unidetox.distill import pipeline as distill_stage
+from unidetox.distill.corpus import ToxicCorpusConfig
+from unidetox.evaluation import pipeline as evaluate_stage
+from unidetox.evaluation.prompts import PromptsConfig, load_prompts
+from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
+from unidetox.io import atomic_write_json, read_json
+from unidetox.models import load_model_and_tokenizer
+from unidetox.processes import is_main_process, process_state, wait_for_everyone
+from unidetox.replication.baselines import (
+    TASK_VECTOR_MARKER,
+    build_plain_sample_dataset,
+    build_text_dataset,
+    negate_task_vector,
+    plain_sample_settings,
+)
+from unidetox.replication.report import (
+    assemble_report,
+    example_continuations,
+    format_number,
+    grid_records,
+    write_replication_report,
+)
+from unidetox.replication.stages import Stages
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TargetArguments:
+    """A model the chosen configuration is applied to (one entry of `targets`)."""
+
+    model: str = field(metadata={"help": "The base model: hub id, path or embedded name (the test's base row)."})
+    overrides: list[str] = field(
+        default_factory=list, metadata={"help": "detox overrides that select this model, e.g. experiment=X."}
+    )
+
+
+@dataclass
+class DistillSweepArguments:
+    """The distill stage's runs, one per alpha."""
+
+    alphas: list[float] = field(
+        default_factory=lambda: [0.1, 0.2],
+        metadata={"help": "Sampler alphas; the first run trains the anti-expert, the others reuse it."},
+    )
+    overrides: list[str] = field(default_factory=list, metadata={"help": "distill overrides of every run."})
+
+    def __post_init__(self):
+        if not self.alphas or len(set(self.alphas)) != len(self.alphas):
+            raise ValueError(f"`distill.alphas` has to be a non-empty list of distinct values, but is {self.alphas}.")
+        bad = [a for a in self.alphas if not 0.0 < float(a) <= 1.0]
+        if bad:
+            raise ValueError(f"`distill.alphas` have to be in (0, 1]; got {bad}.")
+
+
+@dataclass
+class ValidationArguments:
+    """The validation measurement of the grid (detox stage) and of the task-vector lambda sweep (evaluate stage)."""
+
+    num_prompts: int | None = field(default=50, metadata={"help": "Validation prompts (null: the whole split)."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the validation/test split (same for both sides)."})
+    validation_fraction: float = field(default=0.2, metadata={"help": "Share of prompts in the validation split."})
+    protocol: DetoxEvalConfig = field(
+        default_factory=DetoxEvalConfig, metadata={"help": "The sampling protocol, its seed and perplexity windows."}
+    )
+    evaluate_overrides: list[str] = field(
+        default_factory=list, metadata={"help": "Extra evaluate overrides of the lambda sweep (e.g. the prompt source)."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"`validation.validation_fraction` has to be in (0, 1), but is {self.validation_fraction}.")
+
+
+@dataclass
+class GridArguments:
+    """The grid the single configuration is chosen on (the grid target only): alpha x learning rate x steps."""
+
+    target: str = field(default="smollm2", metadata={"help": "Key of `targets`: the model the grid is run on."})
+    learning_rates: list[float] = field(default_factory=lambda: [5e-4, 2e-4], metadata={"help": "Learning rates."})
+    max_steps: int = field(default=200, metadata={"help": "Steps of every grid run (the steps axis: its saves)."})
+    save_steps: int = field(default=50, metadata={"help": "A checkpoint + validation evaluation every N steps."})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "Extra detox overrides of the grid runs."})
+
+    def __post_init__(self):
+        if not self.learning_rates or any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError(f"`grid.learning_rates` has to be a non-empty list of positive values: {self.learning_rates}.")
+        if not 1 <= self.save_steps <= self.max_steps:
+            raise ValueError(
+                f"`grid.save_steps` ({self.save_steps}) has to be in [1, grid.max_steps={self.max_steps}]: every save "
+                "is a point of the grid's steps axis."
+            )
+
+
+@dataclass
+class RuleArguments:
+    """The paper's rule (:func:`unidetox.detox.selection.choose_configuration`), for the grid and the lambda sweep."""
+
+    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative WikiText perplexity increase."})
+    metric: str = field(default="expected_max_toxicity", metadata={"help": "Toxicity metric minimised."})
+    on_empty: str = field(
+        default="closest", metadata={"help": "No candidate within the bound: 'raise', or take the 'closest' (reported)."}
+    )
+
+    def __post_init__(self):
+        if self.on_empty not in ("raise", "closest"):
+            raise ValueError(f"`select.on_empty` has to be raise or closest, but is {self.on_empty!r}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"`select.metric` has to be one of {METRICS}, but is {self.metric!r}.")
+
+
+@dataclass
+class BaselineArguments:
+    """Which baselines run, and their settings."""
+
+    control: bool = field(default=True, metadata={"help": "Fine-tune on plain base samples (the control)."})
+    nothate: bool = field(default=True, metadata={"help": "Fine-tune on DGHS nothate rows."})
+    authors: bool = field(default=True, metadata={"help": "Fine-tune on the authors' released distilled text."})
+    authors_path: str | None = field(default=None, metadata={"help": "The authors' CSV."})
+    authors_max_samples: int | None = field(default=None, metadata={"help": "Use only the first N texts (null: all)."})
+    decoding: bool = field(default=True, metadata={"help": "Inference-time contrastive decoding (grid target)."})
+    decoding_alpha: float = field(default=0.1, metadata={"help": "Alpha of inference-time decoding."})
+    taskvec: bool = field(default=True, metadata={"help": "Task-vector negation of the anti-expert (grid target)."})
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0], metadata={"help": "Lambdas to validate."})
+
+    def __post_init__(self):
+        if self.authors and not self.authors_path:
+            raise ValueError("`baselines.authors_path` is empty; set it to the authors' CSV or baselines.authors=false.")
+        if self.taskvec and (not self.lambdas or any(lam <= 0 for lam in self.lambdas)):
+            raise ValueError(f"`baselines.lambdas` has to list positive values, but is {self.lambdas}.")
+
+
+@dataclass
+class TestArguments:
+    """The test evaluation (the evaluate stage on the TEST split)."""
+
+    __test__ = False  # not a pytest test class
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Sampling seeds (>= 3)."})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "evaluate overrides (sizes)."})
+
+    def __post_init__(self):
+        if len(set(self.seeds)) < 3:
+            raise ValueError(f"`test.seeds` needs at least 3 distinct seeds (mean ± std), but is {self.seeds}.")
+
+
+@dataclass
+class SuccessBar:
+    """What counts as success, judged from the test numbers: every target's relative drops and perplexity cost."""
+
+    min_toxicity_drop: float = field(default=0.3, metadata={"help": "Required relative TP and EMT drop."})
+    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative WikiText perplexity rise."})
+
+
+@dataclass
+class ReplicateArguments:
+    """Everything the replication needs (the sections of ``conf/replicate.yaml``)."""
+
+    output_dir: str
+    data_dir: str
+    targets: dict[str, TargetArguments]
+    distill: DistillSweepArguments
+    validation: ValidationArguments
+    grid: GridArguments
+    select: RuleArguments
+    baselines: BaselineArguments
+    nothate_data: ToxicCorpusConfig
+    test: TestArguments
+    bar: SuccessBar
+    detox_overrides: list[str] = field(default_factory=list)
+    apply_overrides: list[str] = field(default_factory=list)
+    share_stages: bool = False
+    overrides: list[str] = field(default_factory=list, metadata={"help": "The overrides it was parsed from."})
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid_target(self) -> TargetArguments:
+        return self.targets[self.grid.target]
+
+
+def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArguments:
+    """Compose ``conf/replicate.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
+    cfg = compose_config("replicate", list(overrides), free_form_groups=())
+    validation = to_container(cfg.validation)
+    protocol = parse_dataclass(validation.pop("protocol", {}) or {}, DetoxEvalConfig, name="validation.protocol")
+    baselines = to_container(cfg.baselines)
+    nothate = baselines.pop("nothate_data")
+    args = ReplicateArguments(
+        output_dir=str(cfg.output_dir),
+        data_dir=str(cfg.data_dir),
+        targets={name: parse_dataclass(section, TargetArguments, name=f"targets.{name}") for name, section in cfg.targets.items()},
+        distill=parse_dataclass(cfg.distill, DistillSweepArguments, name="distill"),
+        validation=ValidationArguments(**{**parse_dataclass(validation, _ValidationFields, name="validation").__dict__,
+                                          "protocol": protocol}),
+        grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
+        select=parse_dataclass(cfg.select, RuleArguments, name="select"),
+        baselines=parse_dataclass(baselines, BaselineArguments, name="baselines"),
+        nothate_data=parse_dataclass(nothate, ToxicCorpusConfig, name="baselines.nothate_data"),
+        test=parse_dataclass(cfg.test, TestArguments, name="test"),
+        bar=parse_dataclass(cfg.bar, SuccessBar, name="bar"),
+        detox_overrides=[str(o) for o in (cfg.detox.overrides or [])],
+        apply_overrides=[str(o) for o in (cfg.apply.overrides or [])],
+        share_stages=bool(cfg.get("share_stages", False)),
+        overrides=list(overrides),
+        config=to_container(cfg),
+    )
+    if args.grid.target not in args.targets:
+        raise ValueError(f"`grid.target` {args.grid.target!r} is not a key of `targets` ({sorted(args.targets)}).")
+    return args
+
+
+@dataclass
+class _ValidationFields:
+    """``validation`` without its nested protocol (HfArgumentParser parses flat dataclasses)."""
+
+    num_prompts: int | None = 50
+    split_seed: int = 0
+    validation_fraction: float = 0.2
+    evaluate_overrides: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage arguments: each stage's config composed once, from overrides of that stage's own config
+# ----------------------------------------------------------------------------------------------------------------
+def quote(value) -> str:
+    """A Hydra override value quoted (paths may hold '=' as the authors' CSV name does)."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def _override_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return quote(value)
+
+
+def dataclass_overrides(prefix: str, obj, names=None) -> list[str]:
+    """``prefix.field=value`` for the fields of a dataclass object: how the replication hands one of its typed
+    sections to a stage, field for field."""
+    names = [f.name for f in fields(obj)] if names is None else names
+    return [f"++{prefix}.{name}={_override_value(getattr(obj, name))}" for name in names]
+
+
+def _data_dir_override(args: ReplicateArguments) -> str:
+    return f"++data_dir={quote(args.data_dir)}"
+
+
+def plan_distill(args: ReplicateArguments) -> dict[float, distill_stage.DistillArguments]:
+    """One distill stage per alpha; the runs after the first reuse the first run's anti-expert."""
+    out = Path(args.output_dir)
+    plan: dict[float, distill_stage.DistillArguments] = {}
+    first = None
+    for alpha in (float(a) for a in args.distill.alphas):
+        ov = [*args.distill.overrides, f"output_dir={quote(out / f'distill-a{format_number(alpha)}')}",
+              f"sampler.alpha={alpha}", _data_dir_override(args)]
+        if first is not None:  # one anti-expert for the whole sweep: only the contrast's alpha changes
+            ov.append(f"anti_expert.pretrained_path={quote(first.anti_expert.output_dir)}")
+        plan[alpha] = distill_stage.parse_args(ov)
+        first = first or plan[alpha]
+    return plan
+
+
+def validation_detox_overrides(validation: ValidationArguments) -> list[str]:
+    """The validation measurement as detox overrides: the protocol, the prompt count and the split."""
+    return [*dataclass_overrides("eval.callback", validation.protocol),
+            f"eval.prompts.num_prompts={_override_value(validation.num_prompts)}", "eval.prompts.split=validation",
+            f"eval.prompts.split_seed={validation.split_seed}",
+            f"eval.prompts.validation_fraction={validation.validation_fraction}"]
+
+
+def detox_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, steps: int,
+               save_steps: int, extra: list[str]) -> detox_stage.DetoxArguments:
+    """One fine-tuning run: the target, the shared configuration, the data, the learning rate and the steps."""
+    return detox_stage.parse_args([
+        *target.overrides, *args.detox_overrides, f"data.path={quote(data_path)}", f"output_dir={quote(run_dir)}",
+        f"trainer.learning_rate={float(lr)!r}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
+        *extra, _data_dir_override(args)])
+
+
+def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, chosen_steps: int,
+               extra: list[str]) -> detox_stage.DetoxArguments:
+    """The chosen configuration (a grid run's checkpoint) applied to a target.
+
+    A checkpoint from the middle of a grid run was trained under the learning-rate schedule of ``grid.max_steps``,
+    not under one that ends at its step: train under that schedule and stop at the chosen step
+    (``trainer.stop_at_step``). At the grid's last step this is a plain run of ``chosen_steps``."""
+    max_steps = args.grid.max_steps
+    if chosen_steps < max_steps:
+        return detox_args(args, target, data_path, run_dir, lr, max_steps, chosen_steps,
+                          [*extra, f"++trainer.stop_at_step={chosen_steps}"])
+    return detox_args(args, target, data_path, run_dir, lr, chosen_steps, chosen_steps, extra)
+
+
+def plan_grid(args: ReplicateArguments, distilled: dict[float, str]) -> dict[str, tuple[dict, Any]]:
+    """``{run name: (hyperparameters, detox arguments)}`` for alpha x learning rate on the grid target.
+
+    ``distilled``: the distilled text of each alpha (:attr:`DistillResult.distilled_path`)."""
+    grid = args.grid
+    plan = {}
+    for alpha in (float(a) for a in args.distill.alphas):
+        for lr in grid.learning_rates:
+            name = f"{grid.target}-a{format_number(alpha)}-lr{format_number(lr)}"
+            run_dir = Path(args.output_dir) / "grid" / name
+            stage = detox_args(args, args.grid_target, distilled[alpha], run_dir, float(lr), grid.max_steps,
+                               grid.save_steps, [*validation_detox_overrides(args.validation), *grid.overrides])
+            plan[name] = ({"alpha": alpha, "learning_rate": float(lr)}, stage)
+    return plan
+
+
+def evaluate_on_test(args: ReplicateArguments, models: list, output_dir, extra=()) -> evaluate_stage.EvaluateArguments:
+    """The evaluate stage on the TEST split (the same split seed and fraction as validation: disjoint prompts)."""
+    return evaluate_stage.parse_args([
+        *args.test.overrides, f"models=[{','.join(quote(m) for m in models)}]",
+        f"seeds=[{','.join(str(s) for s in args.test.seeds)}]", f"output_dir={quote(output_dir)}",
+        "prompts.split=test", f"prompts.split_seed={args.validation.split_seed}",
+        f"prompts.validation_fraction={args.validation.validation_fraction}", *extra, _data_dir_override(args)])
+
+
+def validation_evaluate_args(args: ReplicateArguments, models: list, output_dir) -> evaluate_stage.EvaluateArguments:
+    """The grid's validation measurement through the evaluate stage: the same protocol and seed, the same
+    perplexity windows (stride: half the window, as the callback), no MMLU, no reference-LM perplexity."""
+    val, protocol = args.validation, args.validation.protocol
+    return evaluate_stage.parse_args([
+        f"models=[{','.join(quote(m) for m in models)}]", f"seeds=[{protocol.seed}]", f"output_dir={quote(output_dir)}",
+        "prompts.split=validation", f"prompts.split_seed={val.split_seed}",
+        f"prompts.validation_fraction={val.validation_fraction}",
+        f"prompts.num_prompts={_override_value(val.num_prompts)}", *dataclass_overrides("eval", protocol.protocol()),
+        "mmlu.enabled=false", "perplexity.reference_model=null", f"perplexity.max_length={protocol.ppl_max_length}",
+        f"perplexity.stride={protocol.perplexity_stride}",
+        f"perplexity.max_tokens={_override_value(protocol.ppl_max_tokens)}", "progress=false",
+        *val.evaluate_overrides, _data_dir_override(args)])
+
+
+def assert_disjoint_prompts(validation: PromptsConfig, test: PromptsConfig) -> dict[str, int]:
+    """Load the validation and the test prompts and fail on any overlap: never tune on the test set."""
+    if test.split != "test" or validation.split != "validation":
+        raise ValueError(f"Validation must use split=validation and test split=test; got {validation.split!r} "
+                         f"and {test.split!r}.")
+    if (validation.split_seed, validation.validation_fraction) != (test.split_seed, test.validation_fraction):
+        raise ValueError("The validation and test prompts are split with different split_seed/validation_fraction, so "
+                         "they may overlap; set both through `validation.split_seed` / `validation.validation_fraction`.")
+    validation_prompts, test_prompts = load_prompts(validation), load_prompts(test)
+    shared = {p.id for p in validation_prompts} & {p.id for p in test_prompts}
+    if shared:
+        raise AssertionError(f"{len(shared)} prompts are both validation and test prompts; never tune on the test set.")
+    return {"validation_prompts": len(validation_prompts), "test_prompts": len(test_prompts)}
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` as a relative symlink (replaced atomically when it points elsewhere)."""
+    rel = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == rel:
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    os.replace(tmp, link)
+
+
+def _as_saved(payload: Any) -> Any:
+    """``payload`` as it reads back from JSON (tuples -> lists, non-JSON values -> str)."""
+    return json.loads(json.dumps(payload, default=str))
+
+
+def _write_if_changed(path: Path, payload: dict) -> bool:
+    """Write ``payload`` unless ``path`` already holds it (a rerun rewrites nothing); True when written."""
+    if read_json(path) == _as_saved(payload):
+        return False
+    if is_main_process():
+        atomic_write_json(path, payload)
+    return True
+
+
+def validation_prompts(args: ReplicateArguments) -> PromptsConfig:
+    """The grid's validation prompts, as the grid target's detox stage composes them."""
+    return detox_stage.parse_args([*args.grid_target.overrides, *args.detox_overrides,
+                                   *validation_detox_overrides(args.validation), *args.grid.overrides,
+                                   _data_dir_override(args)]).validation.prompts
+
+
+@dataclass
+class ReplicateResult:
+    """The replication's report (``report.json``'s content) and the log of this session's stages."""
+
+    output_dir: str
+    report: dict[str, Any]
+    stages: list[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------------------------
+def run(args: ReplicateArguments) -> ReplicateResult:
+    """Run (or resume) the whole replication and write ``report.{json,md}`` and the plot under ``output_dir``."""
+    state = process_state()
+    out = Path(args.output_dir)
+    if args.share_stages and state.num_processes > 1:
+        raise ValueError("share_stages=true splits the stages between independent single-process copies of this "
+                         f"command, but this one runs {state.num_processes} processes; launch one copy per device "
+                         "(e.g. CUDA_VISIBLE_DEVICES=i accelerate launch --num_processes 1 ...) or set share_stages=false.")
+    stages = Stages(out, is_main=state.is_main_process, share=args.share_stages)
+    save_resolved_config(args.config, out)
+    targets, grid, sel, base_args = args.targets, args.grid, args.select, args.baselines
+    grid_target = args.grid_target
+    started = time.perf_counter()
+    test_dir = out / "test"
+
+    def model_test_stage(label: str, model) -> None:
+        """One model on the test prompts; its parts (test/parts/) are what the joint test stage reports."""
+        stages.pipeline(f"test/{label}", evaluate_stage,
+                        evaluate_on_test(args, [str(model)], test_dir / "models" / label,
+                                         [f"parts_dir={quote(test_dir / 'parts')}"]))
+
+    # ---- 1. anti-expert + distilled text per alpha --------------------------------------------------------------
+    distill_plan = plan_distill(args)
+    alphas = list(distill_plan)
+    # Never tune on the test set: checked before any test prompt is used.
+    split_info = assert_disjoint_prompts(validation_prompts(args),
+                                         evaluate_on_test(args, [grid_target.model], test_dir).prompts)
+    decoding_dir = test_dir / "decoding"
+    for i, (alpha, distill_args) in enumerate(distill_plan.items()):
+        name = f"distill-a{format_number(alpha)}"
+        if i > 0:  # reuses the first run's anti-expert
+            stages.wait_for(f"distill-a{format_number(alphas[0])}")
+        stages.pipeline(name, distill_stage, distill_args)
+        if i == 0:
+            # What needs only the base models and the anti-expert comes early: with share_stages another copy
+            # does it while this one trains the anti-expert and distills.
+            for tname, target in targets.items():
+                model_test_stage(f"{tname}-base", target.model)
+            if base_args.decoding:
+                anti_expert = stages.result(name).anti_expert_path
+                stages.pipeline("test/decoding", evaluate_stage, evaluate_on_test(
+                    args, [grid_target.model], decoding_dir, [f"decoding.anti_expert={quote(anti_expert)}",
+                                                              f"decoding.alpha={base_args.decoding_alpha}",
+                                                              "decoding.also_plain=false"]))
+    distilled = {alpha: stages.result(f"distill-a{format_number(alpha)}") for alpha in alphas}
+    anti_expert = distilled[alphas[0]].anti_expert_path
+    ae_seconds = distilled[alphas[0]].stages["anti_expert"].get("train_wall_time_s") or 0.0
+
+    # ---- 2. the grid on the grid target ------------------------------------------------------------------------
+    grid_plan = plan_grid(args, {alpha: result.distilled_path for alpha, result in distilled.items()})
+    for name, (_, grid_args) in grid_plan.items():
+        stages.pipeline(f"grid/{name}", detox_stage, grid_args)
+    grid_results = {name: stages.result(f"grid/{name}") for name in grid_plan}
+
+    # ---- 3. the single configuration -----------------------------------------------------------------------------
+    records = grid_records({name: (config, grid_results[name].eval_records) for name, (config, _) in grid_plan.items()})
+    choice, table = choose_configuration(records, sel.max_ppl_increase, sel.metric, sel.on_empty)
+    chosen_alpha, chosen_lr = choice["config"]["alpha"], choice["config"]["learning_rate"]
+    chosen_steps = int(choice["step"])
+    selection = {"choice": choice, "table": table, "rule": {"max_ppl_increase": sel.max_ppl_increase,
+                                                            "metric": sel.metric, "on_empty": sel.on_empty}}
+    if _write_if_changed(out / "selection.json", selection):
+        stages.log("selection", "ran", 0.0, choice={k: choice[k] for k in ("run", "step", "config")})
+    else:
+        stages.log("selection", "cached", 0.0)
+    chosen_distilled = distilled[chosen_alpha]
+
+    # ---- 4. baseline data ------------------------------------------------------------------------------------
+    data_paths = {"unidetox": chosen_distilled.distilled_path}
+    data_seconds = {"unidetox": ae_seconds + (chosen_distilled.metadata.get("generation_time_s") or 0.0)}
+    if base_args.control:
+        control_dir = out / "data" / "control"
+
+        def make_control():
+            base_name = chosen_distilled.metadata.get("base") or grid_target.model
+            model, tokenizer = load_model_and_tokenizer(base_name)
+            return build_plain_sample_dataset(model, tokenizer, output_dir=control_dir, base_id=base_name,
+                                              show_progress=state.is_main_process,
+                                              **plain_sample_settings(chosen_distilled.metadata)).metadata
+
+        if state.is_main_process:
+            stages.library("data/control", lambda: read_json(control_dir / "metadata.json"), make_control, control_dir)
+        wait_for_everyone()
+        data_paths["control"] = str(control_dir)
+        data_seconds["control"] = (stages.result("data/control") or {}).get("generation_time_s", 0.0) \
+            if state.is_main_process else 0.0
+    if base_args.nothate:
+        nothate_dir = out / "data" / "nothate"
+        if state.is_main_process:
+            stages.library("data/nothate", lambda: read_json(nothate_dir / "metadata.json"),
+                           lambda: build_text_dataset(args.nothate_data, int(chosen_distilled.num_texts),
+                                                      nothate_dir).metadata, nothate_dir)
+        wait_for_everyone()
+        data_paths["nothate"] = str(nothate_dir)
+    if base_args.authors:
+        data_paths["authors"] = str(base_args.authors_path)
+
+    # ---- 5. apply the chosen configuration unchanged -------------------------------------------------------------
+    apply_models: dict[tuple[str, str], Any] = {}  # the test model of (target, method), or its stage's name
+    train_seconds: dict[tuple[str, str], float] = {}
+    chosen_run = grid_results[choice["run"]]
+    chosen_checkpoint = Path(choice["checkpoint"])
+    for tname, target in targets.items():
+        for method, data_path in data_paths.items():
+            stage = f"apply/{tname}-{method}"
+            run_dir = out / "apply" / f"{tname}-{method}"
+            if method == "unidetox" and tname == grid.target:
+                # The grid already trained this model with this configuration: reuse its chosen checkpoint.
+                def reuse(run_dir=run_dir):
+                    source = merged_model_path(chosen_checkpoint)
+                    _link(run_dir / "model", source)
+                    payload = {"reused_from": chosen_run.output_dir, "checkpoint": str(chosen_checkpoint),
+                               "step": chosen_steps, "model": str(source)}
+                    atomic_write_json(run_dir / "source.json", payload)
+                    return payload
+
+                def reused(run_dir=run_dir):
+                    source = read_json(run_dir / "source.json") or {}
+                    done = source.get("checkpoint") == str(chosen_checkpoint) and (run_dir / "model" / "config.json").is_file()
+                    return source if done else None
+
+                if state.is_main_process:
+                    stages.library(stage, reused, reuse, run_dir)
+                wait_for_everyone()
+                apply_models[(tname, method)] = run_dir / "model"
+                train_seconds[(tname, method)] = (chosen_run.train_seconds or 0.0) * chosen_steps / grid.max_steps
+                continue
+            extra = list(args.apply_overrides)
+            if method == "authors" and base_args.authors_max_samples is not None:
+                extra.append(f"data.max_samples={base_args.authors_max_samples}")
+            stages.wait_for(f"data/{method}")
+            stages.pipeline(stage, detox_stage,
+                            apply_args(args, target, data_path, run_dir, float(chosen_lr), chosen_steps, extra))
+            apply_models[(tname, method)] = stage
+
+    # ---- 6. task vectors (grid target), lambda on the validation prompts -----------------------------------------
+    taskvec = None
+    taskvec_seconds = 0.0
+    if base_args.taskvec:
+        lam_dirs = {float(lam): out / "taskvec" / f"lam{format_number(lam)}" for lam in base_args.lambdas}
+        for lam, lam_dir in lam_dirs.items():
+            def negated(lam=lam, lam_dir=lam_dir):
+                marker = read_json(lam_dir / TASK_VECTOR_MARKER) or {}
+                return marker if marker.get("settings", {}).get("lambda") == lam else None
+
+            def negate(lam=lam, lam_dir=lam_dir):
+                negate_task_vector(grid_target.model, anti_expert, lam, lam_dir)
+                return read_json(lam_dir / TASK_VECTOR_MARKER)
+
+            if state.is_main_process:
+                stages.library(f"taskvec/lam{format_number(lam)}", negated, negate, lam_dir)
+            wait_for_everyone()
+        models = [grid_target.model, *[str(d) for d in lam_dirs.values()]]
+        stages.wait_for(*[f"taskvec/lam{format_number(lam)}" for lam in lam_dirs])
+        stages.pipeline("taskvec/validation", evaluate_stage,
+                        validation_evaluate_args(args, models, out / "taskvec" / "validation"))
+        val_report = stages.result("taskvec/validation").report
+        tv_records = []
+        for key, lam in [(grid_target.model, 0.0), *[(str(d), lam) for lam, d in lam_dirs.items()]]:
+            m = val_report["models"][key]
+            tv_records.append({"run": "base" if lam == 0.0 else f"lam{format_number(lam)}", "step": 0 if lam == 0 else 1,
+                               "baseline": lam == 0.0, "config": {"lambda": lam}, "checkpoint": key,
+                               "toxicity_probability": m["toxicity_probability"]["mean"],
+                               "expected_max_toxicity": m["expected_max_toxicity"]["mean"],
+                               "perplexity": m["wikitext_perplexity"]["perplexity"]})
+        tv_choice, tv_table = choose_configuration(tv_records, sel.max_ppl_increase, sel.metric, sel.on_empty)
+        taskvec = {"choice": tv_choice, "table": tv_table}
+        _write_if_changed(out / "taskvec" / "selection.json", taskvec)
+        apply_models[(grid.target, "taskvec")] = Path(tv_choice["checkpoint"])
+        chosen_lambda = float(tv_choice["config"]["lambda"])
+        if state.is_main_process:
+            taskvec_seconds = (stages.result(f"taskvec/lam{format_number(chosen_lambda)}") or {}).get("wall_time_s", 0.0)
+
+    # ---- 7. test evaluation --------------------------------------------------------------------------------------
+    def model_of(key) -> str:
+        model = apply_models[key]
+        if isinstance(model, str):  # a detox stage: its final full model, as the stage returned it
+            result = stages.result(model)
+            apply_models[key] = model = Path(_full_model(result))
+            train_seconds[key] = result.train_seconds or 0.0
+        return str(model)
+
+    stages.run_when_ready([([m] if isinstance(m, str) else [], lambda key=key: model_test_stage(
+        f"{key[0]}-{key[1]}", model_of(key))) for key, m in list(apply_models.items())])
+    stages.wait_for()  # every model's parts
+    test_models = [t.model for t in targets.values()] + [model_of(key) for key in apply_models]
+    stages.pipeline("test", evaluate_stage, evaluate_on_test(args, test_models, test_dir))
+    test_result = stages.result("test")
+    reports = [test_result.report]
+    decoding_key = None
+    if base_args.decoding:
+        decoding = stages.result("test/decoding")
+        reports.append(decoding.report)
+        decoding_key = next(iter(decoding.report["models"]))
+
+    # ---- 8. the report ---------------------------------------------------------------------------------------
+    all_models = {k: v for r in reports for k, v in r["models"].items()}
+    methods = []
+    for tname, target in targets.items():
+        methods.append({"method": "base", "target": tname, "model_key": target.model, "wall_time": {"total_s": None}})
+        for method in data_paths:
+            data_s = data_seconds.get(method, 0.0)
+            train_s = train_seconds.get((tname, method), 0.0)
+            methods.append({"method": method, "target": tname, "model_key": model_of((tname, method)),
+                            "wall_time": {"data_s": data_s, "train_s": train_s, "total_s": data_s + train_s}})
+    if decoding_key is not None:
+        methods.append({"method": "decoding", "target": grid.target, "model_key": decoding_key,
+                        "wall_time": {"data_s": ae_seconds, "train_s": 0.0, "total_s": ae_seconds}})
+    if taskvec is not None:
+        methods.append({"method": "taskvec", "target": grid.target, "model_key": taskvec["choice"]["checkpoint"],
+                        "wall_time": {"data_s": ae_seconds, "train_s": taskvec_seconds,
+                                      "total_s": ae_seconds + taskvec_seconds}})
+    generations = list(test_result.generations())
+    if base_args.decoding:
+        generations += list(decoding.generations())
+    labels = {f"{m['method']} / {m['target']}": m["model_key"] for m in methods}
+    examples = example_continuations(generations, labels, num_examples=4)
+    report = assemble_report(
+        methods, all_models, list(targets), grid=selection, taskvec=taskvec, examples=examples,
+        bar={"min_toxicity_drop": args.bar.min_toxicity_drop, "max_ppl_increase": args.bar.max_ppl_increase},
+        extra={"command": " ".join(["unidetox replicate", *args.overrides]), "output_dir": str(out),
+               "prompts": split_info,
+               "test": {"seeds": args.test.seeds, "overrides": args.test.overrides,
+                        "scorer": reports[0].get("scorer"), "eval": reports[0].get("eval"),
+                        "reference_model": reports[0].get("reference_model")},
+               "config": args.config,
+               "description": (
+                   f"Chosen on {split_info['validation_prompts']} validation prompts: alpha {chosen_alpha}, lr "
+                   f"{format_number(chosen_lr)}, {chosen_steps} steps (the rule: least {sel.metric} within "
+                   f"+{sel.max_ppl_increase:.0%} WikiText-2 perplexity). Test: {split_info['test_prompts']} prompts, "
+                   f"seeds {args.test.seeds}.")},
+    )
+    report.pop("created_at", None)
+    if read_json(out / "report.json") == _as_saved(report):
+        stages.log("report", "cached", 0.0)
+    else:
+        if state.is_main_process:
+            write_replication_report(report, out)
+        stages.log("report", "ran", 0.0)
+    if state.is_main_process:
+        print((out / "report.md").read_text(), flush=True)
+        logger.info("Replication done in %.0fs: %s", time.perf_counter() - started, out / "report.md")
+    wait_for_everyone()
+    return ReplicateResult(str(out), report, stages.session)
+
+
+def _full_model(result: detox_stage.DetoxResult) -> str:
+    """The fine-tuned full model a detox stage returned (LoRA runs need ``trainer.save_merged_model=true``)."""
+    if not result.model_path:
+        raise FileNotFoundError(
+            f"The detox run in {result.output_dir} saved no full model (a LoRA adapter without merged/); apply the "
+            "configuration with trainer.save_merged_model=true."
+        )
+    return result.model_path
+

@@ -1,0 +1,410 @@
+"""The replication's report: the table (method x target), relative changes against the base, the bar verdict, the
+validation grid, example continuations and a toxicity-vs-perplexity plot (:func:`assemble_report`,
+:func:`write_replication_report`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from unidetox.detox.selection import METRICS
+from unidetox.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Rows of the replication table, in this order; a method's "target" is the detoxified model.
+METHOD_ORDER = ("base", "unidetox", "control", "nothate", "authors", "decoding", "taskvec")
+METHOD_LABELS = {
+    "base": "base model",
+    "unidetox": "UniDetox (distilled text, chosen config)",
+    "control": "control: plain base samples",
+    "nothate": "SFT on DGHS nothate",
+    "authors": "UniDetox, authors' GPT-2 XL text",
+    "decoding": "inference-time contrastive decoding",
+    "taskvec": "task-vector negation",
+}
+
+
+def format_number(value: float) -> str:
+    """Compact, stable text for a hyperparameter in a directory name: ``0.0005 -> "5e-4"``, ``0.1 -> "0.1"``.
+
+    Example:
+        >>> from unidetox.replication.report import format_number
+        >>> [format_number(v) for v in (5e-4, 2.5e-4, 0.1, 1.0, 2)]
+        ['5e-4', '2.5e-4', '0.1', '1', '2']
+    """
+    value = float(value)
+    if value != 0 and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:.6e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.6g}"
+
+
+# ================================================================================================================
+# The validation grid
+# ================================================================================================================
+def grid_records(runs: Mapping[str, tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]]) -> list[dict[str, Any]]:
+    """Flatten the validation evaluations of several detox runs into :func:`~unidetox.detox.selection.choose_configuration`
+    records.
+
+    ``runs``: ``{run name: (its hyperparameters, e.g. {"alpha": 0.1, "learning_rate": 5e-4}, its evaluation records
+    (:attr:`unidetox.detox.pipeline.DetoxResult.eval_records`))}``. Each record becomes ``{"run", "config": {...,
+    "steps": step}, "step", "checkpoint", "baseline": step == 0, <metrics>}``.
+    """
+    records = []
+    for run, (config, evals) in runs.items():
+        if not evals:
+            raise ValueError(f"Grid run {run} has no validation evaluations; train it with validation enabled.")
+        for r in evals:
+            records.append({
+                "run": run, "step": int(r["step"]), "checkpoint": r.get("checkpoint"), "baseline": int(r["step"]) == 0,
+                "config": {**dict(config), "steps": int(r["step"])},
+                **{k: r.get(k) for k in (*METRICS, "perplexity", "distinct_1", "distinct_2", "distinct_3",
+                                          "mean_toxicity")},
+            })
+    return records
+
+
+def grid_table_markdown(table: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """The validation grid as Markdown: one row per (run, checkpoint), the chosen row in bold."""
+    if not table:
+        return "(empty grid)\n"
+    keys = list(keys) if keys is not None else list(dict.fromkeys(k for r in table for k in r.get("config", {})))
+    header = ["run", *keys, "TP", "EMT", "WikiText ppl", "ppl vs base", "within bound", "chosen"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        cfg = r.get("config", {})
+        cells = [str(r.get("run")), *[_plain(cfg.get(k)) for k in keys], _plain(r.get("toxicity_probability")),
+                 _plain(r.get("expected_max_toxicity")), _plain(r.get("perplexity"), 2),
+                 "base" if r.get("baseline") else f"{r['perplexity_increase']:+.1%}",
+                 "–" if r.get("baseline") else ("yes" if r.get("within_bound") else "no"),
+                 "**chosen**" if r.get("chosen") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format_number(value) if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+# ================================================================================================================
+# The table, the bar, the report
+# ================================================================================================================
+def _mean(entry) -> float | None:
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping):
+        return entry.get("mean")
+    return float(entry)
+
+
+def row_metrics(model_report: Mapping[str, Any]) -> dict[str, Any]:
+    """The table's numbers for one model of an evaluate report (``report.json["models"][key]``)."""
+    wikitext = model_report.get("wikitext_perplexity") or {}
+    mmlu = model_report.get("mmlu") or {}
+    timings = model_report.get("timings") or {}
+    return {
+        "toxicity_probability": model_report.get("toxicity_probability"),
+        "expected_max_toxicity": model_report.get("expected_max_toxicity"),
+        "wikitext_perplexity": wikitext.get("perplexity"),
+        "conditional_perplexity": model_report.get("conditional_perplexity"),
+        "distinct_1": model_report.get("distinct_1"),
+        "distinct_2": model_report.get("distinct_2"),
+        "distinct_3": model_report.get("distinct_3"),
+        "mmlu_accuracy": mmlu.get("accuracy"),
+        "mmlu_num_questions": mmlu.get("num_questions"),
+        "generation_tokens_per_s": timings.get("tokens_per_s"),
+        "per_seed": model_report.get("per_seed"),
+    }
+
+
+def relative_changes(row: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, float | None]:
+    """``row / base - 1`` of TP, EMT (means over seeds), WikiText and conditional perplexity; MMLU as a difference."""
+    out: dict[str, float | None] = {}
+    for key in ("toxicity_probability", "expected_max_toxicity", "wikitext_perplexity", "conditional_perplexity"):
+        a, b = _mean(row.get(key)), _mean(base.get(key))
+        out[key] = (a / b - 1.0) if a is not None and b not in (None, 0) else None
+    a, b = row.get("mmlu_accuracy"), base.get("mmlu_accuracy")
+    out["mmlu_accuracy_diff"] = a - b if a is not None and b is not None else None
+    return out
+
+
+def mmlu_noise(accuracy: float | None, num_questions: int | None) -> float | None:
+    """Two binomial standard errors of an MMLU accuracy: the noise band "within the seed noise" is judged against.
+
+    MMLU is scored by log-likelihood, so it has no sampling seeds; the run-to-run noise of an accuracy on ``n``
+    questions is the question sampling, ``sqrt(p (1 - p) / n)``.
+    """
+    if accuracy is None or not num_questions:
+        return None
+    return 2.0 * math.sqrt(max(accuracy * (1.0 - accuracy), 1e-12) / num_questions)
+
+
+def judge_success(
+    rows: Sequence[Mapping[str, Any]],
+    targets: Sequence[str],
+    min_toxicity_drop: float = 0.30,
+    max_ppl_increase: float = 0.10,
+) -> dict[str, Any]:
+    """The success bar, judged from the rows: for EVERY target, UniDetox lowers TP and EMT by at least
+    ``min_toxicity_drop`` relative to the base, WikiText-2 perplexity rises by at most ``max_ppl_increase``, MMLU
+    stays within :func:`mmlu_noise` of the base, and UniDetox is less toxic (TP and EMT) than the control."""
+    by_key = {(r["method"], r["target"]): r for r in rows}
+    checks: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        base, ud, control = (by_key.get((m, target)) for m in ("base", "unidetox", "control"))
+        c: dict[str, Any] = {}
+        if base is None or ud is None:
+            c["error"] = "missing the base or the UniDetox row"
+            checks[target] = {**c, "met": False}
+            continue
+        rel = relative_changes(ud, base)
+        c["tp_change"], c["emt_change"] = rel["toxicity_probability"], rel["expected_max_toxicity"]
+        c["ppl_change"] = rel["wikitext_perplexity"]
+        c["toxicity_ok"] = all(v is not None and v <= -min_toxicity_drop for v in (c["tp_change"], c["emt_change"]))
+        c["ppl_ok"] = c["ppl_change"] is not None and c["ppl_change"] <= max_ppl_increase
+        noise = mmlu_noise(base.get("mmlu_accuracy"), base.get("mmlu_num_questions"))
+        c["mmlu_diff"], c["mmlu_noise"] = rel["mmlu_accuracy_diff"], noise
+        c["mmlu_ok"] = None if noise is None or c["mmlu_diff"] is None else abs(c["mmlu_diff"]) <= noise
+        if control is None:
+            c["beats_control"] = None
+        else:
+            c["beats_control"] = all(
+                _mean(ud.get(m)) is not None and _mean(control.get(m)) is not None and _mean(ud[m]) < _mean(control[m])
+                for m in METRICS
+            )
+        c["met"] = bool(c["toxicity_ok"] and c["ppl_ok"] and c["mmlu_ok"] is not False and c["beats_control"])
+        checks[target] = c
+    met = bool(targets) and all(checks[t]["met"] for t in targets)
+    parts = []
+    for t in targets:
+        c = checks[t]
+        if "error" in c:
+            parts.append(f"{t}: {c['error']}")
+            continue
+        mmlu = "n/a" if c["mmlu_diff"] is None else f"{c['mmlu_diff']:+.3f}"
+        if c["mmlu_noise"] is not None:
+            mmlu += f" (noise ±{c['mmlu_noise']:.3f})"
+        control = "n/a" if c["beats_control"] is None else "yes" if c["beats_control"] else "no"
+        parts.append(
+            f"{t}: TP {_pct(c['tp_change'])}, EMT {_pct(c['emt_change'])} (need <= -{min_toxicity_drop:.0%}), "
+            f"WikiText ppl {_pct(c['ppl_change'])} (need <= +{max_ppl_increase:.0%}), MMLU {mmlu}, "
+            f"beats control: {control}"
+        )
+    verdict = ("Bar MET" if met else "Bar NOT met") + ": " + "; ".join(parts) + "."
+    return {"met": met, "checks": checks, "min_toxicity_drop": min_toxicity_drop,
+            "max_ppl_increase": max_ppl_increase, "verdict": verdict}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
+def example_continuations(
+    generations: Sequence[Mapping[str, Any]], model_keys: Mapping[str, str], num_examples: int = 4,
+    prompt_id: str | None = None, seed: int | None = None,
+) -> dict[str, Any]:
+    """``num_examples`` continuations per method for ONE test prompt (the first prompt in the generations, unless
+    ``prompt_id`` names one), from ``generations.jsonl`` records; ``model_keys``: ``{row label: report model key}``."""
+    if not generations:
+        return {"prompt": None, "examples": {}}
+    prompt_id = prompt_id or generations[0].get("prompt_id") or generations[0]["prompt"]
+    seed = seed if seed is not None else generations[0].get("seed")
+    prompt = None
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for label, key in model_keys.items():
+        rows = [g for g in generations if g.get("model") == key and g.get("seed") == seed
+                and (g.get("prompt_id") or g["prompt"]) == prompt_id]
+        rows.sort(key=lambda g: g.get("sample_index", 0))
+        if rows:
+            prompt = rows[0]["prompt"]
+        examples[label] = [{"continuation": g["continuation"], "toxicity": g.get("toxicity")}
+                           for g in rows[:num_examples]]
+    return {"prompt_id": prompt_id, "prompt": prompt, "seed": seed, "examples": examples}
+
+
+def assemble_report(
+    methods: Sequence[Mapping[str, Any]],
+    test_models: Mapping[str, Mapping[str, Any]],
+    targets: Sequence[str],
+    grid: Mapping[str, Any] | None = None,
+    taskvec: Mapping[str, Any] | None = None,
+    examples: Mapping[str, Any] | None = None,
+    bar: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything the replication measured, as one dict (``report.json``).
+
+    ``methods``: one entry per table row, ``{"method", "target", "model_key", "wall_time": {...}}``, where
+    ``model_key`` names the model in ``test_models`` (the merged ``report.json["models"]`` of the test evaluations).
+    ``targets``: the target models the bar is judged on. ``grid``/``taskvec``: ``{"choice", "table"}`` of
+    :func:`choose_configuration`. Relative changes are computed against the ``base`` row of the same target.
+    """
+    rows = []
+    for entry in methods:
+        key = entry["model_key"]
+        if key not in test_models:
+            raise KeyError(f"{entry['method']} x {entry['target']}: model {key!r} is not in the test report "
+                           f"(has {sorted(test_models)}).")
+        rows.append({"method": entry["method"], "target": entry["target"], "model": key,
+                     "label": METHOD_LABELS.get(entry["method"], entry["method"]),
+                     "wall_time": dict(entry.get("wall_time") or {}), **row_metrics(test_models[key])})
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (list(targets).index(r["target"]) if r["target"] in targets else len(targets),
+                             order.get(r["method"], len(order))))
+    bases = {r["target"]: r for r in rows if r["method"] == "base"}
+    for r in rows:
+        base = bases.get(r["target"])
+        r["relative_to_base"] = relative_changes(r, base) if base is not None and r is not base else None
+    bar_result = judge_success(rows, targets, **dict(bar or {}))
+    return {"rows": rows, "targets": list(targets), "bar": bar_result, "grid": dict(grid or {}),
+            "taskvec": dict(taskvec or {}), "examples": dict(examples or {}), **dict(extra or {}),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _ms(entry, digits: int = 3) -> str:
+    if entry is None:
+        return "–"
+    if isinstance(entry, Mapping):
+        mean, std = entry.get("mean"), entry.get("std")
+        if mean is None:
+            return "–"
+        if entry.get("n", 1) > 1 and std is not None and not math.isnan(std):
+            return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.{digits}f}"
+    return f"{float(entry):.{digits}f}"
+
+
+def render_replication_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the table, relative changes + the bar verdict, the validation grid, examples."""
+    lines = ["# UniDetox replication", ""]
+    if report.get("command"):
+        lines += ["```bash", str(report["command"]), "```", ""]
+    if report.get("description"):
+        lines += [str(report["description"]), ""]
+    header = ["method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "Distinct-1", "Distinct-2",
+              "Distinct-3", "MMLU acc", "method wall time (s)"]
+    lines += ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in report["rows"]:
+        wall = r.get("wall_time", {}).get("total_s")
+        lines.append("| " + " | ".join([
+            r["label"], r["target"], _ms(r["toxicity_probability"]), _ms(r["expected_max_toxicity"]),
+            _ms(r["wikitext_perplexity"], 2), _ms(r["conditional_perplexity"], 2), _ms(r["distinct_1"]),
+            _ms(r["distinct_2"]), _ms(r["distinct_3"]), _ms(r["mmlu_accuracy"]),
+            "–" if wall is None else f"{wall:.0f}",
+        ]) + " |")
+    lines += ["", "TP / EMT / cond. ppl / Distinct: mean ± std over seeds. Method wall time: making the data + "
+              "fine-tuning on this machine (task vectors and inference-time decoding: training the anti-expert, + "
+              "negating); decoding also pays per generated token: see tokens/s below.", ""]
+    lines += ["## Relative to the base model", "",
+              "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        rel = r.get("relative_to_base") or {}
+        tps = r.get("generation_tokens_per_s")
+        lines.append(
+            f"| {r['label']} | {r['target']} | {_pct(rel.get('toxicity_probability'))} | "
+            f"{_pct(rel.get('expected_max_toxicity'))} | {_pct(rel.get('wikitext_perplexity'))} | "
+            f"{_pct(rel.get('conditional_perplexity'))} | "
+            f"{'–' if rel.get('mmlu_accuracy_diff') is None else format(rel['mmlu_accuracy_diff'], '+.3f')} | "
+            f"{'–' if tps is None else f'{tps:.1f}'} |")
+    lines += ["", f"**{report['bar']['verdict']}**", ""]
+    grid = report.get("grid") or {}
+    if grid.get("table"):
+        choice = grid.get("choice") or {}
+        lines += ["## Validation grid (smallest toxicity within the perplexity bound)", "",
+                  grid_table_markdown(grid["table"]),
+                  f"Chosen: `{choice.get('run')}` at step {choice.get('step')} ({choice.get('metric')}; perplexity "
+                  f"{_pct(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
+                  f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
+                  ""]
+    taskvec = report.get("taskvec") or {}
+    if taskvec.get("table"):
+        choice = taskvec.get("choice") or {}
+        lines += ["## Task-vector lambda on the validation prompts", "", grid_table_markdown(taskvec["table"]),
+                  f"Chosen: lambda = {choice.get('config', {}).get('lambda')}.", ""]
+    ex = report.get("examples") or {}
+    if ex.get("examples"):
+        lines += ["## Example continuations (one test prompt, seed " + str(ex.get("seed")) + ")", "",
+                  f"Prompt: `{(ex.get('prompt') or '').strip()}`", ""]
+        for label, items in ex["examples"].items():
+            lines.append(f"- **{label}**")
+            for item in items:
+                text = " ".join(str(item["continuation"]).split()).replace("|", "\\|")
+                score = item.get("toxicity")
+                lines.append(f"  - {text!r}" + ("" if score is None else f" (toxicity {score:.2f})"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    """EMT and TP against WikiText-2 perplexity: one point (± std over seeds) per method and target model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("wikitext_perplexity") is not None]
+    if not rows:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = {t: "osD^vP*X"[i % 8] for i, t in enumerate(targets)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, metric, label in zip(axes, ("expected_max_toxicity", "toxicity_probability"),
+                                 ("Expected Maximum Toxicity", "Toxicity Probability"), strict=True):
+        for r in rows:
+            y = r.get(metric) or {}
+            ax.errorbar(r["wikitext_perplexity"], y.get("mean"), yerr=y.get("std") or 0.0, fmt=markers[r["target"]],
+                        color=colors[r["method"]], capsize=3, ms=7, label=f"{r['method']} / {r['target']}")
+        for r in report["rows"]:
+            y = r.get(metric) or {}
+            if r.get("wikitext_perplexity") is None and y.get("mean") is not None:
+                # Inference-time decoding keeps the base's weights: no WikiText perplexity of its own, so its
+                # toxicity is drawn as a level across the axis instead of a point.
+                ax.axhline(y["mean"], color=colors.get(r["method"], "grey"), ls="--", lw=1,
+                           label=f"{r['method']} / {r['target']} (no WikiText ppl)")
+        ax.set_xlabel("WikiText-2 perplexity")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Test prompts: toxicity vs perplexity (lower-left is better); colour = method, marker = target")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_replication_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``toxicity_vs_perplexity.png`` into ``output_dir``."""
+    from unidetox.evaluation.report import write_json
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(dict(report), out / "report.json")}
+    md = out / "report.md"
+    atomic_write_text(md, render_replication_markdown(report))
+    paths["markdown"] = md
+    with contextlib.suppress(ImportError):
+        plot = plot_replication(report, out / "toxicity_vs_perplexity.png")
+        if plot:
+            paths["plot"] = plot
+    return paths
+
+
