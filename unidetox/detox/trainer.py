@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
+from unidetox.detox.callbacks import StopAtStepCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
 from unidetox.detox.model_card import render_model_card
@@ -150,8 +151,6 @@ class UniversalDetoxTrainer(SFTTrainer):
         self.num_target_tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
         self._peft_config_used = peft_config
         if args.stop_at_step is not None:
-            from unidetox.detox.callbacks import StopAtStepCallback
-
             callbacks = [*(callbacks or []), StopAtStepCallback(args.stop_at_step)]
 
         super().__init__(

@@ -16,9 +16,23 @@ from pathlib import Path
 
 import torch
 
+from unidetox.decoding.sampler import ContrastiveDetoxSampler, validate_alpha_beta
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.distill.anti_expert import load_anti_expert
+from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
+from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
+from unidetox.evaluation.report import (
+    read_jsonl,
+    seed_toxicity_metrics,
+    summarize_seeds,
+    write_json,
+    write_jsonl,
+    write_report,
+)
+from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.io import read_json
 from unidetox.models import load_model_and_tokenizer, load_tokenizer, parse_dtype
+from unidetox.paths import default_data_dir, require_file
 from unidetox.processes import gather_objects, process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
 
@@ -70,8 +84,6 @@ class DecodingConfig:
     also_plain: bool = field(default=True, metadata={"help": "Also evaluate each model with plain sampling."})
 
     def __post_init__(self):
-        from unidetox.decoding.sampler import validate_alpha_beta
-
         if self.anti_expert in ("", "none", "None"):
             self.anti_expert = None
         validate_alpha_beta(self.alpha, self.beta)
@@ -93,23 +105,16 @@ def model_slug(key: str) -> str:
 
 
 def _fingerprint(obj) -> str:
-
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _load(name_or_path: str, dtype: str | None, device):
     """A model and its tokenizer by hub id, path or embedded name; a LoRA adapter folder is merged into its base."""
-    from pathlib import Path
-
     kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
     path = Path(name_or_path).expanduser()
     if not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
         raise FileNotFoundError(f"No model at {path}: pass an existing checkpoint folder, a hub id or an embedded name.")
     if (path / "adapter_config.json").is_file():
-        import json
-
-        from unidetox.distill.anti_expert import load_anti_expert
-
         model = load_anti_expert(path, **kwargs)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -145,19 +150,6 @@ def run_evaluation(
     the parts it affects. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
     the main process writes the files. Returns the report on the main process (``None`` on the others).
     """
-    from pathlib import Path
-
-    from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
-    from unidetox.evaluation.report import (
-        read_jsonl,
-        seed_toxicity_metrics,
-        summarize_seeds,
-        write_json,
-        write_jsonl,
-        write_report,
-    )
-    from unidetox.evaluation.scoring import ScorerConfig, build_scorer
-
     started = time.perf_counter()
     eval_config = eval_config or ToxicityEvalConfig()
     scorer_config = scorer_config or ScorerConfig()
@@ -219,8 +211,6 @@ def run_evaluation(
                          "stride": perplexity_config.stride, "max_tokens": perplexity_config.max_tokens}
     wikitext_path = None
     if perplexity_config.wikitext:
-        from unidetox.paths import default_data_dir, require_file
-
         wikitext_path = Path(perplexity_config.wikitext_path or Path(data_dir or default_data_dir()) / "wikitext2" / "wiki.test.raw")
         require_file(wikitext_path, "WikiText-2 test file (perplexity.wikitext_path=...; perplexity.wikitext=false skips it)")
         wikitext_settings["path"] = str(wikitext_path)
@@ -247,7 +237,6 @@ def run_evaluation(
             if entry.contrastive:
                 if anti_expert is None:
                     anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
-                from unidetox.decoding.sampler import ContrastiveDetoxSampler
 
                 def factory(mask, anti=anti_expert):
                     return ContrastiveDetoxSampler(anti, alpha=decoding_config.alpha, beta=decoding_config.beta,
@@ -286,8 +275,6 @@ def run_evaluation(
                 }, part_dir(entry) / f"seed{seed}.json")
             wait_for_everyone()
         if need_wikitext:
-            from unidetox.evaluation.metrics import sliding_window_nll
-
             text = wikitext_path.read_text(encoding="utf-8").replace("\r\n", "\n")
             t0 = time.perf_counter()
             nll, count = sliding_window_nll(
@@ -320,8 +307,6 @@ def run_evaluation(
     # ---- conditional perplexity of every (model, seed) under the reference LM -----------------------------
     reference = perplexity_config.reference_model
     if reference is not None:
-        from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll
-
         def cond_fp(entry, seed):
             return _fingerprint({"generations": gen_fingerprint(entry, seed), "reference": reference, "dtype": dtype})
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from unidetox.evaluation.metrics import conditional_nll
 from unidetox.paths import default_data_dir, require_file
 
 LETTERS = ("A", "B", "C", "D")
@@ -160,7 +161,6 @@ def build_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion], fmt: str
         context = "".join(blocks) + f"Question: {question.question}\nAnswer:"
         return context, [f" {choice}" for choice in question.choices]
     if fmt == "letters":
-
         def block(q: MMLUQuestion) -> str:
             options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, q.choices, strict=True))
             return f"{q.question}\n{options}Answer:"
@@ -183,7 +183,6 @@ def score_mmlu_questions(
 ) -> list[dict]:
     """Per-question records ``{index, subject, answer, prediction, correct, loglik}`` for this process's share
     (questions ``process_index::num_processes``)."""
-    from unidetox.evaluation.metrics import conditional_nll
 
     indices = list(range(len(questions)))[process_index::num_processes]
     contexts, options = [], []

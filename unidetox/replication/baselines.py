@@ -23,7 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
+from unidetox.distill.dataset import METADATA_FILE, DistilledDetoxDataset, _commit
 from unidetox.io import atomic_write_json, read_json
+from unidetox.models import load_model_and_tokenizer, parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,6 @@ def build_plain_sample_dataset(
         >>> base, tok = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> control = build_plain_sample_dataset(base, tok, 128, 128, "<|endoftext|>", 42, "runs/control")  # doctest: +SKIP
     """
-    from unidetox.distill.dataset import DistilledDetoxDataset
 
     # DistilledDetoxDataset.build without an anti-expert samples the base alone, with the distilled stream's
     # per-batch seeds: same draws, same shards/resume/atomic commit as the distilled text.
@@ -111,9 +113,6 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
     """
     from dataclasses import replace
 
-    from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
-    from unidetox.distill.dataset import METADATA_FILE, DistilledDetoxDataset, _commit
-
     if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
         raise ValueError(f"`num_texts` has to be an integer >= 1, but is {num_texts!r}.")
     out = Path(output_dir)
@@ -143,8 +142,6 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
 # ================================================================================================================
 def _load_base(base_name_or_path, dtype=None):
     import torch
-
-    from unidetox.models import load_model_and_tokenizer, parse_dtype
 
     # merging in float32 by default: a bf16 round trip would blur small deltas
     return load_model_and_tokenizer(str(base_name_or_path), dtype=parse_dtype(dtype) or torch.float32)

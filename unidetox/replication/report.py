@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.detox.selection import METRICS
+from unidetox.evaluation.report import write_json
 from unidetox.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -393,7 +394,6 @@ def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path
 
 def write_replication_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``toxicity_vs_perplexity.png`` into ``output_dir``."""
-    from unidetox.evaluation.report import write_json
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
