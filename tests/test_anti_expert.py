@@ -158,3 +158,57 @@ def test_config_checks(tmp_path, tokenizer, corpus):
         train_anti_expert(tiny_llama(8), tokenizer, corpus, config(tmp_path, pretrained_path="x"))
     with pytest.raises(FileNotFoundError, match="No anti-expert at"):
         load_anti_expert(tmp_path / "missing" / "dir")
+
+
+def test_training_keeps_checkpoint_dirs_it_did_not_create(tmp_path, tokenizer, corpus):
+    foreign = tmp_path / "anti" / "checkpoint-99"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("someone else's")
+    train_anti_expert(tiny_llama(len(tokenizer.get_vocab()), seed=0), tokenizer, corpus, config(tmp_path),
+                      base_name_or_path="tiny")
+    assert (foreign / "notes.txt").read_text() == "someone else's"
+
+
+def test_training_removes_only_its_own_checkpoints(tmp_path, tokenizer, corpus):
+    cfg = config(tmp_path, save_strategy="steps", save_steps=3)
+    result = train_anti_expert(tiny_llama(len(tokenizer.get_vocab()), seed=0), tokenizer, corpus, cfg,
+                               base_name_or_path="tiny")
+    assert result.trained and not list(result.path.glob("checkpoint-*"))
+    # Checkpoints that this training did not write could be overwritten by its own: refuse, naming them.
+    foreign = tmp_path / "other" / "checkpoint-3"
+    foreign.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"did not write \(checkpoint-3\), and `save_strategy='steps'`"):
+        other = config(tmp_path, output_dir=str(tmp_path / "other"), save_strategy="steps", save_steps=3)
+        train_anti_expert(tiny_llama(len(tokenizer.get_vocab()), seed=0), tokenizer, corpus, other,
+                          base_name_or_path="tiny")
+    assert foreign.is_dir()
+
+
+def test_anti_expert_saved_without_tokenizer_files_loads(tmp_path, tokenizer):
+    model = tiny_llama(len(tokenizer.get_vocab()), seed=1)
+    model.save_pretrained(tmp_path / "full")
+    loaded = load_anti_expert(tmp_path / "full")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    tiny_llama(len(tokenizer.get_vocab()), seed=0).save_pretrained(base_dir)  # no tokenizer either
+    peft_model = get_peft_model(tiny_llama(len(tokenizer.get_vocab()), seed=0),
+                                LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = load_anti_expert(tmp_path / "adapter", base_name_or_path=str(base_dir))
+    ids = torch.tensor([[1, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("content", ["not json", "{}", '{"peft_type": 3}'])
+def test_garbage_adapter_config_is_named(tmp_path, content):
+    path = tmp_path / "adapter"
+    path.mkdir()
+    (path / "adapter_config.json").write_text(content)
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not a peft adapter config"):
+        load_anti_expert(path, base_name_or_path="LlamaForCausalLM")
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not a peft adapter config"):
+        load_anti_expert(path, base_model=tiny_llama(16))

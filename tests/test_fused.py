@@ -7,7 +7,12 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.decoding.fused import contrastive_generate, fused_contrastive_generate, is_lora_anti_expert
+from unidetox.decoding.fused import (
+    contrastive_generate,
+    fused_contrastive_generate,
+    is_lora_anti_expert,
+    resolve_models,
+)
 
 VOCAB = 64
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the", "music"]
@@ -127,7 +132,49 @@ def test_contrastive_generate_dispatch_errors(tokenizer):
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="anti_expert"):
         contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"])
+    _, lora_on_other_weights = lora_pair(seed=5)
     with pytest.raises(ValueError, match="fused=True"):
-        contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"], anti_expert=lora, fused=True)
+        contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"],
+                             anti_expert=lora_on_other_weights, fused=True)
     with pytest.raises(ValueError, match="alpha"):
         contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], alpha=2.0)
+
+
+def test_adapter_on_the_base_itself_is_contrasted_with_the_base_without_it(tokenizer):
+    """``anti_expert`` may be a peft model injected into ``base`` itself: the base side runs adapter-free."""
+    base, reference = lora_pair()
+    reference_base = copy.deepcopy(base)
+    torch.manual_seed(123)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                        lora_dropout=0.0)
+    on_base = get_peft_model(base, config).eval()  # the adapter weights of `reference`, injected into base
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = two_model(reference_base, copy.deepcopy(reference).merge_and_unload(), inputs, **kwargs)
+    for fused in (None, False):
+        got = contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"], anti_expert=on_base,
+                                   fused=fused, **kwargs)
+        assert torch.equal(got.sequences, expected.sequences), fused
+
+
+def test_fused_false_runs_a_lora_model_as_two_models(tokenizer):
+    base, lora = lora_pair()
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], **kwargs)
+    separate = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], fused=False,
+                                    **kwargs)
+    assert torch.equal(fused.sequences, separate.sequences)
+    assert torch.equal(fused.sequences, two_model(base, lora, inputs, **kwargs).sequences)
+
+
+def test_one_dispatch_decides_fused_or_two_models(tokenizer):
+    base, lora = lora_pair()
+    _, lora_on_other_weights = lora_pair(seed=5)
+    assert resolve_models(base, lora).decoding == "fused-lora"  # a copy of base with the same weights
+    assert resolve_models(lora, None).decoding == "fused-lora"
+    assert resolve_models(base, lora, fused=False).decoding == "two-model"
+    assert resolve_models(base, lora_on_other_weights).decoding == "two-model"
+    assert resolve_models(base, tiny_llama(VOCAB, seed=9)).decoding == "two-model"
+    with pytest.raises(ValueError, match="the base model itself"):
+        resolve_models(base, base)

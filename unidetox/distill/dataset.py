@@ -1,7 +1,8 @@
 """The distilled detoxifying text: a small corpus sampled by contrastive decoding, reused to detox any model.
 
-:meth:`DistilledDetoxDataset.build` samples from a start token with :class:`~unidetox.ContrastiveDetoxSampler`
-(``log p_base - log p_anti`` on the base's plausible set, no other truncation). The work is cut into global
+:meth:`DistilledDetoxDataset.build` samples from a start token by UniDetox contrastive decoding (``log p_base -
+log p_anti`` on the base's plausible set, no other truncation), through the fused-or-two-model dispatch of
+:func:`~unidetox.contrastive_generate` (:mod:`unidetox.decoding.fused`). The work is cut into global
 batches; batch ``i`` is seeded from ``(seed, i)`` and, under ``accelerate launch`` with N processes, rank ``r``
 samples the batches with ``i % N == r``, so the merged text does not depend on the number of processes. Every
 finished batch is written as a shard at once (temp file + ``os.replace``); a rerun skips finished shards. The main
@@ -12,7 +13,7 @@ process merges the shards in batch order into exactly ``num_samples`` rows and w
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pandas as pd
 import torch
+from transformers import GenerationConfig
 
+from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
+from unidetox.decoding.sampler import validate_alpha_beta
+from unidetox.distill.anti_expert import (
+    ADAPTER_CONFIG_FILE,
+    load_anti_expert,
+    model_config_fingerprint,
+    read_adapter_config,
+)
 from unidetox.evaluation.metrics import mean_difference
+from unidetox.evaluation.scoring import ProfanityCheckScorer
 from unidetox.io import atomic_write_json, atomic_write_text
+from unidetox.models import load_model, load_model_and_tokenizer
 from unidetox.processes import process_state, wait_for_everyone
+from unidetox.version import __version__
 
 METADATA_FILE = "metadata.json"
 SHARDS_DIR = "shards"
@@ -42,6 +56,10 @@ TEXT_COLUMN_ALIASES = ("text", "Text", "generated_text", "content")
 RECIPE_SUBDIR = "distilled"
 # Seed streams: the distilled text, and the plain samples the summary compares it with.
 STREAM_DISTILL, STREAM_BASE, STREAM_ANTI = 0, 1, 2
+# Files of a saved model or adapter that decide the texts sampled with it (their digest names it in caches).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Adapter settings that name where it came from, not what it computes.
+ADAPTER_CONFIG_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version")
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +83,6 @@ class SamplingConfig:
     stop_at_eos: bool = field(default=True, metadata={"help": "End a sample at the tokenizer's EOS token."})
 
     def __post_init__(self):
-        from unidetox.decoding.sampler import validate_alpha_beta
-
         validate_alpha_beta(self.alpha, self.beta)
         if not self.temperature > 0:
             raise ValueError(f"`temperature` has to be > 0, but is {self.temperature}.")
@@ -116,93 +132,19 @@ class DistillConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling one batch
 # ----------------------------------------------------------------------------------------------------------------
-def _is_lora_on(base, anti_expert) -> bool:
-    """True when ``anti_expert`` is a peft model whose underlying modules are ``base`` itself."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    if not isinstance(anti_expert, PeftModel):
-        return False
-    inner = anti_expert.get_base_model()
-    if inner is base:
-        return True
-    base_ptrs = {p.data_ptr() for p in base.parameters()}
-    return any(p.data_ptr() in base_ptrs for p in inner.parameters())
-
-
-@dataclass
-class ResolvedModels:
-    """The models one build samples with.
-
-    ``base``/``anti_expert`` draw plain samples (each inside its context: when the adapter sits on ``base`` itself,
-    the base runs with the adapter disabled). ``lora`` is set when the anti-expert is ``base + LoRA`` and the fused
-    path is on: the distilled text then comes from ONE doubled forward per token (:mod:`unidetox.decoding.fused`) instead of
-    two separate models; the tokens are the same for the same seed.
-    """
-
-    base: Any
-    anti_expert: Any
-    base_context: Any = contextlib.nullcontext
-    lora: Any = None
-
-    @property
-    def decoding(self) -> str:
-        if self.anti_expert is None:
-            return "plain"
-        return "fused-lora" if self.lora is not None else "two-model"
-
-
-def resolve_models(base, anti_expert, base_name_or_path: str | None = None, fused: bool | None = None) -> ResolvedModels:
-    """The models :meth:`DistilledDetoxDataset.build` samples with (see :class:`ResolvedModels`).
-
-    ``anti_expert`` may be a separate causal LM, a peft LoRA model (on ``base`` itself or on a copy of it), or a
-    path / hub id (see :func:`unidetox.distill.anti_expert.load_anti_expert`; a saved adapter stays an adapter so that the
-    fused path can use it). ``fused``: ``None`` fuses whenever the anti-expert is a LoRA model, ``True`` requires it,
-    ``False`` runs two separate models (a LoRA anti-expert is then merged into a copy).
-    """
-    from unidetox.decoding.fused import is_lora_anti_expert
-
-    if anti_expert is None:
-        if fused:
-            raise ValueError("fused=True needs a LoRA anti-expert; `anti_expert` is None (plain sampling).")
-        return ResolvedModels(base, None)
-    if isinstance(anti_expert, (str, os.PathLike)):
-        from unidetox.distill.anti_expert import load_anti_expert
-
-        anti_expert = load_anti_expert(anti_expert, base_name_or_path=base_name_or_path, merge=False)
-    if anti_expert is base:
-        raise ValueError(
-            "`anti_expert` is the base model itself: the contrast would be zero. Pass the fine-tuned toxic model."
-        )
-    is_lora = is_lora_anti_expert(anti_expert)
-    if fused and not is_lora:
-        raise ValueError(
-            f"fused=True needs a peft LoRA anti-expert (base + adapter); got {type(anti_expert).__name__}. "
-            "Use fused=None to pick the path automatically."
-        )
-    base_context = anti_expert.disable_adapter if _is_lora_on(base, anti_expert) else contextlib.nullcontext
-    if is_lora and fused is not False:
-        return ResolvedModels(base, anti_expert.eval(), base_context, lora=anti_expert)
-    if is_lora or base_context is not contextlib.nullcontext:
-        # Two separate models: the adapter merged into an independent copy (the base keeps running adapter-free).
-        anti_expert = copy.deepcopy(anti_expert).merge_and_unload()
-    return ResolvedModels(base, anti_expert.eval(), base_context)
-
-
 @contextlib.contextmanager
-def _only_explicit_generation_config(model, eos_token_id, pad_token_id, bos_token_id):
-    """Swap in a bare GenerationConfig so the model's own file cannot inject top-k, penalties or min-p."""
-    from transformers import GenerationConfig
-
-    saved = model.generation_config
-    model.generation_config = GenerationConfig(
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id
-    )
+def _only_explicit_generation_config(models, eos_token_id, pad_token_id, bos_token_id):
+    """Swap in a bare GenerationConfig so the models' own files cannot inject top-k, penalties or min-p."""
+    saved = [model.generation_config for model in models]
+    for model in models:
+        model.generation_config = GenerationConfig(
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id
+        )
     try:
         yield
     finally:
-        model.generation_config = saved
+        for model, config in zip(models, saved, strict=True):
+            model.generation_config = config
 
 
 def _model_device(model) -> torch.device:
@@ -228,62 +170,45 @@ def sample_batch(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
-    lora_model=None,
+    resolved: ResolvedModels | None = None,
 ) -> list[list[int]]:
     """Sample ONE batch: ``batch_size`` continuations of ``prompt_ids``, as lists of new token ids.
 
     With an ``anti_expert`` each token is drawn from UniDetox's contrastive scores; with ``anti_expert=None`` it is
     plain sampling from ``base`` with the same settings (the summary's comparison). The generation settings are
-    passed explicitly and the model's ``generation_config`` is bypassed, so nothing (e.g. the library default top-k
-    of 50) truncates the distribution behind the caller's back. The RNG is seeded with ``seed`` inside a forked RNG
-    state, so the global RNG is untouched and the batch depends only on its arguments. Rows end before the first
-    EOS token (which is not included).
+    passed explicitly and the models' ``generation_config`` is bypassed, so nothing (e.g. the library default
+    top-k of 50) truncates the distribution behind the caller's back. The RNG is seeded with ``seed`` inside a
+    forked RNG state, so the global RNG is untouched and the batch depends only on its arguments. Rows end
+    before the first EOS token (which is not included).
 
-    With ``lora_model`` (a peft model whose LoRA adapter is the anti-expert; ``base`` and ``anti_expert`` are then
-    ignored) the contrastive scores come from one doubled forward per token (:func:`unidetox.decoding.fused.fused_contrastive_generate`):
-    same scores, same tokens for the same seed, at close to the cost of one model.
+    Whether base and anti-expert run fused (a LoRA anti-expert on the base: one doubled forward per token) or
+    as two models is decided by :func:`unidetox.decoding.fused.resolve_models`, as for
+    :func:`~unidetox.contrastive_generate`; both give the same tokens for the same seed. ``resolved`` reuses
+    one such decision (``resolve_models(base, anti_expert)``) across batches.
     """
-    from transformers import LogitsProcessorList
-
-    from unidetox.decoding.sampler import ContrastiveDetoxSampler
-
-    device = _model_device(lora_model if lora_model is not None else base)
+    if resolved is None:
+        resolved = ResolvedModels(base, None) if anti_expert is None else resolve_models(base, anti_expert)
+    elif resolved.base is not base or resolved.anti_expert is not anti_expert:
+        raise ValueError(
+            "`resolved` holds other models than `base` and `anti_expert`; pass the `base` and `anti_expert` "
+            "of the ResolvedModels, or leave `resolved` as None."
+        )
+    device = _model_device(resolved.lora if resolved.lora is not None else resolved.base)
     input_ids = torch.tensor([list(prompt_ids)] * batch_size, dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
     fork_devices = [device] if device.type == "cuda" else []
     eos_ids = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    if lora_model is not None:
-        from unidetox.decoding.fused import fused_contrastive_generate
-
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            out = fused_contrastive_generate(
-                lora_model, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
-                do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                # an explicit empty list: no EOS (None would fall back to the model's generation config)
-                eos_token_id=sorted(eos_ids) if eos_ids else [], pad_token_id=pad_token_id,
-            ).sequences
-        return _cut_at_eos(out[:, input_ids.shape[1] :].tolist(), eos_ids)
-    processors = LogitsProcessorList()
-    if anti_expert is not None:
-        processors.append(ContrastiveDetoxSampler(anti_expert, alpha=alpha, beta=beta, attention_mask=attention_mask))
     bos = prompt_ids[0] if prompt_ids else None
-    with torch.random.fork_rng(devices=fork_devices), _only_explicit_generation_config(base, eos_token_id, pad_token_id, bos):
+    bare_config = _only_explicit_generation_config(
+        resolved.underlying_models(), eos_token_id, pad_token_id, bos
+    )
+    with torch.random.fork_rng(devices=fork_devices), bare_config:
         torch.manual_seed(seed)
-        out = base.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_processor=processors,
-            do_sample=True,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            num_beams=1,
-            eos_token_id=eos_token_id,
+        out = generate_resolved(
+            resolved, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-        )
+        ).sequences
     return _cut_at_eos(out[:, input_ids.shape[1] :].tolist(), eos_ids)
 
 
@@ -356,8 +281,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def _version_info() -> dict[str, str]:
     import transformers
-
-    from unidetox import __version__
 
     return {"unidetox": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -437,23 +360,29 @@ class DistilledDetoxDataset:
             meta_file = path / METADATA_FILE
             metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
             return cls(dataset, metadata)
-        suffix = path.suffix.lower()
-        if suffix == ".csv":
-            dataset = datasets.Dataset.from_csv(str(path))
-        elif suffix in (".jsonl", ".json"):
-            dataset = datasets.Dataset.from_json(str(path))
-        else:
-            raise ValueError(f"Cannot read {path}: expected a saved dataset directory or a .csv/.jsonl/.json file.")
-        column = text_column or next((c for c in TEXT_COLUMN_ALIASES if c in dataset.column_names), None)
-        if column is None or column not in dataset.column_names:
+        frame = _read_table(path)
+        columns = [str(c) for c in frame.columns]
+        column = text_column or next((c for c in TEXT_COLUMN_ALIASES if c in columns), None)
+        if column is None or column not in columns:
             raise ValueError(
                 f"{path} has no text column (looked for {text_column or TEXT_COLUMN_ALIASES}); its columns are "
-                f"{dataset.column_names}. Pass text_column=..."
+                f"{columns}. Pass text_column=..."
             )
-        dataset = dataset.select_columns([column])
-        if column != TEXT_COLUMN:
-            dataset = dataset.rename_column(column, TEXT_COLUMN)
-        dataset = dataset.filter(lambda row: isinstance(row[TEXT_COLUMN], str) and row[TEXT_COLUMN].strip() != "")
+        values = frame[column].tolist()
+        texts = [v for v in values if isinstance(v, str) and v.strip()]
+        not_strings = sum(not isinstance(v, str) for v in values)
+        dropped = len(values) - len(texts)
+        blank = dropped - not_strings
+        if not texts:
+            raise ValueError(
+                f"{path} has no text in its {column!r} column: {dropped} of {len(values)} rows dropped "
+                f"({not_strings} not strings, {blank} blank). Fine-tuning needs non-empty strings; check the "
+                "file, or pass text_column=... for another column."
+            )
+        if dropped:
+            logger.warning("%s: dropped %d of %d rows without text in %r (%d not strings, %d blank)", path,
+                           dropped, len(values), column, not_strings, blank)
+        dataset = datasets.Dataset.from_dict({TEXT_COLUMN: texts})
         return cls(dataset, {"source_file": str(path), "num_samples": len(dataset)})
 
     # ------------------------------------------------------------------------------------------------------------
@@ -489,8 +418,9 @@ class DistilledDetoxDataset:
         Args:
             base: the base causal LM (or a name/path for :func:`unidetox.load_model_and_tokenizer`).
             anti_expert: the toxic model: a separate causal LM, a peft model (LoRA adapter, on ``base`` itself or
-                on a copy), or a path / hub id of a saved anti-expert or adapter. ``None`` samples the base alone
-                with the same settings: the control corpus (fine-tuning on the base's own text, no contrast).
+                on a copy), or a path / hub id of a saved anti-expert or adapter (a saved adapter is attached to a
+                copy of ``base``). ``None`` samples the base alone with the same settings: the control corpus
+                (fine-tuning on the base's own text, no contrast).
             tokenizer: the base's tokenizer (``None`` when ``base`` is a name).
             num_samples: texts in the result (exactly).
             max_length: tokens sampled per text after the start token (fewer when EOS comes first).
@@ -507,8 +437,9 @@ class DistilledDetoxDataset:
                 texts (0 skips the summary).
             scorer: a :class:`~unidetox.ToxicityScorer` (default :class:`~unidetox.ProfanityCheckScorer`).
             overwrite: discard an existing build in ``output_dir`` made with other settings.
-            base_id, anti_expert_id: names recorded in the metadata and fingerprint (default: the models'
-                ``name_or_path``).
+            base_id, anti_expert_id: names recorded in the metadata and fingerprint, which decide whether the
+                shards in ``output_dir`` are reused. Default (:func:`model_id`): a saved directory by the digest
+                of its weight files, an in-memory model by the digest of its state dict, a hub id by its name.
             show_progress: tqdm progress bar on the main process.
             fused: how a LoRA anti-expert (a peft model, or a saved adapter path) runs: ``None`` (default) fuses
                 base and adapter into one doubled forward per token (:mod:`unidetox.decoding.fused`), ``False`` merges the
@@ -529,21 +460,21 @@ class DistilledDetoxDataset:
                 f"Running on {world} processes needs an `output_dir` to collect their shards in; pass one."
             )
         if isinstance(base, (str, os.PathLike)):
-            from unidetox.models import load_model_and_tokenizer
-
-            base_id = base_id or str(base)
-            base, loaded_tokenizer = load_model_and_tokenizer(base)
-            tokenizer = tokenizer or loaded_tokenizer
+            base_id = base_id or model_id(base)
+            if tokenizer is None:
+                base, tokenizer = load_model_and_tokenizer(base)
+            else:
+                base = load_model(base, pad_token_id=tokenizer.pad_token_id)
         if tokenizer is None:
             raise ValueError("Pass the base model's `tokenizer`.")
-        base_id = base_id or getattr(base.config, "_name_or_path", None) or type(base).__name__
+        base_id = base_id or model_id(base)
         if anti_expert is None:
             anti_expert_id = None
         elif anti_expert_id is None:
-            anti_expert_id = (
-                str(anti_expert) if isinstance(anti_expert, (str, os.PathLike))
-                else getattr(getattr(anti_expert, "config", None), "_name_or_path", None) or type(anti_expert).__name__
-            )
+            anti_expert_id = model_id(anti_expert)
+        elif isinstance(anti_expert, (str, os.PathLike)):
+            if (Path(anti_expert).expanduser() / ADAPTER_CONFIG_FILE).is_file():
+                read_adapter_config(anti_expert)  # a broken adapter fails here, before anything is written
 
         start_token = start_token if start_token is not None else tokenizer.bos_token
         if start_token is None:
@@ -590,28 +521,18 @@ class DistilledDetoxDataset:
                     logger.info("%s already holds this distilled dataset; loading it", out)
                     return cls.load(out)
             shard_config = shards / SHARD_CONFIG_FILE
-            if shard_config.is_file() and not overwrite:
-                old = json.loads(shard_config.read_text())
-                if old != fingerprint:
-                    changed = [f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in fingerprint if old.get(k) != fingerprint.get(k)]
-                    raise ValueError(
-                        f"{out} holds shards sampled with other settings ({'; '.join(changed)}). Use another "
-                        "`output_dir`, or `overwrite=True` to discard them."
-                    )
-            wait_for_everyone()
-            if is_main:
-                if overwrite and shard_config.is_file() and json.loads(shard_config.read_text()) != fingerprint:
-                    shutil.rmtree(shards)
-                    (out / METADATA_FILE).unlink(missing_ok=True)
-                shards.mkdir(parents=True, exist_ok=True)
-                (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
-                atomic_write_json(shard_config, fingerprint)
-            wait_for_everyone()
+            old = json.loads(shard_config.read_text()) if shard_config.is_file() else None
+            if old is not None and old != fingerprint and not overwrite:
+                changed = [f"{k}: {old.get(k)!r} -> {value!r}" for k, value in fingerprint.items()
+                           if old.get(k) != value]
+                raise ValueError(
+                    f"{out} holds shards sampled with other settings ({'; '.join(changed)}). Use another "
+                    "`output_dir`, or `overwrite=True` to discard them."
+                )
 
-        models = resolve_models(base, anti_expert, base_id, fused=fused)
-        models.base.to(state.device).eval()
-        if models.anti_expert is not None:
-            models.anti_expert.to(state.device)
+        # The models are checked before anything is written: a failed check leaves no settings behind that
+        # would refuse the corrected rerun.
+        models = _resolve_for_build(base, anti_expert, fused, state.device)
         anti_vocab = getattr(getattr(models.anti_expert, "config", None), "vocab_size", None)
         if anti_vocab is not None and anti_vocab != models.base.config.vocab_size:
             raise ValueError(
@@ -619,6 +540,15 @@ class DistilledDetoxDataset:
                 f"{anti_vocab}: contrastive decoding needs one shared vocabulary."
             )
         logger.info("Distilling with %s decoding", models.decoding)
+        if out is not None:
+            wait_for_everyone()  # every rank has read the shard settings before the main process rewrites
+            if is_main:
+                if overwrite and old is not None and old != fingerprint:
+                    shutil.rmtree(shards)
+                shards.mkdir(parents=True, exist_ok=True)
+                (out / METADATA_FILE).unlink(missing_ok=True)  # the commit marker goes until the new merge is done
+                atomic_write_json(shard_config, fingerprint)
+            wait_for_everyone()
 
         started = time.perf_counter()
         mine = [i for i in range(num_batches) if i % world == rank]
@@ -640,9 +570,8 @@ class DistilledDetoxDataset:
                              top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_ids, pad_token_id=pad_id)
         for i in todo:
             t0 = time.perf_counter()
-            with models.base_context() if models.lora is None else contextlib.nullcontext():
-                rows = sample_batch(models.base, models.anti_expert, [start_id], sizes[i], max_length,
-                                    batch_seed(seed, i), lora_model=models.lora, **sample_kwargs)
+            rows = sample_batch(models.base, models.anti_expert, [start_id], sizes[i], max_length,
+                                batch_seed(seed, i), resolved=models, **sample_kwargs)
             shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
                      "generation_time_s": round(time.perf_counter() - t0, 3)}
             if shards is not None:
@@ -711,6 +640,108 @@ class DistilledDetoxDataset:
         return result
 
 
+def _is_blank_file(path: Path) -> bool:
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 16), b""):
+            if block.strip():
+                return False
+    return True
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A CSV / JSONL / JSON file as a DataFrame with at least one row; raise naming the file otherwise."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise ValueError(
+            f"Cannot read {path}: expected a saved dataset directory or a .csv/.jsonl/.json file."
+        )
+    if _is_blank_file(path):
+        raise ValueError(f"{path} is empty (no header and no rows): there is no text to load.")
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            try:
+                frame = pd.read_json(path, dtype=False)
+            except ValueError:  # a .json file holding JSON lines
+                frame = pd.read_json(path, lines=True, dtype=False)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise ValueError(f"Could not parse {path} as {suffix[1:].upper()}: {err}") from err
+    if len(frame) == 0:
+        columns = [str(c) for c in frame.columns]
+        raise ValueError(f"{path} has no rows (columns: {columns}): there is no text to load.")
+    return frame
+
+
+def _resolve_for_build(base, anti_expert, fused: bool | None, device) -> ResolvedModels:
+    """The models a build samples with, on ``device``: a path is loaded (a saved adapter is attached to a copy
+    of ``base``, so the base given is the base used), then :func:`~unidetox.decoding.fused.resolve_models`
+    decides between fused and two-model decoding."""
+    base.to(device).eval()
+    if anti_expert is None:
+        if fused:
+            raise ValueError("fused=True needs a LoRA anti-expert; `anti_expert` is None (plain sampling).")
+        return ResolvedModels(base, None)
+    if isinstance(anti_expert, (str, os.PathLike)):
+        # merge=False: a saved adapter stays an adapter so that the fused path can use it.
+        anti_expert = load_anti_expert(anti_expert, merge=False, base_model=base)
+    anti_expert.to(device)
+    return resolve_models(base, anti_expert, fused=fused)
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True,
+                      default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+
+
+def _adapter_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ADAPTER_CONFIG_PROVENANCE}
+
+
+def _directory_digest(path: Path) -> str:
+    """SHA-256 over a saved model's or adapter's weight files (names and bytes) and its adapter settings."""
+    digest = hashlib.sha256()
+    if (path / ADAPTER_CONFIG_FILE).is_file():
+        digest.update(_canonical_json(_adapter_settings(read_adapter_config(path))).encode())
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        digest.update(file.name.encode() + b"\x00")
+        with file.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_digest(model) -> str:
+    """SHA-256 over an in-memory model's architecture, adapter settings and every tensor's bytes."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(model_config_fingerprint(config).encode())
+    peft_config = getattr(model, "peft_config", None) or {}
+    adapters = {name: _adapter_settings(c.to_dict()) for name, c in peft_config.items()}
+    digest.update(_canonical_json(adapters).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
+
+
+def model_id(model) -> str:
+    """How a build names a model in its cache: by what decides the texts, not by a name alone.
+
+    A saved model or adapter directory is ``<path>@<digest of its weight files>``; an in-memory model is
+    ``<name_or_path or class>@<digest of its state dict>``; a hub id or embedded name stays as it is.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model).expanduser()
+        return f"{model}@{_directory_digest(path)[:12]}" if path.is_dir() else str(model)
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    return f"{name}@{_state_dict_digest(model)[:12]}"
+
+
 def _commit(result: DistilledDetoxDataset, out: Path) -> None:
     """Stage the dataset next to its final place, move it in, and write metadata.json last (the commit marker)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -730,8 +761,6 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
     from tqdm.auto import tqdm
 
     if scorer is None:
-        from unidetox.evaluation.scoring import ProfanityCheckScorer
-
         scorer = ProfanityCheckScorer()
     plain_kwargs = {k: v for k, v in sample_kwargs.items() if k not in ("alpha", "beta")}
     groups = {"distilled": (texts, num_tokens)}

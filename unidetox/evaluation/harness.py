@@ -18,7 +18,7 @@ import torch
 
 from unidetox.decoding.sampler import ContrastiveDetoxSampler, validate_alpha_beta
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
-from unidetox.distill.anti_expert import load_anti_expert
+from unidetox.distill.anti_expert import load_anti_expert, read_adapter_config
 from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
 from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
 from unidetox.evaluation.report import (
@@ -31,7 +31,7 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.io import read_json
-from unidetox.models import load_model_and_tokenizer, load_tokenizer, parse_dtype
+from unidetox.models import check_model_location, load_model_and_tokenizer, load_tokenizer, parse_dtype
 from unidetox.paths import default_data_dir, require_file
 from unidetox.processes import gather_objects, process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
@@ -111,13 +111,12 @@ def _fingerprint(obj) -> str:
 def _load(name_or_path: str, dtype: str | None, device):
     """A model and its tokenizer by hub id, path or embedded name; a LoRA adapter folder is merged into its base."""
     kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
+    check_model_location(name_or_path)
     path = Path(name_or_path).expanduser()
-    if not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
-        raise FileNotFoundError(f"No model at {path}: pass an existing checkpoint folder, a hub id or an embedded name.")
     if (path / "adapter_config.json").is_file():
         model = load_anti_expert(path, **kwargs)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = read_adapter_config(path).get("base_model_name_or_path")
         tokenizer = load_tokenizer(path if has_tokenizer or not base else base)
     else:
         model, tokenizer = load_model_and_tokenizer(name_or_path, **kwargs)
