@@ -35,6 +35,7 @@ PIP_DOWNLOAD_TIMEOUT_S = 900
 # 2: tokens the hub tokenizer treats as special (gemma3's image markers) are marked special.
 EMBEDDED_FORMAT = 2
 MARKER_FILE = "unidetox_embedded.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -479,3 +480,44 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, tokenizer_kwargs: 
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(path, **(tokenizer_kwargs or {}))
     return load_model(path, pad_token_id=tokenizer.pad_token_id, **kwargs), tokenizer
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a peft adapter directory, checked to be one (a JSON object with a
+    ``peft_type``)."""
+    file = Path(path).expanduser() / ADAPTER_CONFIG_FILE
+    hint = (f"Re-save the adapter with `save_pretrained`, or remove {file.name} if {file.parent} holds a "
+            "full model.")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{file} is not a peft adapter config ({type(err).__name__}: {err}). {hint}"
+        ) from err
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise ValueError(
+            f"{file} is not a peft adapter config: it needs a JSON object with a `peft_type` string (e.g. "
+            f'"LORA"), but holds {json.dumps(config)[:200]}. {hint}'
+        )
+    return config
+
+
+def load_adapter_model(adapter_dir: str | os.PathLike, base=None, merge: bool = True, **model_kwargs):
+    """A saved peft adapter on its base: ``base`` (a model object, used as given, or a name to load), else the
+    adapter's own ``base_model_name_or_path``; with ``merge=True`` merged into a plain model.
+
+    Example:
+        >>> from unidetox.models import load_adapter_model
+        >>> model = load_adapter_model("runs/detox-smollm2/checkpoint-50")  # doctest: +SKIP
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    config = read_adapter_config(adapter_dir)
+    if base is None or isinstance(base, (str, os.PathLike)):
+        name = base or config.get("base_model_name_or_path")
+        if not name:
+            raise ValueError(f"{adapter_dir} is a peft adapter without a recorded base model; pass `base`.")
+        base = load_model(name, **model_kwargs)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return (model.merge_and_unload() if merge else model).eval()

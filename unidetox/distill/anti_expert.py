@@ -26,7 +26,14 @@ from trl import SFTConfig
 
 from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
-from unidetox.models import check_model_location, load_model, load_model_and_tokenizer
+from unidetox.models import (
+    ADAPTER_CONFIG_FILE,
+    check_model_location,
+    load_adapter_model,
+    load_model,
+    load_model_and_tokenizer,
+    read_adapter_config,
+)
 from unidetox.processes import has_accelerator, is_main_process, uses_deepspeed, wait_for_everyone
 from unidetox.version import __version__
 
@@ -34,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 MARKER_FILE = "unidetox_anti_expert.json"
 PENDING_FILE = "unidetox_anti_expert.pending.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 # The Trainer's checkpoint folders: `checkpoint-<global step>`.
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change the trained weights; everything else (logging, saving, output paths) does not.
@@ -385,26 +391,6 @@ def _version() -> str:
     return __version__
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``adapter_config.json`` of a peft adapter directory, checked to be one (a JSON object with a
-    ``peft_type``)."""
-    file = Path(path).expanduser() / ADAPTER_CONFIG_FILE
-    hint = (f"Re-save the adapter with `save_pretrained`, or remove {file.name} if {file.parent} holds a "
-            "full model.")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"{file} is not a peft adapter config ({type(err).__name__}: {err}). {hint}"
-        ) from err
-    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
-        raise ValueError(
-            f"{file} is not a peft adapter config: it needs a JSON object with a `peft_type` string (e.g. "
-            f'"LORA"), but holds {json.dumps(config)[:200]}. {hint}'
-        )
-    return config
-
-
 def load_anti_expert(
     path_or_name: str | os.PathLike,
     base_name_or_path: str | None = None,
@@ -423,8 +409,6 @@ def load_anti_expert(
     """
     path = Path(path_or_name).expanduser()
     if (path / ADAPTER_CONFIG_FILE).is_file():
-        from peft import PeftModel
-
         adapter_config = read_adapter_config(path)
         if base_model is not None:
             if base_name_or_path is not None or model_kwargs:
@@ -443,9 +427,7 @@ def load_anti_expert(
                     "`base_model`."
                 )
             base = load_model(name, **model_kwargs)
-        model = PeftModel.from_pretrained(base, str(path))
-        model = model.merge_and_unload() if merge else model
-        return model.eval()
+        return load_adapter_model(path, base, merge=merge)
     check_model_location(path_or_name, "anti-expert")
     model = load_model(str(path) if path.exists() else str(path_or_name), **model_kwargs)
     return model.eval()

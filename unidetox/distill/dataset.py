@@ -32,16 +32,11 @@ from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
 from unidetox.decoding.sampler import validate_alpha_beta
-from unidetox.distill.anti_expert import (
-    ADAPTER_CONFIG_FILE,
-    load_anti_expert,
-    model_config_fingerprint,
-    read_adapter_config,
-)
+from unidetox.distill.anti_expert import load_anti_expert, model_config_fingerprint
 from unidetox.evaluation.metrics import mean_difference
 from unidetox.evaluation.scoring import ProfanityCheckScorer
 from unidetox.io import atomic_write_json, atomic_write_text
-from unidetox.models import load_model, load_model_and_tokenizer
+from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
 from unidetox.version import __version__
 

@@ -18,7 +18,6 @@ import torch
 
 from unidetox.decoding.sampler import ContrastiveDetoxSampler, validate_alpha_beta
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
-from unidetox.distill.anti_expert import load_anti_expert, read_adapter_config
 from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
 from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
 from unidetox.evaluation.report import (
@@ -31,7 +30,14 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.io import read_json
-from unidetox.models import check_model_location, load_model_and_tokenizer, load_tokenizer, parse_dtype
+from unidetox.models import (
+    check_model_location,
+    load_adapter_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    parse_dtype,
+    read_adapter_config,
+)
 from unidetox.paths import default_data_dir, require_file
 from unidetox.processes import gather_objects, process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
@@ -114,7 +120,7 @@ def _load(name_or_path: str, dtype: str | None, device):
     check_model_location(name_or_path)
     path = Path(name_or_path).expanduser()
     if (path / "adapter_config.json").is_file():
-        model = load_anti_expert(path, **kwargs)
+        model = load_adapter_model(path, **kwargs)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         base = read_adapter_config(path).get("base_model_name_or_path")
         tokenizer = load_tokenizer(path if has_tokenizer or not base else base)
