@@ -6,7 +6,7 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.decoding.sampler import contrastive_scores
+from unidetox.decoding.sampler import contrastive_scores, distinct_rows
 
 VOCAB = 64
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the"]
@@ -188,6 +188,38 @@ def test_num_return_sequences_expands_the_prompt_mask(base, anti, tokenizer):
         ids = out.sequences[:, : prompt_len + step]
         full = torch.cat([mask, torch.ones(len(ids), step, dtype=torch.long)], 1)
         assert_scores_match(step_scores, reference_scores(base, anti, ids, full, 0.1))
+
+
+def test_rows_repeating_a_prompt_share_one_anti_expert_prefill(base, anti, tokenizer):
+    """Repeated prompts in any order (K samples of a prompt): one prefill row per distinct prompt, and every
+    step's scores still equal the cache-free reference of each row."""
+    inputs = tokenizer([PROMPTS[i] for i in (2, 0, 2, 1, 0, 2)], return_tensors="pt", padding=True)
+    sampler = ContrastiveDetoxSampler(anti, attention_mask=inputs["attention_mask"])
+    prefill_rows = []
+    handle = anti.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True,
+    )
+    try:
+        torch.manual_seed(0)
+        out = run_generate(base, sampler, inputs, do_sample=True, top_k=0)
+    finally:
+        handle.remove()
+    assert prefill_rows == [3]
+    prompt_len = inputs["input_ids"].shape[1]
+    for step, step_scores in enumerate(out.scores):
+        ids = out.sequences[:, : prompt_len + step]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(len(ids), step, dtype=torch.long)], 1)
+        assert_scores_match(step_scores, reference_scores(base, anti, ids, mask, 0.1))
+
+
+def test_distinct_rows_tells_rows_apart_by_ids_and_mask():
+    ids = torch.tensor([[0, 5], [4, 5], [0, 5], [0, 5], [4, 5]])
+    mask = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 1], [1, 1]])  # rows 0 and 3: same ids, different mask
+    first, rows = distinct_rows(ids, mask)
+    assert torch.equal(ids[first][rows], ids) and torch.equal(mask[first][rows], mask)
+    assert len(first) == 3 and rows[0] == rows[2] and rows[1] == rows[4] and rows[0] != rows[3]
+    assert distinct_rows(ids[:2], mask[:2]) is None
 
 
 def test_anti_expert_on_other_dtype(base, tokenizer):

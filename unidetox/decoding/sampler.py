@@ -69,6 +69,24 @@ def _pad_run_lengths(input_ids: torch.Tensor, pad_token_id: int) -> tuple[torch.
     return leading, trailing
 
 
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, rows)`` with ``input_ids[first][rows] == input_ids`` (and the same for the mask), or ``None``
+    when no two rows are equal.
+
+    ``first`` indexes one row per distinct (ids, mask) pair, ``rows`` maps every row to its entry in ``first``:
+    a prefill over ``first`` expanded by ``rows`` computes each repeated prompt once.
+    """
+    batch = input_ids.shape[0]
+    unique, rows = torch.unique(torch.cat([input_ids, attention_mask.to(input_ids.dtype)], -1), dim=0,
+                                return_inverse=True)
+    count = unique.shape[0]
+    if count == batch:
+        return None
+    order = torch.arange(batch, device=rows.device)
+    first = torch.full((count,), batch, device=rows.device).scatter_reduce(0, rows, order, "amin")
+    return first, rows
+
+
 class ContrastiveDetoxSampler(LogitsProcessor):
     r"""
     [`LogitsProcessor`] for UniDetox contrastive decoding: at each step the base model's scores are replaced by
@@ -80,8 +98,9 @@ class ContrastiveDetoxSampler(LogitsProcessor):
     ``V`` (``beta=None``, the paper), or ``(1 + beta) log p_base - beta log p_anti`` for a finite ``beta``,
     and ``-inf`` outside ``V``. The anti-expert runs with its own KV cache, sees only the newest token after the
     first step and derives its position ids from its own attention mask, so a left-padded batch gives each row
-    exactly what it gives alone. Beam search is supported: when ``generate`` reorders beams, the anti-expert
-    cache is reordered to match.
+    exactly what it gives alone. Rows that repeat a prompt (K samples of one prompt, ``num_return_sequences``)
+    share one prefill of the anti-expert, copied to each of them. Beam search is supported: when ``generate``
+    reorders beams, the anti-expert cache is reordered to match.
 
     See [the paper](https://huggingface.co/papers/2504.20500) for more information.
 
@@ -235,13 +254,20 @@ class ContrastiveDetoxSampler(LogitsProcessor):
         device = self._anti_device
         mask = mask.to(device=device, dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids = input_ids.to(device)
+        shared = distinct_rows(input_ids, mask)
+        first = slice(None) if shared is None else shared[0]
         out = self.anti_expert(
-            input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True
+            input_ids=input_ids[first], attention_mask=mask[first], position_ids=positions[first], use_cache=True
         )
+        logits = out.logits[:, -1, :]
+        if shared is not None:
+            out.cache.batch_select_indices(shared[1])
+            logits = logits[shared[1]]
         self._cache = out.cache
         self._attention_mask = mask
         self._positions = positions[:, -1:]
-        return out.logits[:, -1, :]
+        return logits
 
     def _align_rows(self, input_ids: torch.LongTensor) -> None:
         """Make the cached rows follow generate()'s rows; reorder for beam search, raise on a stale cache."""

@@ -9,6 +9,11 @@ no ``min_p``...).
 Reproducibility: batch ``b`` is seeded from ``(seed, b)`` only, so a run gives the same continuations whether its
 batches are processed by one process or sharded round-robin over several (``accelerate launch``): process ``r``
 of ``n`` handles batches ``r, r + n, ...``.
+
+Prefix sharing: the K rows of one prompt hold the same ids, so within a batch each distinct prompt is prefilled
+once (all but its last token) and its KV cache is copied to its rows; ``generate`` then runs only the last prompt
+token per row before decoding. The batch plan, the seeds and the random stream are those of the row-per-sample
+layout, so the samples are the same up to floating-point rounding of the differently shaped prefill.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from unidetox.decoding.sampler import right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
@@ -170,6 +175,54 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def prefill_shared_prompts(
+    model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, row_prompts: torch.LongTensor
+) -> Cache | None:
+    """The KV cache of every row's prompt without its last token, computed once per distinct prompt.
+
+    ``input_ids`` and ``attention_mask`` hold the distinct prompts, left-padded; row ``i`` of the batch continues
+    prompt ``row_prompts[i]``. Positions come from the mask as ``generate`` derives them, so ``generate`` given the
+    rows' full prompts and this cache runs only their last token and then decodes as from its own prefill.
+    Returns ``None`` when there is nothing to cache (one-token prompts), the model keeps no ``DynamicCache``, or
+    its generation config asks for a cache of its own (``cache_implementation``, which ``generate`` refuses to
+    combine with a given cache).
+
+    Example:
+        >>> cache = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"], rows)  # doctest: +SKIP
+        >>> model.generate(input_ids=enc["input_ids"][rows], attention_mask=enc["attention_mask"][rows],
+        ...                cache=cache, max_new_tokens=20)  # doctest: +SKIP
+    """
+    if (
+        input_ids.shape[1] < 2
+        or model.config.is_encoder_decoder
+        or not model._supports_default_dynamic_cache()
+        or getattr(model.generation_config, "cache_implementation", None) is not None
+    ):
+        return None
+    prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    keep = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
+    # An all-ones mask is dropped, as generate() drops it: the model then takes its unpadded attention path.
+    model(input_ids=prefix_ids, attention_mask=None if bool(prefix_mask.all()) else prefix_mask,
+          position_ids=positions, cache=cache, use_cache=True, **keep)
+    cache.batch_select_indices(row_prompts.to(input_ids.device))
+    return cache
+
+
+def _batch_inputs(model, tokenizer, texts: Sequence[str], device: torch.device, share_prefill: bool):
+    """Left-padded ``input_ids``, ``attention_mask`` of the rows and, when rows repeat a prompt, its shared cache."""
+    if not share_prefill or len(set(texts)) == len(texts):
+        enc = left_padded_batch(tokenizer, texts)
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device), None
+    index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+    enc = left_padded_batch(tokenizer, list(index))
+    rows = torch.tensor([index[text] for text in texts], device=device)
+    input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    cache = prefill_shared_prompts(model, input_ids, attention_mask, rows)
+    return input_ids[rows], attention_mask[rows], cache
+
+
 def cut_continuations(
     new_tokens: torch.LongTensor, tokenizer, eos_ids: set[int]
 ) -> list[tuple[str, list[int], int]]:
@@ -205,6 +258,8 @@ def generate_samples(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = False,
+    *,
+    share_prefill: bool = True,
 ) -> list[GeneratedSample]:
     """Sample ``num_samples`` continuations for each prompt; returns this process's share of the samples.
 
@@ -217,6 +272,9 @@ def generate_samples(
             ``lambda mask: ContrastiveDetoxSampler(anti_expert, alpha=0.1, attention_mask=mask)`` to evaluate
             UniDetox contrastive decoding as an inference-time method (a sampler follows one ``generate`` call).
         process_index, num_processes: this process handles batches ``process_index::num_processes``.
+        share_prefill: prefill each distinct prompt of a batch once and copy its KV cache to its rows
+            (:func:`prefill_shared_prompts`); ``False`` prefills every row's own copy. Both use the same batches
+            and seeds, so they give the same samples up to floating-point rounding of the prefill.
 
     Returns:
         ``GeneratedSample`` records of the batches this process ran, in batch order.
@@ -248,9 +306,9 @@ def generate_samples(
     samples: list[GeneratedSample] = []
     try:
         for batch_index, rows in iterator:
-            enc = left_padded_batch(tokenizer, [prompts[p] for p, _ in rows])
-            input_ids = enc["input_ids"].to(device)
-            attention_mask = enc["attention_mask"].to(device)
+            input_ids, attention_mask, cache = _batch_inputs(
+                model, tokenizer, [prompts[p] for p, _ in rows], device, share_prefill
+            )
             processors = LogitsProcessorList(warpers)
             if sampler_factory is not None:
                 processors.insert(0, sampler_factory(attention_mask))
@@ -260,6 +318,7 @@ def generate_samples(
                 attention_mask=attention_mask,
                 generation_config=generation_config,
                 logits_processor=processors,
+                **({} if cache is None else {"cache": cache}),
             )
             new_tokens = out[:, input_ids.shape[1] :].cpu()
             for (p, s), (text, ids, n) in zip(rows, cut_continuations(new_tokens, tokenizer, eos_ids), strict=True):

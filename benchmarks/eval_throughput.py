@@ -1,0 +1,129 @@
+"""Tokens/s of the toxicity protocol's sampling (K continuations per prompt): three layouts of the same work.
+
+    python benchmarks/eval_throughput.py                                      # 64 ToxiGen test prompts x 25 x 20
+    python benchmarks/eval_throughput.py --models smollm2-135m --num-prompts 8 --repeats 1
+    python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --batch-size 400
+
+Modes (the same prompts, K samples of ``--max-new-tokens`` tokens each, top-p 0.9, top-k off):
+- ``authors``: the authors' pattern, one ``generate(num_return_sequences=K)`` per prompt (K rows, K prefills).
+- ``mixed``: :func:`unidetox.decoding.sampling.generate_samples` with ``share_prefill=False``: batches of
+  ``--batch-size`` (prompt, sample) rows, left-padded, each row prefilling its own copy of its prompt.
+- ``shared``: ``generate_samples`` as the protocol runs it: the same batches and seeds, each distinct prompt of a
+  batch prefilled once and its KV cache copied to its rows.
+
+Tokens/s counts every row's ``--max-new-tokens`` (the same work in each mode). Modes are interleaved over repeats
+and the median is reported, so machine noise hits all modes alike; ``identical_samples`` is the share of
+``shared`` samples equal to the ``mixed`` ones drawn with the same seed (the layouts differ only in the rounding of
+the prefill). The last lines are ``ratio <model> <mode> <x>``, relative to ``mixed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from unidetox import load_model_and_tokenizer
+from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples
+from unidetox.evaluation.prompts import PromptsConfig, load_prompts
+
+MODES = ("authors", "mixed", "shared")
+
+
+def authors_generate(model, tokenizer, prompts, num_samples, max_new_tokens, top_p, seed):
+    """One ``generate`` call per prompt with ``num_return_sequences``, as the authors' pipeline runs it."""
+    torch.manual_seed(seed)
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        model.generate(**enc, num_return_sequences=num_samples, do_sample=True, top_p=top_p, top_k=0,
+                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main():
+    protocol = ToxicityEvalConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated names or paths")
+    parser.add_argument("--num-prompts", type=int, default=64, help="ToxiGen test prompts")
+    parser.add_argument("--num-samples", type=int, default=protocol.num_samples, help="continuations per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=protocol.max_new_tokens)
+    parser.add_argument("--top-p", type=float, default=protocol.top_p)
+    parser.add_argument("--batch-size", type=int, default=protocol.batch_size,
+                        help="rows per generate call in the mixed and shared modes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="shared data folder (default: $UNIDETOX_DATA_DIR)")
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if "mixed" not in modes:
+        modes.insert(0, "mixed")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    prompts = [p.text for p in load_prompts(PromptsConfig(split="test", num_prompts=args.num_prompts,
+                                                          data_dir=args.data_dir))]
+    tokens = len(prompts) * args.num_samples * args.max_new_tokens
+    reports = []
+    for name in args.models.split(","):
+        model, tokenizer = load_model_and_tokenizer(name, dtype=getattr(torch, args.dtype))
+        model.to(args.device).eval()
+        sampling = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
+
+        def run(mode, seed, prompts=prompts, model=model, tokenizer=tokenizer, sampling=sampling):
+            synchronize(args.device)
+            start = time.perf_counter()
+            samples = None
+            if mode == "authors":
+                authors_generate(model, tokenizer, prompts, args.num_samples, args.max_new_tokens, args.top_p, seed)
+            else:
+                samples = generate_samples(model, tokenizer, prompts, args.num_samples, seed=seed,
+                                           share_prefill=mode == "shared", **sampling)
+            synchronize(args.device)
+            return time.perf_counter() - start, samples
+
+        run("shared", seed=0, prompts=prompts[:2])  # warm-up (allocator, kernels)
+        seconds = {m: [] for m in modes}
+        identical = []
+        for repeat in range(args.repeats):
+            drawn = {}
+            for mode in modes:
+                elapsed, drawn[mode] = run(mode, seed=repeat)
+                seconds[mode].append(elapsed)
+                print(f"{name} repeat {repeat}: {mode:8s} {elapsed:8.2f} s {tokens / elapsed:9.1f} tok/s", flush=True)
+            if "shared" in drawn:
+                same = [a.token_ids == b.token_ids for a, b in zip(drawn["mixed"], drawn["shared"], strict=True)]
+                identical.append(sum(same) / len(same))
+        median = {m: statistics.median(v) for m, v in seconds.items()}
+        reports.append({
+            "model": name, "num_prompts": len(prompts), "num_samples": args.num_samples,
+            "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "batch_size": args.batch_size,
+            "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+            "repeats": args.repeats, "seconds": median,
+            "tokens_per_s": {m: tokens / s for m, s in median.items()},
+            "ratio_to_mixed": {m: median["mixed"] / s for m, s in median.items()},
+            "identical_samples": identical,
+        })
+        del model
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(reports, fh, indent=2)
+    print(json.dumps(reports, indent=2))
+    for report in reports:
+        for mode, ratio in report["ratio_to_mixed"].items():
+            print(f"ratio {report['model']} {mode} {ratio:.2f}  ({report['tokens_per_s'][mode]:.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
