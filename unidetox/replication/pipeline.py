@@ -105,6 +105,11 @@ class ValidationArguments:
     protocol: DetoxEvalConfig = field(
         default_factory=DetoxEvalConfig, metadata={"help": "The sampling protocol, its seed and perplexity windows."}
     )
+    protocol_fields: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The protocol fields the replication's config sets and hands to the stages (the others "
+                  "are the stages' own defaults, checked to agree with the protocol's)."},
+    )
     evaluate_overrides: list[str] = field(
         default_factory=list, metadata={"help": "Extra evaluate overrides of the lambda sweep (e.g. the prompt source)."}
     )
@@ -224,7 +229,8 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
     """Compose ``conf/replicate.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
     cfg = compose_config("replicate", list(overrides), free_form_groups=())
     validation = to_container(cfg.validation)
-    protocol = parse_dataclass(validation.pop("protocol", {}) or {}, DetoxEvalConfig, name="validation.protocol")
+    protocol_section = validation.pop("protocol", {}) or {}
+    protocol = parse_dataclass(protocol_section, DetoxEvalConfig, name="validation.protocol")
     baselines = to_container(cfg.baselines)
     nothate = baselines.pop("nothate_data")
     args = ReplicateArguments(
@@ -233,7 +239,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         targets={name: parse_dataclass(section, TargetArguments, name=f"targets.{name}") for name, section in cfg.targets.items()},
         distill=parse_dataclass(cfg.distill, DistillSweepArguments, name="distill"),
         validation=ValidationArguments(**{**parse_dataclass(validation, _ValidationFields, name="validation").__dict__,
-                                          "protocol": protocol}),
+                                          "protocol": protocol, "protocol_fields": list(protocol_section)}),
         grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
         select=parse_dataclass(cfg.select, RuleArguments, name="select"),
         baselines=parse_dataclass(baselines, BaselineArguments, name="baselines"),
@@ -286,7 +292,7 @@ def dataclass_overrides(prefix: str, obj, names=None) -> list[str]:
     """``prefix.field=value`` for the fields of a dataclass object: how the replication hands one of its typed
     sections to a stage, field for field."""
     names = [f.name for f in fields(obj)] if names is None else names
-    return [f"++{prefix}.{name}={_override_value(getattr(obj, name))}" for name in names]
+    return [f"{prefix}.{name}={_override_value(getattr(obj, name))}" for name in names]
 
 
 def _data_dir_override(args: ReplicateArguments) -> str:
@@ -310,7 +316,7 @@ def plan_distill(args: ReplicateArguments) -> dict[float, distill_stage.DistillA
 
 def validation_detox_overrides(validation: ValidationArguments) -> list[str]:
     """The validation measurement as detox overrides: the protocol, the prompt count and the split."""
-    return [*dataclass_overrides("eval.callback", validation.protocol),
+    return [*dataclass_overrides("eval.callback", validation.protocol, validation.protocol_fields),
             f"eval.prompts.num_prompts={_override_value(validation.num_prompts)}", "eval.prompts.split=validation",
             f"eval.prompts.split_seed={validation.split_seed}",
             f"eval.prompts.validation_fraction={validation.validation_fraction}"]
