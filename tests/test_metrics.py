@@ -2,8 +2,10 @@ import math
 
 import pytest
 import torch
-from tiny import CORPUS, tiny_gpt2, tiny_llama, word_tokenizer
+from tiny import CORPUS, tiny_gemma3, tiny_gpt2, tiny_llama, word_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+from unidetox.evaluation import metrics
 from unidetox.evaluation.metrics import (
     aggregate_conditional_perplexity,
     conditional_nll,
@@ -171,6 +173,128 @@ def test_left_padded_batches_equal_one_by_one_with_absolute_positions(tokenizer)
     single = [conditional_nll(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in zip(prompts, conts, strict=True)]
     assert [n for _, n in batched] == [n for _, n in single] == [3, 4, 1]
     assert [x for x, _ in batched] == pytest.approx([x for x, _ in single], rel=1e-5)
+
+
+# --- the LM head in chunks ----------------------------------------------------------------------------------
+SPECIALS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, **SPECIALS)
+
+
+def tiny_causal_lm(arch: str, vocab_size: int):
+    """A tiny random causal LM of ``arch`` with sharp logits (so soft-capping and scaling change the NLL)."""
+    if arch.startswith("gemma3"):
+        cap = {"gemma3": None, "gemma3_softcap": 2.0}[arch]
+        return tiny_gemma3(vocab_size, final_logit_softcapping=cap)
+    if arch == "gpt2":
+        return tiny_gpt2(vocab_size)
+    torch.manual_seed(0)
+    kwargs = {
+        "llama": COMMON, "mistral": COMMON, "qwen2": COMMON, "qwen3": {**COMMON, "head_dim": 8},
+        "gemma": {**COMMON, "head_dim": 8},
+        "gemma2": {**COMMON, "head_dim": 8, "final_logit_softcapping": 2.0},
+        "granite": {**COMMON, "logits_scaling": 4.0}, "cohere": {**COMMON, "logit_scale": 0.25},
+        "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=32, max_position_embeddings=512, **SPECIALS),
+        "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **SPECIALS),
+    }[arch]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=vocab_size, **kwargs))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model.eval()
+
+
+ARCHITECTURES = ["llama", "gemma3", "gemma3_softcap", "gemma", "gemma2", "mistral", "qwen2", "qwen3",
+                 "granite", "cohere", "gpt2", "opt", "falcon"]
+
+
+class ForwardCalls:
+    """Counts calls of the model's own forward and the positions each LM-head call sees."""
+
+    def __init__(self, model):
+        self.forward, self.head_positions = 0, []
+        model.register_forward_hook(lambda *_: setattr(self, "forward", self.forward + 1))
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out: self.head_positions.append(args[0].shape[:-1].numel()))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_chunked_head_equals_full_logits_with_padding_and_batches(arch, tokenizer, monkeypatch):
+    monkeypatch.setattr(metrics, "NLL_CHUNK_BYTES", 5 * 4 * len(tokenizer))  # 5 rows: several chunks
+    model = tiny_causal_lm(arch, len(tokenizer))
+    assert metrics._lm_head_split(model) is not None
+    calls = ForwardCalls(model)
+    texts = CORPUS[:5]
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    windows = sliding_window_windows(len(ids), 12, 5)
+    expected = sum(reference_nll(model, ids[b:e], f - b, e - b) for b, e, f in windows)
+    calls.forward, calls.head_positions = 0, []
+    nll, count = sliding_window_nll(model, tokenizer, texts, max_length=12, stride=5, batch_size=3)
+    assert calls.forward == 0 and max(calls.head_positions) == 5  # the decoder and the head, never forward
+    full = sliding_window_nll(model, tokenizer, texts, max_length=12, stride=5, batch_size=3,
+                              chunked_head=False)
+    assert calls.forward > 0
+    assert count == full[1] == len(ids) - 1
+    assert nll == pytest.approx(full[0], rel=1e-5) and nll == pytest.approx(expected, rel=1e-5)
+
+    prompts = ["the cat sat on the mat near the door", "hate", "a good friend"]
+    conts = [[" and the sun", ""], [" awful stupid ugly kill", " is"], [" helps people in need", " kill"]]
+    chunked = conditional_nll(model, tokenizer, prompts, conts, batch_size=4)
+    reference = conditional_nll(model, tokenizer, prompts, conts, batch_size=4, chunked_head=False)
+    assert [n for _, n in chunked] == [n for _, n in reference] == [3, 0, 4, 1, 4, 1]
+    assert [x for x, _ in chunked] == pytest.approx([x for x, _ in reference], rel=1e-5, abs=1e-9)
+
+
+def test_soft_capping_and_scaling_change_the_nll(tokenizer):
+    """The tiny models' post-processing changes the NLL, so the equality tests above check it is applied."""
+    for arch, attribute, neutral in [("gemma3_softcap", "final_logit_softcapping", None),
+                                     ("granite", "logits_scaling", 1.0)]:
+        model = tiny_causal_lm(arch, len(tokenizer))
+        with_post = sliding_window_nll(model, tokenizer, CORPUS[:2])[0]
+        setattr(model.config, attribute, neutral)
+        assert sliding_window_nll(model, tokenizer, CORPUS[:2])[0] != pytest.approx(with_post, rel=1e-3)
+
+
+def test_lora_model_splits_with_its_adapters(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    assert metrics._lm_head_split(model) is not None
+    chunked = sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4, batch_size=2)
+    full = sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4, batch_size=2,
+                              chunked_head=False)
+    plain = sliding_window_nll(tiny_llama(len(tokenizer)), tokenizer, CORPUS, max_length=10, stride=4)
+    assert chunked == pytest.approx(full, rel=1e-5) and chunked[0] != pytest.approx(plain[0], rel=1e-3)
+
+
+class HalvedLogitsLlama(LlamaForCausalLM):
+    """A forward the split does not know: its logits are not ``lm_head(hidden)``."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits / 2
+        return out
+
+
+def test_unknown_forward_falls_back_to_full_logits(tokenizer):
+    model = HalvedLogitsLlama(tiny_llama(len(tokenizer)).config)
+    model.load_state_dict(tiny_llama(len(tokenizer)).state_dict())
+    model.eval()
+    assert metrics._lm_head_split(model) is None
+    calls = ForwardCalls(model)
+    texts = CORPUS[:3]
+    ids = tokenizer("\n\n".join(texts))["input_ids"]
+    nll, count = sliding_window_nll(model, tokenizer, texts, max_length=12, stride=5, batch_size=2)
+    assert calls.forward > 0 and count == len(ids) - 1
+    windows = sliding_window_windows(len(ids), 12, 5)
+    expected = sum(reference_nll(model, ids[b:e], f - b, e - b) for b, e, f in windows)
+    assert nll == pytest.approx(expected, rel=1e-5)
+    unhalved = sliding_window_nll(tiny_llama(len(tokenizer)), tokenizer, texts, max_length=12, stride=5)
+    assert nll != pytest.approx(unhalved[0], rel=1e-3)  # what a split through lm_head would have given
 
 
 def test_mean_difference_against_a_direct_computation():

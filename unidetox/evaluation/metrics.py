@@ -146,16 +146,72 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
-NLL_CHUNK_POSITIONS = 64  # positions per log-sum-exp chunk: a 262k vocabulary never gets a full log_softmax copy
+# Float32 logits per log-sum-exp chunk: 256 MiB is 256 positions of gemma3's 262k-token vocabulary (1365 of
+# smollm2's 49k). Much smaller chunks slow the LM head down on CPU: every chunk reads all its weights again.
+NLL_CHUNK_BYTES = 256 * 2**20
 
 
-def _token_nll(model, rows: Sequence[Sequence[int]], first_targets: Sequence[int], pad_id: int):
+def _chunk_rows(vocab_size: int) -> int:
+    """Rows of ``vocab_size`` float32 logits that fit ``NLL_CHUNK_BYTES``."""
+    return max(1, NLL_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _final_logit_softcapping(model, logits):
+    cap = model.config.final_logit_softcapping
+    return logits if cap is None else (logits / cap).tanh() * cap  # the operations of the model's forward
+
+
+# The transformers causal LMs whose ``forward`` computes ``post(lm_head(base_model(...).last_hidden_state))``,
+# keyed by the class that defines ``forward``; the value is the logit post-processing ``post`` (None: none).
+# Any other model (a class that overrides ``forward``, remote code) is scored through its own forward.
+_LOGITS_AFTER_HEAD = {
+    "LlamaForCausalLM": None,
+    "MistralForCausalLM": None,
+    "Qwen2ForCausalLM": None,
+    "Qwen3ForCausalLM": None,
+    "GemmaForCausalLM": None,
+    "Gemma2ForCausalLM": _final_logit_softcapping,
+    "Gemma3ForCausalLM": _final_logit_softcapping,
+    "GraniteForCausalLM": lambda model, logits: logits / model.config.logits_scaling,
+    "CohereForCausalLM": lambda model, logits: logits * model.logit_scale,
+    "GPT2LMHeadModel": None,
+    "OPTForCausalLM": None,
+    "FalconForCausalLM": None,
+}
+
+
+def _lm_head_split(model):
+    """``(decoder, lm_head, post)`` whose ``post(lm_head(decoder(...).last_hidden_state))`` are the logits of
+    ``model``, or None when the model's forward is not known to be that.
+
+    A PEFT model whose adapters live inside the layers (LoRA; not prompt learning) runs its base model's
+    forward, so it splits like the base model, adapters included.
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and not peft_config.is_prompt_learning:
+        model = model.get_base_model()
+    forward = type(model).forward
+    owner = getattr(forward, "__qualname__", "").partition(".")[0]
+    if owner not in _LOGITS_AFTER_HEAD or not getattr(forward, "__module__", "").startswith("transformers."):
+        return None
+    decoder, head = model.base_model, model.get_output_embeddings()
+    if decoder is model or head is None:
+        return None
+    post = _LOGITS_AFTER_HEAD[owner]
+    return decoder, head, (lambda logits: logits) if post is None else (lambda logits: post(model, logits))
+
+
+def _token_nll(
+    model, rows: Sequence[Sequence[int]], first_targets: Sequence[int], pad_id: int, chunked_head: bool = True
+):
     """Summed next-token NLL of ``rows[i][first_targets[i]:]`` given the tokens before, one batched forward.
 
     Rows are left-padded with position ids from the attention mask (so every row sees exactly what it sees
-    alone), and only the positions that predict scored tokens get logits (``logits_to_keep`` when the model
-    supports it). The NLL is computed in chunks of positions with a log-sum-exp, never materialising a second
-    ``(batch, length, vocab)`` tensor. Returns per-row NLL sums (float64) and scored-token counts.
+    alone). With ``chunked_head`` (and a model :func:`_lm_head_split` knows) the decoder runs once and the LM
+    head only sees the hidden states of the positions that predict scored tokens, ``NLL_CHUNK_BYTES`` of
+    logits at a time; otherwise the model's own forward returns the logits of every position from the first
+    scored one (``logits_to_keep`` when the model supports it). Both take the log-sum-exp in float32,
+    chunk by chunk. Returns per-row NLL sums (float64) and scored-token counts.
     """
     import torch
 
@@ -169,25 +225,63 @@ def _token_nll(model, rows: Sequence[Sequence[int]], first_targets: Sequence[int
         ids[i, offset:] = torch.tensor(list(row), dtype=torch.long)
         mask[i, offset:] = 1
         target_mask[i, offset + max(int(first), 1) :] = True
-    scored_positions = target_mask.any(0).nonzero()
-    if len(scored_positions) == 0:
+    if not target_mask.any():
         return [0.0] * len(rows), [0] * len(rows)
-    keep = width - int(scored_positions[0]) + 1  # logits of the positions predicting the scored tokens
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+              "position_ids": positions.to(device)}
+    split = _lm_head_split(model) if chunked_head else None
+    if split is None:
+        nll = _full_logits_nll(model, inputs, ids, target_mask)
+    else:
+        nll = _chunked_head_nll(*split, inputs, ids, target_mask)
+    return nll.cpu().tolist(), target_mask.sum(-1).tolist()
+
+
+def _consume_target_nll(logits, targets):
+    """``-log_softmax(logits)`` at ``targets``, in float32 and without a second vocabulary-sized tensor: the
+    log-sum-exp works in place on ``logits.float()``, so float32 ``logits`` are overwritten (pass a chunk that
+    nothing reads afterwards)."""
+    logits = logits.float()
+    target = logits.gather(-1, targets[..., None].to(logits.device)).squeeze(-1)
+    top = logits.amax(-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1) - target
+
+
+def _chunked_head_nll(decoder, head, post, inputs, ids, target_mask):
+    import torch
+
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    predicts = target_mask[:, 1:].to(hidden.device)  # position t predicts token t + 1
+    hidden = hidden[:, :-1][predicts]
+    targets = ids[:, 1:].to(hidden.device)[predicts]
+    row_of = predicts.nonzero()[:, 0]
+    nll = torch.zeros(len(ids), dtype=torch.float64, device=hidden.device)
+    rows = _chunk_rows(head.out_features)  # not the weight's shape: ZeRO-3 leaves it empty between forwards
+    for start in range(0, len(targets), rows):
+        chunk = slice(start, start + rows)
+        # The chunk's logits live only inside this call, so two chunks never exist at once.
+        token_nll = _consume_target_nll(post(head(hidden[chunk])), targets[chunk])
+        nll.index_add_(0, row_of[chunk], token_nll.to(nll.device, nll.dtype))
+    return nll
+
+
+def _full_logits_nll(model, inputs, ids, target_mask):
+    import torch
+
+    width = ids.shape[1]
+    keep = width - int(target_mask.any(0).nonzero()[0]) + 1  # the positions predicting scored tokens
     if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
-    logits = model(**kwargs).logits
-    logits = logits[:, -keep:-1]  # predicts targets at padded positions [width - keep + 1, width)
+        inputs = {**inputs, "logits_to_keep": keep}
+    logits = model(**inputs).logits[:, -keep:-1]  # predicts the padded positions [width - keep + 1, width)
     targets = ids[:, width - keep + 1 :].to(logits.device)
     scored = target_mask[:, width - keep + 1 :].to(logits.device)
-    nll = torch.zeros(len(rows), dtype=torch.float64, device=logits.device)
-    for start in range(0, logits.shape[1], NLL_CHUNK_POSITIONS):
-        chunk = logits[:, start : start + NLL_CHUNK_POSITIONS].float()
-        target_logit = chunk.gather(-1, targets[:, start : start + NLL_CHUNK_POSITIONS, None]).squeeze(-1)
-        token_nll = torch.logsumexp(chunk, dim=-1) - target_logit
-        nll += (token_nll.double() * scored[:, start : start + NLL_CHUNK_POSITIONS]).sum(-1)
-    return nll.cpu().tolist(), scored.sum(-1).cpu().tolist()
+    nll = torch.zeros(len(ids), dtype=torch.float64, device=logits.device)
+    step = max(1, _chunk_rows(logits.shape[-1]) // len(ids))  # positions per chunk of the batch's logits
+    for start in range(0, logits.shape[1], step):
+        token_nll = _consume_target_nll(logits[:, start : start + step], targets[:, start : start + step])
+        nll += (token_nll.double() * scored[:, start : start + step]).sum(-1)
+    return nll
 
 
 def _pad_id(tokenizer) -> int:
@@ -230,6 +324,7 @@ def sliding_window_nll(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = False,
+    chunked_head: bool = True,
 ) -> tuple[float, int]:
     """Summed NLL and scored-token count of ``join.join(texts)`` with the HF guide's sliding window.
 
@@ -237,6 +332,7 @@ def sliding_window_nll(
     given, and scored in windows of ``max_length`` tokens moving by ``stride`` (default ``max_length // 2``);
     every token after the first is scored exactly once. ``max_length`` is capped by the model's context.
     With several processes, process ``r`` scores windows ``r::num_processes``; sum the results over processes.
+    ``chunked_head=False`` scores through the model's own forward and full logits (same numbers, more memory).
     """
     import torch
 
@@ -278,7 +374,8 @@ def sliding_window_nll(
         with torch.no_grad():
             for chunk in chunks:
                 rows = [ids[b:e] for b, e, _ in chunk]
-                nll, count = _token_nll(model, rows, [first - b for b, _, first in chunk], _pad_id(tokenizer))
+                firsts = [first - b for b, _, first in chunk]
+                nll, count = _token_nll(model, rows, firsts, _pad_id(tokenizer), chunked_head=chunked_head)
                 total_nll += sum(nll)
                 total_count += int(sum(count))
     finally:
@@ -341,13 +438,14 @@ def conditional_nll(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = False,
+    chunked_head: bool = True,
 ) -> list[tuple[float, int]]:
     """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
 
     ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
     :func:`unidetox.decoding.sampling.generate_continuations`), in which case the result is flattened prompt-major.
     Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
-    An empty continuation gives ``(0.0, 0)``.
+    An empty continuation gives ``(0.0, 0)``. ``chunked_head`` as in :func:`sliding_window_nll`.
     """
     import torch
 
@@ -384,7 +482,8 @@ def conditional_nll(
         with torch.no_grad():
             for chunk in chunks:
                 rows = [encoded[i][0] for i in chunk]
-                nll, count = _token_nll(model, rows, [encoded[i][1] for i in chunk], _pad_id(tokenizer))
+                firsts = [encoded[i][1] for i in chunk]
+                nll, count = _token_nll(model, rows, firsts, _pad_id(tokenizer), chunked_head=chunked_head)
                 for r, i in enumerate(chunk):
                     results[i] = (float(nll[r]), int(count[r]))
     finally:
