@@ -96,12 +96,25 @@ class DistillSweepArguments:
 
 
 @dataclass
-class ValidationArguments:
-    """The validation measurement of the grid (detox stage) and of the task-vector lambda sweep (evaluate stage)."""
+class ValidationSplitArguments:
+    """Which validation prompts are used, and how the prompt set is split (the test uses the same split)."""
 
     num_prompts: int | None = field(default=50, metadata={"help": "Validation prompts (null: the whole split)."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the validation/test split (same for both sides)."})
     validation_fraction: float = field(default=0.2, metadata={"help": "Share of prompts in the validation split."})
+    evaluate_overrides: list[str] = field(
+        default_factory=list, metadata={"help": "Extra evaluate overrides of the lambda sweep (e.g. the prompt source)."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"`validation.validation_fraction` has to be in (0, 1), but is {self.validation_fraction}.")
+
+
+@dataclass
+class ValidationArguments(ValidationSplitArguments):
+    """The validation measurement of the grid (detox stage) and of the task-vector lambda sweep (evaluate stage)."""
+
     protocol: DetoxEvalConfig = field(
         default_factory=DetoxEvalConfig, metadata={"help": "The sampling protocol, its seed and perplexity windows."}
     )
@@ -110,13 +123,6 @@ class ValidationArguments:
         metadata={"help": "The protocol fields the replication's config sets and hands to the stages (the others "
                   "are the stages' own defaults, checked to agree with the protocol's)."},
     )
-    evaluate_overrides: list[str] = field(
-        default_factory=list, metadata={"help": "Extra evaluate overrides of the lambda sweep (e.g. the prompt source)."}
-    )
-
-    def __post_init__(self):
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"`validation.validation_fraction` has to be in (0, 1), but is {self.validation_fraction}.")
 
 
 @dataclass
@@ -238,8 +244,8 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         data_dir=str(cfg.data_dir),
         targets={name: parse_dataclass(section, TargetArguments, name=f"targets.{name}") for name, section in cfg.targets.items()},
         distill=parse_dataclass(cfg.distill, DistillSweepArguments, name="distill"),
-        validation=ValidationArguments(**{**parse_dataclass(validation, _ValidationFields, name="validation").__dict__,
-                                          "protocol": protocol, "protocol_fields": list(protocol_section)}),
+        validation=ValidationArguments(**vars(parse_dataclass(validation, ValidationSplitArguments, name="validation")),
+                                       protocol=protocol, protocol_fields=list(protocol_section)),
         grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
         select=parse_dataclass(cfg.select, RuleArguments, name="select"),
         baselines=parse_dataclass(baselines, BaselineArguments, name="baselines"),
@@ -255,16 +261,6 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
     if args.grid.target not in args.targets:
         raise ValueError(f"`grid.target` {args.grid.target!r} is not a key of `targets` ({sorted(args.targets)}).")
     return args
-
-
-@dataclass
-class _ValidationFields:
-    """``validation`` without its nested protocol (HfArgumentParser parses flat dataclasses)."""
-
-    num_prompts: int | None = 50
-    split_seed: int = 0
-    validation_fraction: float = 0.2
-    evaluate_overrides: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------
