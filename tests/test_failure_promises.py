@@ -89,6 +89,8 @@ def test_a_reused_directory_with_other_settings_is_refused_naming_the_keys(tmp_p
                             ignore=("progress",)) == []
     assert check_output_dir(out, {"trainer": {"learning_rate": 0.0002, "max_steps": 50}, "progress": True},
                             incremental=True) == ["trainer.learning_rate: 0.0005 -> 0.0002"]
+    assert check_output_dir(out, {"trainer": {"learning_rate": 0.0005, "max_steps": 50, "overwrite": True},
+                                  "progress": True}, ignore=("trainer.overwrite",)) == []
     assert config_diff({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c: None -> 2"]
 
 

@@ -35,10 +35,15 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _comparable(config: Mapping[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
-    """The config as it is saved (JSON types, secrets masked), without the ``ignore``d top-level keys."""
+    """The config as it is saved (JSON types, secrets masked), without the ``ignore``d (dotted) keys."""
     data = json.loads(json.dumps(mask_secrets(dict(config)), default=str))
     for key in ignore:
-        data.pop(key, None)
+        *parents, leaf = key.split(".")
+        section = data
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     return data
 
 
@@ -62,7 +67,7 @@ def check_output_dir(
     Args:
         output_dir: the run's output directory (it need not exist).
         config: the run's resolved config (a plain dict, as :func:`unidetox.hydra_config.to_container` gives).
-        ignore: top-level keys that do not change what the run computes (e.g. ``progress``).
+        ignore: keys (dotted for nested ones) that do not change what the run computes (e.g. ``progress``).
         incremental: the pipeline caches its work per unit with its own fingerprints, so other settings are allowed
             (the differences are returned for the log).
 

@@ -31,8 +31,8 @@ from unidetox.run_dir import check_output_dir
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "distill_run.json"
-# Top-level settings that do not change the texts (how much progress is shown).
-RUN_INDEPENDENT_KEYS = ("progress",)
+# Settings that do not change the texts: how much progress is shown, and whether finished work is rebuilt.
+RUN_INDEPENDENT_KEYS = ("progress", "distill.overwrite", "anti_expert.overwrite")
 
 
 @dataclass
