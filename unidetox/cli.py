@@ -9,39 +9,43 @@ pipeline, so both write the same outputs. Under several processes, launch the mo
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from unidetox.detox import pipeline as detox_pipeline
+from unidetox.distill import pipeline as distill_pipeline
+from unidetox.evaluation import pipeline as evaluate_pipeline
 from unidetox.hydra_config import CONF_DIR
 from unidetox.processes import end_process_group
+from unidetox.replication import pipeline as replicate_pipeline
 from unidetox.version import __version__
 
 # command -> (pipeline module, what it does, the overrides users reach for first)
-COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+COMMANDS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "distill": (
-        "unidetox.distill.pipeline",
+        distill_pipeline,
         "train the anti-expert on toxic text, then distill detoxifying text by contrastive decoding",
         ("output_dir=runs/my-distill", "experiment=embedded_gemma3", "distill.num_samples=640",
          "distill.max_length=256", "sampler.alpha=0.1", "anti_expert.pretrained_path=DIR", "seed=1"),
     ),
     "detox": (
-        "unidetox.detox.pipeline",
+        detox_pipeline,
         "fine-tune any model on the distilled text, validate every save, choose the checkpoint",
         ("experiment=embedded_gemma3", "data.path=runs/distill-default", "model=HUB_ID_OR_PATH",
          "trainer.learning_rate=2e-4", "trainer.max_steps=100", "trainer.save_steps=25", "++trainer.stop_at_step=50",
          "trainer=paper", "peft.use_peft=false", "eval.enabled=false", "output_dir=runs/my-detox"),
     ),
     "evaluate": (
-        "unidetox.evaluation.pipeline",
+        evaluate_pipeline,
         "toxicity (TP/EMT), perplexity, Distinct-n and MMLU of several models -> report.{json,md}",
         ("models=[smollm2-135m,runs/my-detox/merged]", "prompts.num_prompts=100", "eval.num_samples=10",
          "seeds=[0,1,2]", "prompts.split=test", "scorer=detoxify", "mmlu.limit=2", "perplexity.max_tokens=20000",
          "decoding.anti_expert=DIR", "output_dir=runs/eval"),
     ),
     "replicate": (
-        "unidetox.replication.pipeline",
+        replicate_pipeline,
         "the paper's table: anti-expert, distillation, grid, one configuration applied, baselines, test report",
         ("experiment=embedded", "experiment=tiny", "output_dir=runs/replicate-x", "share_stages=true",
          "baselines.taskvec=false", "grid.learning_rates=[5e-4,2e-4]", "grid.max_steps=100"),
@@ -83,7 +87,7 @@ def run_command(command: str, overrides: Sequence[str]):
     """Parse ``overrides`` for ``command`` and run its pipeline; returns the pipeline's result."""
     if command not in COMMANDS:
         raise SystemExit(f"unidetox: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.")
-    pipeline = importlib.import_module(COMMANDS[command][0])
+    pipeline = COMMANDS[command][0]
     return pipeline.run(pipeline.parse_args(list(overrides)))
 
 
