@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from unidetox.decoding.sampler import right_padded_rows
+from unidetox.decoding.sampler import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
 
 SamplerFactory = Callable[[torch.LongTensor], LogitsProcessor]
@@ -212,15 +212,13 @@ def prefill_shared_prompts(
 
 def _batch_inputs(model, tokenizer, texts: Sequence[str], device: torch.device, share_prefill: bool):
     """Left-padded ``input_ids``, ``attention_mask`` of the rows and, when rows repeat a prompt, its shared cache."""
-    if not share_prefill or len(set(texts)) == len(texts):
-        enc = left_padded_batch(tokenizer, texts)
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device), None
-    index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
-    enc = left_padded_batch(tokenizer, list(index))
-    rows = torch.tensor([index[text] for text in texts], device=device)
+    enc = left_padded_batch(tokenizer, texts)
     input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    cache = prefill_shared_prompts(model, input_ids, attention_mask, rows)
-    return input_ids[rows], attention_mask[rows], cache
+    shared = distinct_rows(input_ids, attention_mask) if share_prefill else None
+    if shared is None:
+        return input_ids, attention_mask, None
+    first, rows = shared
+    return input_ids, attention_mask, prefill_shared_prompts(model, input_ids[first], attention_mask[first], rows)
 
 
 def cut_continuations(
