@@ -31,7 +31,8 @@ from unidetox.evaluation.report import (
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.io import read_json
 from unidetox.models import (
-    check_model_location,
+    ADAPTER_CONFIG_FILE,
+    TOKENIZER_FILES,
     load_adapter_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -117,11 +118,10 @@ def _fingerprint(obj) -> str:
 def _load(name_or_path: str, dtype: str | None, device):
     """A model and its tokenizer by hub id, path or embedded name; a LoRA adapter folder is merged into its base."""
     kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
-    check_model_location(name_or_path)
     path = Path(name_or_path).expanduser()
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG_FILE).is_file():
         model = load_adapter_model(path, **kwargs)
-        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
         base = read_adapter_config(path).get("base_model_name_or_path")
         tokenizer = load_tokenizer(path if has_tokenizer or not base else base)
     else:
