@@ -21,7 +21,13 @@ from typing import Any
 
 from unidetox.distill.anti_expert import AntiExpertConfig, load_anti_expert, read_marker, train_anti_expert
 from unidetox.distill.corpus import ToxicCorpusConfig, load_toxic_corpus
-from unidetox.distill.dataset import DistillConfig, DistilledDetoxDataset, SamplingConfig, summary_markdown
+from unidetox.distill.dataset import (
+    METADATA_FILE,
+    DistillConfig,
+    DistilledDetoxDataset,
+    SamplingConfig,
+    summary_markdown,
+)
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import ModelArguments, load_model_and_tokenizer
@@ -93,7 +99,7 @@ def finished(args: DistillArguments) -> DistillResult | None:
     """The result when ``args.output_dir`` holds this run, finished; raises when it holds another run."""
     check_output_dir(args.output_dir, args.config, ignore=RUN_INDEPENDENT_KEYS)
     result = DistillResult.load(args.output_dir)
-    if result is not None and not (Path(result.distilled_path) / "metadata.json").is_file():
+    if result is not None and not (Path(result.distilled_path) / METADATA_FILE).is_file():
         return None
     return result
 

@@ -187,8 +187,6 @@ class BaselineArguments:
 class TestArguments:
     """The test evaluation (the evaluate stage on the TEST split)."""
 
-    __test__ = False  # not a pytest test class
-
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Sampling seeds (>= 3)."})
     overrides: list[str] = field(default_factory=list, metadata={"help": "evaluate overrides (sizes)."})
 
@@ -344,10 +342,10 @@ def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run
 def plan_grid(args: ReplicateArguments, distilled: dict[float, str]) -> dict[str, tuple[dict, Any]]:
     """``{run name: (hyperparameters, detox arguments)}`` for alpha x learning rate on the grid target.
 
-    ``distilled``: the distilled text of each alpha (:attr:`DistillResult.distilled_path`)."""
+    ``distilled``: the distilled text of each alpha to plan (:attr:`DistillResult.distilled_path`)."""
     grid = args.grid
     plan = {}
-    for alpha in (float(a) for a in args.distill.alphas):
+    for alpha in (float(a) for a in distilled):
         for lr in grid.learning_rates:
             name = f"{grid.target}-a{format_number(alpha)}-lr{format_number(lr)}"
             run_dir = Path(args.output_dir) / "grid" / name
@@ -486,14 +484,15 @@ def run(args: ReplicateArguments) -> ReplicateResult:
                     args, [grid_target.model], decoding_dir, [f"decoding.anti_expert={quote(anti_expert)}",
                                                               f"decoding.alpha={base_args.decoding_alpha}",
                                                               "decoding.also_plain=false"]))
-    distilled = {alpha: stages.result(f"distill-a{format_number(alpha)}") for alpha in alphas}
+    # ---- 2. the grid on the grid target: each alpha's runs start once its text is there -------------------------
+    distilled, grid_plan = {}, {}
+    for alpha in alphas:
+        distilled[alpha] = stages.result(f"distill-a{format_number(alpha)}")
+        for name, (config, grid_args) in plan_grid(args, {alpha: distilled[alpha].distilled_path}).items():
+            grid_plan[name] = (config, grid_args)
+            stages.pipeline(f"grid/{name}", detox_stage, grid_args)
     anti_expert = distilled[alphas[0]].anti_expert_path
     ae_seconds = distilled[alphas[0]].stages["anti_expert"].get("train_wall_time_s") or 0.0
-
-    # ---- 2. the grid on the grid target ------------------------------------------------------------------------
-    grid_plan = plan_grid(args, {alpha: result.distilled_path for alpha, result in distilled.items()})
-    for name, (_, grid_args) in grid_plan.items():
-        stages.pipeline(f"grid/{name}", detox_stage, grid_args)
     grid_results = {name: stages.result(f"grid/{name}") for name in grid_plan}
 
     # ---- 3. the single configuration -----------------------------------------------------------------------------
