@@ -1,6 +1,7 @@
 """The pipelines' failure promises: no secret reaches a file or a log, a reused output directory is the same run
 or refused with the differing keys, and an unavailable scorer fails before any model is loaded."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -126,3 +127,15 @@ def test_detox_resumes_only_its_own_run(tmp_path):
     with pytest.raises(FileExistsError, match="no config.json"):
         detox.run(detox.parse_args(_detox_overrides(tmp_path, foreign)))
     assert (foreign / "checkpoint-5" / "trainer_state.json").is_file()  # and left as it was
+
+
+def test_every_process_gets_the_evaluation_result(tmp_path, remote_scorer, monkeypatch):
+    """Under several processes only the main one writes the report; the others return it read back, so a
+    caller (the replication) reads the same result on every rank."""
+    model = _tiny_model(tmp_path)
+    args = evaluate.parse_args(_evaluate_overrides(tmp_path, model, remote_scorer, "++scorer.api_key=k"))
+    on_main = evaluate.run(args)
+    monkeypatch.setattr(evaluate, "is_main_process", lambda: False)
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a, **k: None)  # what a non-main rank gets back
+    elsewhere = evaluate.run(args)
+    assert elsewhere is not None and elsewhere.report == json.loads(json.dumps(on_main.report, default=str))

@@ -326,7 +326,9 @@ def _final_model_path(out: Path, args: DetoxArguments) -> str | None:
 
 
 def run(args: DetoxArguments) -> DetoxResult:
-    """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file."""
+    """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file.
+
+    Returns the same result on every process."""
     state = process_state()
     trainer_args = args.trainer
     out = Path(args.output_dir)
@@ -398,5 +400,7 @@ def run(args: DetoxArguments) -> DetoxResult:
         atomic_write_text(out / "train_summary.md", markdown)
         print(markdown, flush=True)
     wait_for_everyone()
+    if not is_main_process():  # every rank returns the run's result: the main process has written it
+        return DetoxResult.load(out)
     return DetoxResult(str(out), summary.get("model_path"), summary.get("selection"), summary)
 

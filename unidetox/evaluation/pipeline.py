@@ -106,8 +106,8 @@ def finished(args: EvaluateArguments) -> EvaluateResult | None:
     return EvaluateResult.load(args.output_dir)
 
 
-def run(args: EvaluateArguments) -> EvaluateResult | None:
-    """Evaluate every model for every seed; returns the result on the main process (None on the others)."""
+def run(args: EvaluateArguments) -> EvaluateResult:
+    """Evaluate every model for every seed; returns the same result on every process."""
     out = Path(args.output_dir)
     changed = check_output_dir(out, args.config, incremental=True)
     if changed:
@@ -125,8 +125,8 @@ def run(args: EvaluateArguments) -> EvaluateResult | None:
         data_dir=args.data_dir, dtype=args.dtype, config_dict=args.config, progress=args.progress,
         parts_dir=args.parts_dir,
     )
-    if report is None or not is_main_process():
-        return None
+    if not is_main_process():  # every rank returns the report: the main process has written it
+        return EvaluateResult.load(out)
     print((out / "report.md").read_text(), flush=True)
     print(f"Report: {out.resolve()}/{REPORT_FILE} (wall time {report['wall_time_s']:.0f}s)", flush=True)
     return EvaluateResult(str(out), report)
