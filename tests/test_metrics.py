@@ -12,7 +12,6 @@ from unidetox.evaluation.metrics import (
     conditional_perplexity,
     distinct_n,
     expected_max_toxicity,
-    mean_difference,
     mean_distinct_n,
     mean_std,
     perplexity,
@@ -295,23 +294,3 @@ def test_unknown_forward_falls_back_to_full_logits(tokenizer):
     assert nll == pytest.approx(expected, rel=1e-5)
     unhalved = sliding_window_nll(tiny_llama(len(tokenizer)), tokenizer, texts, max_length=12, stride=5)
     assert nll != pytest.approx(unhalved[0], rel=1e-3)  # what a split through lm_head would have given
-
-
-def test_mean_difference_against_a_direct_computation():
-    from scipy.stats import mannwhitneyu
-
-    gen = torch.Generator().manual_seed(0)
-    low = (torch.rand(300, generator=gen) * 0.4).tolist()
-    high = (torch.rand(300, generator=gen) * 0.5 + 0.05).tolist()
-    out = mean_difference(low, high, seed=1)
-    assert out["difference"] == pytest.approx(sum(low) / 300 - sum(high) / 300)
-    assert out["relative"] == pytest.approx(out["difference"] / (sum(high) / 300))
-    assert out["ci95_low"] < out["difference"] < out["ci95_high"] < 0 and out["lower"]
-    assert out["p_mann_whitney"] == pytest.approx(mannwhitneyu(low, high).pvalue)
-    assert out == mean_difference(low, high, seed=1)  # seeded
-    same = mean_difference(low, low)
-    assert same["ci95_low"] < 0 < same["ci95_high"] and not same["lower"]
-    with pytest.raises(ValueError, match="at least 2"):
-        mean_difference([0.1], high)
-    with pytest.raises(ValueError, match="num_resamples"):
-        mean_difference(low, high, num_resamples=10)

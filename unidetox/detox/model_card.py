@@ -1,11 +1,23 @@
-"""The model card (``README.md``) of a detoxified model: base model, distilled data, configuration, citation."""
+"""The model card (``README.md``) of a detoxified model: base model, distilled data, configuration, results, citation.
+
+The YAML header is built with ``huggingface_hub.ModelCardData``; evaluation results go into its ``model-index``
+as ``huggingface_hub.EvalResult`` entries, the form the Hub parses into its evaluation widget and leaderboards.
+:func:`merge_eval_results` adds results to a card already on disk (the evaluate stage's test numbers, the
+validation numbers of a chosen checkpoint), replacing a result of the same metric on the same data.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from unidetox.models import is_embedded_name
 
@@ -17,8 +29,157 @@ CITATION = """@inproceedings{lu2025unidetox,
   year      = {2025},
   url       = {https://openreview.net/forum?id=eLLBILFRsA}
 }"""
+MODEL_CARD_FILE = "README.md"
+TASK_TYPE, TASK_NAME = "text-generation", "Text Generation"
+# The ToxiGen prompts on the Hub (the `toxigen_hub` prompt source).
+TOXIGEN_HUB_DATASET = "skg/toxigen-data"
+# WikiText-2's raw files (wiki.test.raw ...) and the Hub configuration they make up.
+WIKITEXT_FILE = re.compile(r"wiki\.(train|valid|test)\.raw")
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"
+WIKITEXT_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+# `model_id` names a saved directory or an in-memory model `<name>@<12 hex digits of its weights>`.
+WEIGHT_DIGEST_SUFFIX = re.compile(r"@[0-9a-f]{12}$")
 
 
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it names a model on the Hub; None for a local one.
+
+    Local: an embedded name, an existing directory, an in-memory model (``<...>``), a model named by the digest
+    of its weights (``path@0123456789ab``), or anything that is not a valid repo id (an absolute path).
+    """
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if is_embedded_name(name) or name.startswith("<") or WEIGHT_DIGEST_SUFFIX.search(name) or os.path.isdir(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def model_reference(name_or_path: str) -> str:
+    """A model as Markdown: a link for a Hub id, ``name`` (local ...) otherwise, never a link to a local path."""
+    hub_id = hub_model_id(name_or_path)
+    if hub_id:
+        return f"[`{hub_id}`](https://huggingface.co/{hub_id})"
+    kind = "unidetox embedded model" if is_embedded_name(name_or_path) else "local model, not on the Hub"
+    return f"`{name_or_path}` ({kind})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation results as model-index entries
+# ----------------------------------------------------------------------------------------------------------------
+def prompt_set_dataset(prompts: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``dataset_*`` fields of an :class:`~huggingface_hub.EvalResult` for a prompt set.
+
+    ``prompts`` holds the resolved prompt settings (``source``, ``path``, ``split``, optionally ``num_prompts``):
+    the report's ``prompts`` entry, or a :class:`~unidetox.evaluation.prompts.PromptsConfig` as a dict.
+    """
+    source, path, split = prompts["source"], prompts.get("path"), prompts.get("split", "all")
+    if source == "file":
+        dataset_type, pretty = Path(path).name, f"Prompts from {Path(path).name}"
+    elif source == "toxigen_hub":
+        dataset_type, pretty = TOXIGEN_HUB_DATASET, "ToxiGen prompts"
+    else:  # the local ToxiGen copies: the annotated CSV or the prompts folder
+        dataset_type, pretty = "toxigen", "ToxiGen prompts"
+    num_prompts = prompts.get("num_prompts")
+    size = f", {num_prompts} prompts" if num_prompts else ""
+    return {"dataset_type": dataset_type, "dataset_name": f"{pretty} ({split} split{size})",
+            "dataset_config": source, "dataset_split": split}
+
+
+def held_out_text_dataset(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``dataset_*`` fields of an :class:`~huggingface_hub.EvalResult` for a perplexity text file."""
+    name = Path(path).name
+    match = WIKITEXT_FILE.fullmatch(name)
+    if match:
+        return {"dataset_type": "wikitext", "dataset_name": f"WikiText-2 ({name})", "dataset_config": WIKITEXT_CONFIG,
+                "dataset_split": WIKITEXT_SPLITS[match.group(1)]}
+    return {"dataset_type": "text", "dataset_name": name}
+
+
+def _result(dataset: Mapping[str, Any], metric_type: str, metric_name: str, value: float) -> EvalResult:
+    return EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, metric_type=metric_type, metric_name=metric_name,
+                      metric_value=float(value), **dataset)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def toxicity_eval_results(
+    prompt_dataset: Mapping[str, Any],
+    toxicity_probability: float | None,
+    expected_max_toxicity: float | None,
+    perplexity_dataset: Mapping[str, Any] | None = None,
+    perplexity: float | None = None,
+) -> list[EvalResult]:
+    """TP and EMT on a prompt set, and perplexity on held-out text, as model-index results (missing ones left out)."""
+    results = []
+    if _finite(toxicity_probability):
+        results.append(_result(prompt_dataset, "toxicity_probability", "Toxicity Probability (TP)",
+                               toxicity_probability))
+    if _finite(expected_max_toxicity):
+        results.append(_result(prompt_dataset, "expected_max_toxicity", "Expected Maximum Toxicity (EMT)",
+                               expected_max_toxicity))
+    if perplexity_dataset is not None and _finite(perplexity):
+        results.append(_result(perplexity_dataset, "perplexity", "Perplexity", perplexity))
+    return results
+
+
+def validation_eval_results(
+    records: Sequence[Mapping[str, Any]],
+    step: int,
+    prompts: Mapping[str, Any],
+    perplexity_path: str | os.PathLike | None = None,
+) -> list[EvalResult]:
+    """The detox run's validation at ``step`` (one of its ``detox_eval.jsonl`` records) as model-index results.
+
+    Empty when no record is of ``step`` (a final step that was not saved, or validation switched off).
+    """
+    record = next((r for r in records if int(r["step"]) == step), None)
+    if record is None:
+        return []
+    return toxicity_eval_results(
+        prompt_set_dataset(prompts), record.get("toxicity_probability"), record.get("expected_max_toxicity"),
+        held_out_text_dataset(perplexity_path) if perplexity_path else None, record.get("perplexity"),
+    )
+
+
+def _identity(result: EvalResult) -> tuple:
+    """Results with the same identity are one measurement: a new value replaces the old one."""
+    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_type,
+            result.metric_name)
+
+
+def merge_eval_results(card_path: str | os.PathLike, results: Sequence[EvalResult]) -> bool:
+    """Write ``results`` into the ``model-index`` of the model card at ``card_path``; False when there is no card.
+
+    A result of the same metric on the same task, dataset, configuration and split replaces the one on the card;
+    the others are appended. The rest of the card (header keys, body) is kept as it is. No card is created.
+    """
+    path = Path(card_path)
+    if not path.is_file():
+        return False
+    card = ModelCard.load(path)
+    replaced = {_identity(r) for r in results}
+    kept = [r for r in (card.data.eval_results or []) if _identity(r) not in replaced]
+    card.data.eval_results = kept + list(results)
+    card.data.model_name = card.data.model_name or path.parent.name
+    card.save(path)
+    return True
+
+
+def _results_table(results: Sequence[EvalResult]) -> list[str]:
+    rows = [f"| {r.dataset_name} | {r.metric_name or r.metric_type} | {r.metric_value:.4g} |" for r in results]
+    return ["| data | metric | value |", "|---|---|---|", *rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The card
+# ----------------------------------------------------------------------------------------------------------------
 def render_model_card(
     base_model: str,
     distilled_metadata: dict[str, Any],
@@ -27,22 +188,31 @@ def render_model_card(
     global_step: int = 0,
     merged: bool = False,
     adapter: bool = False,
+    eval_results: Sequence[EvalResult] = (),
 ) -> str:
-    """A model card (README.md) stating the base model, the distilled data's metadata and the configuration."""
-    local = is_embedded_name(base_model) or os.path.isdir(base_model) or base_model.startswith("<")
-    hub_base = None if local else base_model
-    front = ["---", "library_name: " + ("peft" if adapter else "transformers")]
-    if hub_base:
-        front.append(f"base_model: {hub_base}")
-    front += ["tags:", "- unidetox", "- detoxification", "- trl", "- sft", "---", ""]
+    """A model card (README.md) stating the base model, the distilled data's metadata, the configuration and,
+    when given, the evaluation results (in the ``model-index`` of the YAML header and as a table)."""
+    name = Path(base_model.rstrip("/")).name
+    model_name = f"{name}-unidetox"
+    card_data = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        base_model=hub_model_id(base_model),
+        tags=["unidetox", "detoxification", "trl", "sft"],
+        model_name=model_name if eval_results else None,
+        eval_results=list(eval_results) or None,
+    )
     kind = "LoRA adapter" if adapter else ("merged full model" if merged else "model")
     load = (
         "AutoModelForCausalLM.from_pretrained(path)  # with `peft` installed; the base model is read from adapter_config.json"
         if adapter
         else "AutoModelForCausalLM.from_pretrained(path)"
     )
-    lines = front + [
-        f"# {Path(base_model.rstrip('/')).name}, detoxified with UniDetox",
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {name}, detoxified with UniDetox",
         "",
         f"This {kind} is `{base_model}` fine-tuned on distilled detoxifying text with UniDetox "
         f"([Lu et al., ICLR 2025]({PAPER_URL})), through `unidetox.UniversalDetoxTrainer` "
@@ -56,7 +226,7 @@ def render_model_card(
         "",
         "## Base model",
         "",
-        f"- `{base_model}`" + (" (unidetox embedded model)" if is_embedded_name(base_model) else ""),
+        f"- {model_reference(base_model)}",
         "",
         "## Distilled detoxifying text",
         "",
@@ -74,6 +244,11 @@ def render_model_card(
         "|---|---|",
         *[f"| {k} | `{json.dumps(v) if isinstance(v, (dict, list)) else v}` |" for k, v in config.items()],
         "",
+    ]
+    if eval_results:
+        lines += ["## Evaluation", "", "The same results are in the `model-index` of the header.", "",
+                  *_results_table(eval_results), ""]
+    lines += [
         "## Citation",
         "",
         "```bibtex",

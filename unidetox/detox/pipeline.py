@@ -28,6 +28,7 @@ from typing import Any
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merged_model_path
+from unidetox.detox.model_card import MODEL_CARD_FILE, merge_eval_results, validation_eval_results
 from unidetox.detox.selection import METRICS, read_eval_records, select_checkpoint
 from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.distill.dataset import DistilledDetoxDataset
@@ -319,6 +320,11 @@ def _select(out: Path, select: SelectArguments) -> dict[str, Any]:
     return selection
 
 
+def _validation_results(validation: ValidationArguments, records: list[dict[str, Any]], step: int) -> list:
+    """The validation of ``step`` as model-card results (``huggingface_hub.EvalResult``)."""
+    return validation_eval_results(records, step, asdict(validation.prompts), validation.perplexity_path)
+
+
 def _final_model_path(out: Path, args: DetoxArguments) -> str | None:
     if args.peft is None:
         return str(out)
@@ -348,6 +354,9 @@ def run(args: DetoxArguments) -> DetoxResult:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
+    if callback is not None and is_main_process():  # the final card carries the validation of its own step
+        trainer.model_card_eval_results = _validation_results(args.validation, read_eval_records(out),
+                                                              trainer.state.global_step)
     trainer.save_model()
 
     summary: dict[str, Any] = {}
@@ -391,6 +400,9 @@ def run(args: DetoxArguments) -> DetoxResult:
             summary["eval"] = [{k: v for k, v in r.items() if k != "example"} for r in read_eval_records(out)]
             summary["selection"] = _select(out, args.select)
             atomic_write_json(out / SELECTION_FILE, summary["selection"])
+            if "step" in summary["selection"]:  # and the chosen checkpoint's card the validation of its step
+                merge_eval_results(Path(summary["selection"]["path"]) / MODEL_CARD_FILE, _validation_results(
+                    args.validation, summary["eval"], summary["selection"]["step"]))
         if trainer_args.save_merged_model and args.peft is not None:
             summary["final_merged_path"] = str(out / MERGED_SUBDIR)
         plot = plot_losses(history, out / "loss.png", f"{args.model.name_or_path}: detox fine-tuning loss")

@@ -70,6 +70,8 @@ class UniversalDetoxTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "unidetox", "detoxification"]
     _name = "UniversalDetox"
+    # Evaluation results (huggingface_hub.EvalResult) the model card's model-index carries; the pipeline sets them.
+    model_card_eval_results: tuple = ()
 
     def __init__(
         self,
@@ -223,6 +225,7 @@ class UniversalDetoxTrainer(SFTTrainer):
                 global_step=self.state.global_step if self.state is not None else 0,
                 merged=merged,
                 adapter=self._is_peft() and not merged,
+                eval_results=self.model_card_eval_results,
             )
         )
         return path

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +29,18 @@ from typing import Any
 import datasets
 import pandas as pd
 import torch
+from huggingface_hub import HfApi
 from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
 from unidetox.decoding.sampler import validate_alpha_beta
 from unidetox.distill.anti_expert import load_anti_expert, model_config_fingerprint
-from unidetox.evaluation.metrics import mean_difference
 from unidetox.evaluation.scoring import ProfanityCheckScorer
 from unidetox.io import atomic_write_json, atomic_write_text
 from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
+from unidetox.secret_masking import mask_secrets
+from unidetox.statistics import mean_difference
 from unidetox.version import __version__
 
 METADATA_FILE = "metadata.json"
@@ -379,6 +382,56 @@ class DistilledDetoxDataset:
                            dropped, len(values), column, not_strings, blank)
         dataset = datasets.Dataset.from_dict({TEXT_COLUMN: texts})
         return cls(dataset, {"source_file": str(path), "num_samples": len(dataset)})
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload UniDetox distilled detoxifying text",
+    ) -> str:
+        """Publish the texts as a Hub dataset with a dataset card; returns the repository's URL.
+
+        The card (``README.md``, :func:`~unidetox.distill.dataset_card.render_dataset_card`) and the metadata
+        (``unidetox_metadata.json``) are committed first; ``datasets.Dataset.push_to_hub`` then uploads the texts
+        as parquet and merges its ``dataset_info``/``configs`` into that card, keeping the card's text. The token
+        goes to the Hub client only: no file, card or log line holds it.
+
+        Example:
+            >>> distilled = DistilledDetoxDataset.load("runs/distill")  # doctest: +SKIP
+            >>> distilled.push_to_hub("my-org/unidetox-smollm2-distilled", private=True)  # doctest: +SKIP
+        """
+        # dataset_card renders with this module's summary table, so it is imported here, not at the top.
+        from unidetox.distill.dataset_card import anti_expert_training_record, render_dataset_card
+
+        if not isinstance(repo_id, str) or not repo_id.strip():
+            raise ValueError(f"`repo_id` has to name a Hub dataset repository (e.g. 'my-org/distilled'), got {repo_id!r}.")
+        if not isinstance(self.dataset, datasets.Dataset) or len(self.dataset) == 0:
+            raise ValueError(
+                f"There is no distilled text to push to {repo_id}: the dataset is "
+                f"{'empty' if isinstance(self.dataset, datasets.Dataset) else 'missing'}. Build or load one first."
+            )
+        if not any(text.strip() for text in self.texts):
+            raise ValueError(
+                f"All {len(self)} distilled texts are blank; there is nothing to push to {repo_id}. Rebuild the "
+                "dataset (a start token that is not EOS, a larger `max_length`)."
+            )
+        card = render_dataset_card(
+            self.metadata, self.summary, num_texts=len(self), repo_id=repo_id,
+            anti_expert_record=anti_expert_training_record(self.metadata.get("anti_expert")),
+        )
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        logger.info("Pushing %d distilled texts to %s", len(self), repo_url.repo_id)
+        with tempfile.TemporaryDirectory() as staging:
+            Path(staging, "README.md").write_text(card, encoding="utf-8")
+            Path(staging, "unidetox_metadata.json").write_text(
+                json.dumps(mask_secrets(self.metadata), indent=2, default=str), encoding="utf-8")
+            api.upload_folder(repo_id=repo_url.repo_id, repo_type="dataset", folder_path=staging,
+                              commit_message=commit_message)
+        self.dataset.push_to_hub(repo_url.repo_id, private=private, token=token, commit_message=commit_message)
+        return str(repo_url)
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod

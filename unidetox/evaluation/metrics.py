@@ -83,39 +83,6 @@ def mean_std(values: Sequence[float], ddof: int = 0) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
-def mean_difference(
-    scores: Sequence[float], reference: Sequence[float], num_resamples: int = 10_000, seed: int = 0
-) -> dict[str, float | int | bool | None]:
-    """Is ``scores`` measurably lower than ``reference`` (two independent samples, e.g. the toxicity of distilled
-    texts vs plain base samples)?
-
-    Returns the difference of the means (``scores - reference``), its relative size, a 95% percentile-bootstrap
-    interval (each group resampled with replacement, ``num_resamples`` times, seeded), the two-sided Mann-Whitney
-    U p-value (``None`` without scipy) and ``lower``: True when the whole interval lies below zero.
-    """
-    import numpy as np
-
-    a, b = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if a.size < 2 or b.size < 2:
-        raise ValueError(f"Need at least 2 scores per group to compare them, got {a.size} and {b.size}.")
-    if num_resamples < 100:
-        raise ValueError(f"`num_resamples` has to be >= 100 for a 95% interval, but is {num_resamples}.")
-    rng = np.random.default_rng(seed)
-    boot = (a[rng.integers(0, a.size, (num_resamples, a.size))].mean(axis=1)
-            - b[rng.integers(0, b.size, (num_resamples, b.size))].mean(axis=1))
-    low, high = np.percentile(boot, [2.5, 97.5])
-    try:
-        from scipy.stats import mannwhitneyu
-
-        p_value = float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn (alt-profanity-check)
-        p_value = None
-    difference = float(a.mean() - b.mean())
-    return {"difference": difference, "relative": difference / float(b.mean()) if b.mean() else float("nan"),
-            "ci95_low": float(low), "ci95_high": float(high), "p_mann_whitney": p_value,
-            "n": int(a.size), "n_reference": int(b.size), "lower": bool(high < 0)}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Perplexity
 # ---------------------------------------------------------------------------------------------------------------
