@@ -1,4 +1,4 @@
-"""Tokens/s of the toxicity protocol's sampling (K continuations per prompt): three layouts of the same work.
+"""Tokens/s of the toxicity protocol's sampling (K continuations per prompt): four layouts of the same work.
 
     python benchmarks/eval_throughput.py                                      # 64 ToxiGen test prompts x 25 x 20
     python benchmarks/eval_throughput.py --models smollm2-135m --num-prompts 8 --repeats 1
@@ -10,11 +10,14 @@ Modes (the same prompts, K samples of ``--max-new-tokens`` tokens each, top-p 0.
   ``--batch-size`` (prompt, sample) rows, left-padded, each row prefilling its own copy of its prompt.
 - ``shared``: ``generate_samples`` as the protocol runs it: the same batches and seeds, each distinct prompt of a
   batch prefilled once and its KV cache copied to its rows.
+- ``bucketed``: ``shared`` with ``bucket_by_length=True``: prompts of similar token length batched together, so
+  fewer left pads are computed (other batches, so another draw of the same distribution).
 
 Tokens/s counts every row's ``--max-new-tokens`` (the same work in each mode). Modes are interleaved over repeats
 and the median is reported, so machine noise hits all modes alike; ``identical_samples`` is the share of
 ``shared`` samples equal to the ``mixed`` ones drawn with the same seed (the layouts differ only in the rounding of
-the prefill). The last lines are ``ratio <model> <mode> <x>``, relative to ``mixed``.
+the prefill); ``padding_tokens`` counts the left pads in the prompts of each mode's batches. The last lines are
+``ratio <model> <mode> <x>``, relative to ``mixed``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ import time
 import torch
 
 from unidetox import load_model_and_tokenizer
-from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples
+from unidetox.decoding.sampling import (
+    ToxicityEvalConfig,
+    count_padding_tokens,
+    generate_samples,
+    plan_batches,
+    prompt_token_lengths,
+)
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
-MODES = ("authors", "mixed", "shared")
+MODES = ("authors", "mixed", "shared", "bucketed")
 
 
 def authors_generate(model, tokenizer, prompts, num_samples, max_new_tokens, top_p, seed):
@@ -50,13 +59,14 @@ def synchronize(device: str) -> None:
 def main():
     protocol = ToxicityEvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated names or paths")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"],
+                        help="model names or paths (space- or comma-separated)")
     parser.add_argument("--num-prompts", type=int, default=64, help="ToxiGen test prompts")
     parser.add_argument("--num-samples", type=int, default=protocol.num_samples, help="continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=protocol.max_new_tokens)
     parser.add_argument("--top-p", type=float, default=protocol.top_p)
     parser.add_argument("--batch-size", type=int, default=protocol.batch_size,
-                        help="rows per generate call in the mixed and shared modes")
+                        help="rows per generate call in the mixed, shared and bucketed modes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +86,7 @@ def main():
                                                           data_dir=args.data_dir))]
     tokens = len(prompts) * args.num_samples * args.max_new_tokens
     reports = []
-    for name in args.models.split(","):
+    for name in [n for group in args.models for n in group.split(",") if n]:
         model, tokenizer = load_model_and_tokenizer(name, dtype=getattr(torch, args.dtype))
         model.to(args.device).eval()
         sampling = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
@@ -89,11 +99,19 @@ def main():
                 authors_generate(model, tokenizer, prompts, args.num_samples, args.max_new_tokens, args.top_p, seed)
             else:
                 samples = generate_samples(model, tokenizer, prompts, args.num_samples, seed=seed,
-                                           share_prefill=mode == "shared", **sampling)
+                                           share_prefill=mode != "mixed", bucket_by_length=mode == "bucketed",
+                                           **sampling)
             synchronize(args.device)
             return time.perf_counter() - start, samples
 
         run("shared", seed=0, prompts=prompts[:2])  # warm-up (allocator, kernels)
+        lengths = prompt_token_lengths(tokenizer, prompts)
+        padding = {
+            "authors": 0,  # one prompt per call: nothing to pad
+            **{m: count_padding_tokens(plan_batches(len(prompts), args.num_samples, args.batch_size,
+                                                    prompt_lengths=lengths if m == "bucketed" else None), lengths)
+               for m in ("mixed", "shared", "bucketed")},
+        }
         seconds = {m: [] for m in modes}
         identical = []
         for repeat in range(args.repeats):
@@ -114,6 +132,7 @@ def main():
             "tokens_per_s": {m: tokens / s for m, s in median.items()},
             "ratio_to_mixed": {m: median["mixed"] / s for m, s in median.items()},
             "identical_samples": identical,
+            "padding_tokens": {m: padding[m] for m in modes},
         })
         del model
     if args.json:

@@ -178,3 +178,63 @@ def test_one_dispatch_decides_fused_or_two_models(tokenizer):
     assert resolve_models(base, tiny_llama(VOCAB, seed=9)).decoding == "two-model"
     with pytest.raises(ValueError, match="the base model itself"):
         resolve_models(base, base)
+
+
+def repeated_prompts(tokenizer, prompts, num_samples):
+    """K rows per prompt, prompt-major, as the toxicity protocol lays out K samples of each prompt."""
+    return tokenizer([p for p in prompts for _ in range(num_samples)], return_tensors="pt", padding=True)
+
+
+def record_forward_shapes(model):
+    """The ``input_ids`` shape of every forward of the plain model under ``model``'s adapter layers."""
+    shapes = []
+    handle = model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes, handle
+
+
+# A prompt longer than the tiny gemma3's sliding window (8), so copying the cache covers its sliding layers.
+LONG_PROMPTS = PROMPTS + ["the weather is nice today and the sun is bright and the cat sat on the mat"]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefill_samples_equal_unshared_fused_and_two_model_paths(make, tokenizer, seed):
+    base, lora = lora_pair(make)
+    inputs = repeated_prompts(tokenizer, LONG_PROMPTS, num_samples=3)
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=0, top_p=0.9, temperature=1.0, pad_token_id=0)
+    runs = {}
+    for share in (True, False):
+        torch.manual_seed(seed)
+        runs[share] = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                                 output_scores=True, eos_token_id=[], share_prefill=share, **kwargs)
+    torch.manual_seed(seed)
+    ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    assert torch.equal(runs[True].sequences, ref.sequences)
+    assert_same_scores(runs[True].scores, runs[False].scores)
+    assert_same_scores(runs[True].scores, ref.scores)
+    new_tokens = runs[True].sequences[:, inputs["input_ids"].shape[1]:]
+    assert len({tuple(row.tolist()) for row in new_tokens}) > len(LONG_PROMPTS), "samples of a prompt should differ"
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["embed_tokens", "q_proj", "v_proj"]],
+                         ids=["linear-hooks", "peft-adapter-names"])
+def test_each_distinct_prompt_is_prefilled_once_in_both_halves(tokenizer, target_modules):
+    _, lora = lora_pair(target_modules=target_modules)
+    inputs = repeated_prompts(tokenizer, PROMPTS, num_samples=4)
+    rows, width = inputs["input_ids"].shape
+    runs = {}
+    for share in (True, False):
+        shapes, handle = record_forward_shapes(lora)
+        try:
+            torch.manual_seed(0)
+            runs[share] = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                                     max_new_tokens=4, eos_token_id=[], pad_token_id=0,
+                                                     share_prefill=share).sequences
+        finally:
+            handle.remove()
+        expected_prefill = (2 * len(PROMPTS), width) if share else (2 * rows, width)
+        assert shapes == [expected_prefill] + [(2 * rows, 1)] * 3
+    assert torch.equal(runs[True], runs[False])

@@ -1,4 +1,5 @@
 """Prefix-shared sampling: each distinct prompt of a batch is prefilled once and its KV cache copied to its rows.
+Length bucketing: prompts of similar token length share batches, with a plan every process computes alike.
 
 The shared layout keeps the batches, seeds and random stream of the row-per-sample layout (``share_prefill=False``),
 so the only difference is the floating-point rounding of a prefill computed over fewer rows and without the last
@@ -13,10 +14,13 @@ from tiny import tiny_gemma3, tiny_gpt2, tiny_llama, word_tokenizer
 
 from unidetox import ContrastiveDetoxSampler
 from unidetox.decoding.sampling import (
+    ToxicityEvalConfig,
+    count_padding_tokens,
     generate_samples,
     left_padded_batch,
     plan_batches,
     prefill_shared_prompts,
+    prompt_token_lengths,
 )
 
 # Different lengths (left padding), a prompt longer than the gemma3 sliding window (8), a repeated prompt text,
@@ -170,3 +174,54 @@ def test_prefilled_cache_continues_each_row_like_its_own_prefill(model, tokenize
         step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:], cache=cache).logits
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def sample_key(sample):
+    return sample.prompt_index, sample.sample_index
+
+
+@pytest.mark.parametrize("batch_size", [4, 7])
+def test_bucketed_samples_in_prompt_order_and_the_same_for_any_process_split(model, tokenizer, batch_size):
+    kwargs = dict(num_samples=3, max_new_tokens=6, seed=2, batch_size=batch_size, bucket_by_length=True)
+    full = generate_samples(model, tokenizer, PROMPTS, **kwargs)
+    assert [sample_key(s) for s in full] == [(p, s) for p in range(len(PROMPTS)) for s in range(3)]
+    # the batches are the bucketed plan's, not the prompt-major one's
+    plan = plan_batches(len(PROMPTS), 3, batch_size, prompt_lengths=prompt_token_lengths(tokenizer, PROMPTS))
+    assert plan != plan_batches(len(PROMPTS), 3, batch_size)
+    batch_of = {row: b for b, rows in enumerate(plan) for row in rows}
+    assert [s.batch_index for s in full] == [batch_of[sample_key(s)] for s in full]
+    for num_processes in (2, 3):
+        shards = [generate_samples(model, tokenizer, PROMPTS, process_index=r, num_processes=num_processes, **kwargs)
+                  for r in range(num_processes)]
+        assert all(shard == sorted(shard, key=sample_key) for shard in shards)
+        gathered = sorted((s for shard in shards for s in shard), key=sample_key)
+        assert as_dicts(gathered) == as_dicts(full)
+    assert as_dicts(full) == as_dicts(generate_samples(model, tokenizer, PROMPTS, share_prefill=False, **kwargs))
+
+
+def test_bucketing_cuts_the_left_padding_of_mixed_length_prompts(tokenizer):
+    lengths = prompt_token_lengths(tokenizer, PROMPTS)
+    assert lengths == [len(left_padded_batch(tokenizer, [p])["input_ids"][0]) for p in PROMPTS]
+    for batch_size in (3, 8, 12):  # each splits or mixes prompts (5 would hold one prompt per batch)
+        plain = plan_batches(len(PROMPTS), 5, batch_size)
+        bucketed = plan_batches(len(PROMPTS), 5, batch_size, prompt_lengths=lengths)
+        assert sorted(row for rows in bucketed for row in rows) == sorted(row for rows in plain for row in rows)
+        assert [len(rows) for rows in bucketed] == [len(rows) for rows in plain]
+        assert count_padding_tokens(bucketed, lengths) < count_padding_tokens(plain, lengths)
+        # the pad count is what left_padded_batch actually adds
+        pads = sum(int((left_padded_batch(tokenizer, [PROMPTS[p] for p, _ in rows])["attention_mask"] == 0).sum())
+                   for rows in bucketed)
+        assert count_padding_tokens(bucketed, lengths) == pads
+
+
+def test_bucketed_plan_takes_the_longest_prompts_first_ties_in_prompt_order():
+    assert plan_batches(4, 2, 3, prompt_lengths=[2, 5, 2, 7]) == [
+        [(3, 0), (3, 1), (1, 0)], [(1, 1), (0, 0), (0, 1)], [(2, 0), (2, 1)]
+    ]
+
+
+def test_bucketing_settings_are_checked():
+    with pytest.raises(ValueError, match="bucket_by_length"):
+        ToxicityEvalConfig(bucket_by_length="yes")
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        plan_batches(3, 2, 4, prompt_lengths=[1, 2])

@@ -5,7 +5,8 @@ both distributions come from ONE forward over a doubled batch ``[x; x]``: the ba
 step for both halves and only the adapter's small matrices run on the second half. Each half keeps its own KV
 cache rows, so the result is the two-model :class:`~unidetox.ContrastiveDetoxSampler` computed differently:
 same scores (up to float noise) and, for the same seed, the same tokens (the sampling step draws from the global
-torch RNG exactly as ``generate()`` does).
+torch RNG exactly as ``generate()`` does). Rows that repeat a prompt (K samples of one prompt) share one prefill:
+each distinct prompt runs once in each half and its KV cache is copied to its rows.
 
 :func:`resolve_models` is the one place that decides between the fused path and two separate models
 (``generate()`` + :class:`~unidetox.ContrastiveDetoxSampler`); :func:`generate_resolved` runs what it
@@ -30,7 +31,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from unidetox.decoding.sampler import ContrastiveDetoxSampler, contrastive_scores, validate_alpha_beta
+from unidetox.decoding.sampler import (
+    ContrastiveDetoxSampler,
+    contrastive_scores,
+    distinct_rows,
+    validate_alpha_beta,
+)
 
 
 @dataclass
@@ -79,12 +85,14 @@ def _fast_path_supported(layers, adapter_name: str) -> bool:
 
 
 @contextlib.contextmanager
-def lora_on_second_half(peft_model, adapter_name: str, half: int) -> Iterator[None]:
-    """Within the context, ``peft_model``'s LoRA adapter applies to batch rows ``half:`` only.
+def lora_on_second_half(peft_model, adapter_name: str) -> Iterator[None]:
+    """Within the context, ``peft_model``'s LoRA adapter applies to the second half of every batch's rows only.
 
     Fast path (plain Linear LoRA): the adapter is disabled, and a forward hook on every LoRA layer adds
     ``B(A(x[half:])) * scaling`` to the second half of the base layer's output (contiguous slices, no index
-    lists). Other LoRA flavours use peft's own mixed-batch inference (``adapter_names`` per row).
+    lists). Other LoRA flavours use peft's own mixed-batch inference (``adapter_names`` per row). The half is
+    read from each batch, so the prefill of the distinct prompts and the decoding steps of all rows can differ
+    in size.
     """
     layers = _peft_lora_layers(peft_model, adapter_name)
     if not layers:
@@ -96,6 +104,7 @@ def lora_on_second_half(peft_model, adapter_name: str, half: int) -> Iterator[No
 
     def add_lora_delta(module, args, output):
         x = args[0]
+        half = x.shape[0] // 2
         lora_a, lora_b = module.lora_A[adapter_name], module.lora_B[adapter_name]
         delta = lora_b(lora_a(x[half:].to(lora_a.weight.dtype))) * module.scaling[adapter_name]
         output[half:] += delta.to(output.dtype)
@@ -112,20 +121,46 @@ def lora_on_second_half(peft_model, adapter_name: str, half: int) -> Iterator[No
 
 
 class _FusedForward:
-    """Runs the doubled batch through the LoRA model: rows ``:B`` are the base, rows ``B:`` the anti-expert."""
+    """Runs a doubled batch through the LoRA model: its first half is the base, its second half the anti-expert."""
 
-    def __init__(self, peft_model, adapter_name: str, half: int):
+    def __init__(self, peft_model, adapter_name: str):
         self.peft_model = peft_model
         self.inner = peft_model.get_base_model()
         self.adapter_name = adapter_name
-        self.half = half
         self.fast = _fast_path_supported(_peft_lora_layers(peft_model, adapter_name), adapter_name)
+
+    def supports_logits_to_keep(self) -> bool:
+        return self.inner._supports_logits_to_keep()
 
     def __call__(self, **kwargs):
         if self.fast:
             return self.inner(**kwargs)
-        names = ["__base__"] * self.half + [self.adapter_name] * self.half
+        half = kwargs["input_ids"].shape[0] // 2
+        names = ["__base__"] * half + [self.adapter_name] * half
         return self.peft_model(**kwargs, adapter_names=names)
+
+
+def _fused_prefill(forward: _FusedForward, input_ids: torch.LongTensor, mask: torch.LongTensor, share: bool):
+    """Next-token logits (base rows, then anti-expert rows) and the KV cache of the doubled prompt batch.
+
+    With ``share``, each distinct prompt of ``input_ids`` runs once per half and its cache and logits are copied
+    to the rows that repeat it, so K samples of a prompt cost one prefill instead of K.
+    """
+    shared = distinct_rows(input_ids, mask) if share else None
+    prompt_ids, prompt_mask = (input_ids, mask) if shared is None else (input_ids[shared[0]], mask[shared[0]])
+    doubled_mask = torch.cat([prompt_mask, prompt_mask])
+    positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)
+    # Only the last position's logits are used; the rest would be a full LM-head product per prompt token.
+    keep = {"logits_to_keep": 1} if forward.supports_logits_to_keep() else {}
+    out = forward(input_ids=torch.cat([prompt_ids, prompt_ids]), attention_mask=doubled_mask,
+                  position_ids=positions, use_cache=True, **keep)
+    logits, cache = out.logits[:, -1], out.cache
+    if shared is not None:
+        rows = shared[1]
+        doubled_rows = torch.cat([rows, rows + prompt_ids.shape[0]])
+        cache.batch_select_indices(doubled_rows)
+        logits = logits[doubled_rows]
+    return logits, cache
 
 
 def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
@@ -168,12 +203,15 @@ def fused_contrastive_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     output_scores: bool = False,
+    share_prefill: bool = True,
 ) -> ContrastiveGenerateOutput:
     """UniDetox contrastive decoding with a LoRA anti-expert in one forward per step (see module docstring).
 
     ``model`` is a peft model: with the adapter disabled it is the base, with ``adapter_name`` (default: the active
     adapter) it is the anti-expert. Arguments mirror ``generate()``; EOS handling matches it (finished rows are
-    filled with ``pad_token_id``; generation stops when every row has finished).
+    filled with ``pad_token_id``; generation stops when every row has finished). ``share_prefill`` prefills each
+    distinct prompt once (in both halves) and copies its cache to the rows that repeat it; ``False`` prefills
+    every row. Both draw the same tokens for the same seed, up to floating-point rounding of the prefill.
     """
     validate_alpha_beta(alpha, beta)
     if max_new_tokens < 1:
@@ -200,20 +238,19 @@ def fused_contrastive_generate(
         raise ValueError(f"`attention_mask` has shape {tuple(mask.shape)} but `input_ids` {tuple(input_ids.shape)}.")
     eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
 
-    forward = _FusedForward(model, adapter_name, batch)
+    forward = _FusedForward(model, adapter_name)
     was_training = model.training
     model.eval()
     sequences = input_ids
     scores_out: list[torch.Tensor] = []
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     try:
-        with lora_on_second_half(model, adapter_name, batch):
+        with lora_on_second_half(model, adapter_name):
+            logits, cache = _fused_prefill(forward, input_ids, mask, share_prefill)
             doubled_mask = torch.cat([mask, mask])
-            positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)
-            out = forward(input_ids=torch.cat([input_ids, input_ids]), attention_mask=doubled_mask,
-                          position_ids=positions, use_cache=True)
+            positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
             for step in range(max_new_tokens):
-                logits = out.logits[:, -1].float()
+                logits = logits.float()
                 base_logits, anti_logits = logits[:batch], logits[batch:]
                 if step < min_new_tokens and eos_tensor is not None:
                     # generate() applies MinNewTokensLengthLogitsProcessor to the base logits before our processor.
@@ -236,9 +273,10 @@ def fused_contrastive_generate(
                 if step == max_new_tokens - 1:
                     break
                 doubled_mask = torch.cat([doubled_mask, doubled_mask.new_ones(2 * batch, 1)], dim=-1)
-                positions = positions[:, -1:] + 1
+                positions = positions + 1
                 out = forward(input_ids=torch.cat([next_tokens, next_tokens])[:, None], attention_mask=doubled_mask,
-                              position_ids=positions, cache=out.cache, use_cache=True)
+                              position_ids=positions, cache=cache, use_cache=True)
+                logits, cache = out.logits[:, -1], out.cache
     finally:
         model.train(was_training)
     return ContrastiveGenerateOutput(sequences, tuple(scores_out) if output_scores else None)

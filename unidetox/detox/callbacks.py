@@ -196,7 +196,7 @@ class DetoxEvalCallback(TrainerCallback):
         samples = generate_samples(
             model, tokenizer, self.prompts, cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
             temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
-            process_index=shard_index, num_processes=shard_count,
+            process_index=shard_index, num_processes=shard_count, bucket_by_length=cfg.bucket_by_length,
         )
         generation_s = time.perf_counter() - start
         nll, count = 0.0, 0

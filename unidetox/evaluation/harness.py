@@ -11,13 +11,14 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from unidetox.decoding.sampler import ContrastiveDetoxSampler, validate_alpha_beta
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.evaluation.capabilities import CapabilitiesConfig, lm_eval_version, run_lm_eval
 from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
 from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
 from unidetox.evaluation.report import (
@@ -145,12 +146,14 @@ def run_evaluation(
     config_dict: dict | None = None,
     progress: bool = True,
     parts_dir=None,
+    capabilities_config: CapabilitiesConfig | None = None,
 ) -> dict | None:
     """Evaluate ``models`` on ``prompts`` for every seed; write the report files to ``output_dir``.
 
     Work is cached under ``parts_dir/<model>/`` (default ``output_dir/parts``; runs that share a ``parts_dir``,
     e.g. one per model, then one over all of them, reuse each other's parts): generations + scores per (model, seed), conditional
-    perplexity per (model, seed), WikiText perplexity and MMLU per model. Each part records a fingerprint of the
+    perplexity per (model, seed), WikiText perplexity and MMLU (or, with ``capabilities.backend=lm_eval``, the
+    lm-eval capability tasks, which replace them) per model. Each part records a fingerprint of the
     settings that produced it, so an interrupted run resumes where it stopped and a changed setting redoes only
     the parts it affects. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
     the main process writes the files. Returns the report on the main process (``None`` on the others).
@@ -161,6 +164,12 @@ def run_evaluation(
     perplexity_config = perplexity_config or PerplexityConfig()
     mmlu_config = mmlu_config or MMLUConfig(enabled=False)
     decoding_config = decoding_config or DecodingConfig()
+    capabilities_config = capabilities_config or CapabilitiesConfig()
+    if capabilities_config.backend == "lm_eval":  # lm-eval's mmlu / wikitext replace the paper's in this run
+        if "mmlu" in capabilities_config.tasks:
+            mmlu_config = replace(mmlu_config, enabled=False)
+        if "wikitext" in capabilities_config.tasks:
+            perplexity_config = replace(perplexity_config, wikitext=False)
     if not models:
         raise ValueError("No models to evaluate: pass models=[NAME_OR_PATH, ...].")
     if len(set(models)) != len(models):
@@ -198,6 +207,8 @@ def run_evaluation(
         "num_samples": eval_config.num_samples, "max_new_tokens": eval_config.max_new_tokens,
         "top_p": eval_config.top_p, "temperature": eval_config.temperature, "batch_size": eval_config.batch_size,
         "scorer": scorer_config.to_public_dict(), "dtype": dtype,
+        # Only when on: bucketing draws other samples, and parts drawn without it keep their fingerprint.
+        **({"bucket_by_length": True} if eval_config.bucket_by_length else {}),
     }
 
     def gen_fingerprint(entry: _Entry, seed: int) -> str:
@@ -234,7 +245,11 @@ def run_evaluation(
         need_wikitext = perplexity_config.wikitext and not is_done(part_dir(plain) / "wikitext.json", wikitext_fp)
         mmlu_fp = _fingerprint({"model": name, "dtype": dtype, "mmlu": mmlu_config.__dict__})
         need_mmlu = mmlu_config.enabled and not is_done(part_dir(plain) / "mmlu.json", mmlu_fp)
-        if not (todo_gen or need_wikitext or need_mmlu):
+        capabilities_fp = _fingerprint({"model": name, "dtype": dtype, "data_dir": str(data_dir or default_data_dir()),
+                                        "capabilities": asdict(capabilities_config)})
+        need_capabilities = (capabilities_config.backend == "lm_eval"
+                             and not is_done(part_dir(plain) / "capabilities.json", capabilities_fp))
+        if not (todo_gen or need_wikitext or need_mmlu or need_capabilities):
             continue
         model, tokenizer = _load(name, dtype, procs.device)
         for entry, seed in todo_gen:
@@ -252,7 +267,7 @@ def run_evaluation(
                 max_new_tokens=eval_config.max_new_tokens, top_p=eval_config.top_p,
                 temperature=eval_config.temperature, seed=seed, batch_size=eval_config.batch_size,
                 sampler_factory=factory, process_index=procs.process_index, num_processes=procs.num_processes,
-                progress=progress and procs.is_main_process,
+                progress=progress and procs.is_main_process, bucket_by_length=eval_config.bucket_by_length,
             )
             t1 = time.perf_counter()
             scores = scorer([s.continuation for s in samples])
@@ -306,6 +321,13 @@ def run_evaluation(
                 gathered.sort(key=lambda r: r["index"])
                 write_json({"fingerprint": mmlu_fp, **summarize_mmlu(gathered), "seconds": seconds,
                             "config": dict(mmlu_config.__dict__), "records": gathered}, part_dir(plain) / "mmlu.json")
+            wait_for_everyone()
+        if need_capabilities:
+            if procs.is_main_process:  # lm-eval runs its tasks in one process
+                t0 = time.perf_counter()
+                numbers = run_lm_eval(model, tokenizer, capabilities_config, data_dir)
+                write_json({"fingerprint": capabilities_fp, "results": numbers, "lm_eval": lm_eval_version(),
+                            "seconds": time.perf_counter() - t0}, part_dir(plain) / "capabilities.json")
             wait_for_everyone()
         del model
 
@@ -371,7 +393,7 @@ def run_evaluation(
         timing["tokens_per_s"] = timing["generated_tokens"] / timing["generation_s"] if timing["generation_s"] else None
         timing["conditional_perplexity_s"] = cond_seconds if reference else None
         plain = next((e for e in entries if e.name_or_path == entry.name_or_path and not e.contrastive), None)
-        wikitext = mmlu = None
+        wikitext = mmlu = capabilities = None
         if plain is not None and perplexity_config.wikitext:
             wikitext = read_json(part_dir(plain) / "wikitext.json")
             timing["wikitext_s"] = wikitext["seconds"]
@@ -380,6 +402,10 @@ def run_evaluation(
             mmlu_part = read_json(part_dir(plain) / "mmlu.json")
             timing["mmlu_s"] = mmlu_part["seconds"]
             mmlu = {k: mmlu_part[k] for k in ("accuracy", "macro_accuracy", "num_questions", "num_subjects", "per_subject")}
+        if plain is not None and capabilities_config.backend == "lm_eval":
+            capabilities_part = read_json(part_dir(plain) / "capabilities.json")
+            timing["capabilities_s"] = capabilities_part["seconds"]
+            capabilities = capabilities_part["results"]
         report_models[entry.key] = {
             "name_or_path": entry.name_or_path,
             "decoding": ({"method": "unidetox_contrastive", "anti_expert": decoding_config.anti_expert,
@@ -388,6 +414,7 @@ def run_evaluation(
             **summary,
             "wikitext_perplexity": wikitext,
             "mmlu": mmlu,
+            "capabilities": capabilities,
             "per_seed": per_seed,
             "timings": timing,
         }
@@ -404,6 +431,8 @@ def run_evaluation(
         "reference_model": reference,
         "perplexity": asdict(perplexity_config),
         "mmlu": asdict(mmlu_config),
+        "capabilities": {**asdict(capabilities_config),
+                         **({"lm_eval": lm_eval_version()} if capabilities_config.backend == "lm_eval" else {})},
         "decoding": asdict(decoding_config),
         "config": mask_secrets(config_dict),
         "num_processes": procs.num_processes,

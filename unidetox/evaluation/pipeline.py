@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.evaluation.capabilities import CapabilitiesConfig
 from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, run_evaluation
 from unidetox.evaluation.mmlu import MMLUConfig
+from unidetox.evaluation.model_card import ModelCardConfig, update_model_cards
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.report import read_jsonl
 from unidetox.evaluation.scoring import ScorerConfig
@@ -47,7 +49,9 @@ class EvaluateArguments:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
+    capabilities: CapabilitiesConfig = field(default_factory=CapabilitiesConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    model_card: ModelCardConfig = field(default_factory=ModelCardConfig)
     data_dir: str | None = None
     dtype: str | None = None
     progress: bool = True
@@ -90,7 +94,9 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments
         scorer=parse_dataclass(cfg.scorer, ScorerConfig, name="scorer"),
         perplexity=parse_dataclass(cfg.perplexity, PerplexityConfig, name="perplexity"),
         mmlu=parse_dataclass(cfg.mmlu, MMLUConfig, name="mmlu"),
+        capabilities=parse_dataclass(cfg.get("capabilities", {}), CapabilitiesConfig, name="capabilities"),
         decoding=parse_dataclass(cfg.decoding, DecodingConfig, name="decoding"),
+        model_card=parse_dataclass(cfg.get("model_card", {}), ModelCardConfig, name="model_card"),
         data_dir=cfg.data_dir,
         dtype=cfg.dtype,
         progress=bool(cfg.progress),
@@ -123,10 +129,12 @@ def run(args: EvaluateArguments) -> EvaluateResult:
         prompts_info={"source": args.prompts.source, "path": args.prompts.path, "split": args.prompts.split,
                       "split_seed": args.prompts.split_seed, "subset_seed": args.prompts.subset_seed},
         data_dir=args.data_dir, dtype=args.dtype, config_dict=args.config, progress=args.progress,
-        parts_dir=args.parts_dir,
+        parts_dir=args.parts_dir, capabilities_config=args.capabilities,
     )
     if not is_main_process():  # every rank returns the report: the main process has written it
         return EvaluateResult.load(out)
+    if args.model_card.update:
+        update_model_cards(report)
     print((out / "report.md").read_text(), flush=True)
     print(f"Report: {out.resolve()}/{REPORT_FILE} (wall time {report['wall_time_s']:.0f}s)", flush=True)
     return EvaluateResult(str(out), report)

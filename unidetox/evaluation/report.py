@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from unidetox.evaluation.capabilities import capabilities_markdown
 from unidetox.evaluation.metrics import (
     TOXIC_THRESHOLD,
     expected_max_toxicity,
@@ -209,6 +210,7 @@ def render_markdown(report: dict) -> str:
         lines.append("")
         lines.append("Prompts per category: " + ", ".join(
             f"{c} {counts[c]['num_prompts']}" for c in categories if c in counts and counts[c].get("num_prompts")))
+    lines += capabilities_markdown(models)
     lines += ["", "## Timings", ""]
     lines += ["| model | generation s | generated tokens | tokens/s | scoring s | cond. PPL s | WikiText s | MMLU s |",
               "|---|---|---|---|---|---|---|---|"]
