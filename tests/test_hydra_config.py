@@ -140,7 +140,8 @@ def test_an_unknown_top_level_key_is_rejected(override):
     ("detox", ["experiment=paper_llama2_7b", "++output_dir=runs/x", "++data_dir=data"]),
     ("distill", ["output_dir=runs/distill-n512", "anti_expert.pretrained_path=runs/a", "sampler.alpha=0.2"]),
     ("evaluate", ["models=[smollm2-135m,gemma3-270m]", "seeds=[0,1]", "parts_dir=runs/parts", "scorer=perspective"]),
-    ("replicate", ["experiment=paper", "share_stages=true"]),
+    ("replicate", ["experiment=paper", "launcher.engine=submitit", "launcher.cluster=slurm", "launcher.partition=gpu",
+                   "launcher.gpus_per_node=1", "launcher.timeout_min=600", "launcher.max_concurrent_jobs=8"]),
     ("replicate", ["experiment=tiny", "output_dir=runs/rep"]),
 ])
 def test_documented_overrides_still_compose(recipe, overrides):

@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import SHARED_DATA
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox.detox.selection import choose_configuration
@@ -274,19 +275,24 @@ def test_report_assembly_writes_consistent_files(tmp_path):
 @pytest.mark.parametrize("experiment", ["embedded", "tiny", "paper"])
 def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path):
     args = replicate.parse_args([f"experiment={experiment}", f"output_dir={tmp_path}"])
-    assert len(args.test.seeds) >= 3 and args.grid.target in args.targets
+    assert len(args.test.seeds) >= 2 and args.grid.target in args.targets
     plan = replicate.plan_distill(args)
-    first = next(iter(plan.values()))
-    for i, (alpha, parsed) in enumerate(plan.items()):
+    assert list(plan) == [(s, a) for s in args.distill.sources for a in args.distill.alphas]
+    first_alpha = args.distill.alphas[0]
+    for (source, alpha), parsed in plan.items():
+        # each source is contrasted with its own anti-expert, trained by its first alpha's run
+        assert parsed.model.name_or_path == args.distill.sources[source].model
         assert parsed.sampler.alpha == alpha and parsed.anti_expert.output_dir == str(
             Path(parsed.output_dir) / "anti_expert")
-        assert parsed.anti_expert.pretrained_path == (None if i == 0 else first.anti_expert.output_dir)
-    grid = replicate.plan_grid(args, {alpha: f"/data/distilled-{alpha}" for alpha in plan})
-    assert len(grid) == len(args.distill.alphas) * len(args.grid.learning_rates)
+        own = plan[(source, first_alpha)].anti_expert.output_dir
+        assert parsed.anti_expert.pretrained_path == (None if alpha == first_alpha else own)
+    grid = replicate.plan_grid(args, {key: f"/data/distilled-{key[0]}-{key[1]}" for key in plan})
+    assert len(grid) == len(args.distill.sources) * len(args.distill.alphas) * len(args.grid.learning_rates)
     for config, parsed in grid.values():
         assert parsed.trainer.learning_rate == config["learning_rate"]
+        assert parsed.model.name_or_path == args.grid_target.model
         assert parsed.trainer.max_steps == args.grid.max_steps and parsed.validation.prompts.split == "validation"
-        assert parsed.data.path == f"/data/distilled-{config['alpha']}"
+        assert parsed.data.path == f"/data/distilled-{config['source']}-{config['alpha']}"
         # the replication's validation protocol, field for field
         assert parsed.validation.callback == args.validation.protocol
         assert parsed.validation.prompts == replicate.validation_prompts(args)
@@ -312,24 +318,45 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
 
 def test_embedded_experiment_lays_out_its_stages_and_equals_a_hand_run(tmp_path):
     args = replicate.parse_args(["experiment=embedded"])
-    assert args.output_dir == "runs/replicate-embedded"
-    assert [p.output_dir for p in replicate.plan_distill(args).values()] == [
-        "runs/replicate-embedded/distill-a0.1", "runs/replicate-embedded/distill-a0.2"]
-    distilled = {0.1: "runs/replicate-embedded/distill-a0.1/distilled", 0.2: "runs/replicate-embedded/distill-a0.2/distilled"}
+    assert args.output_dir == "runs/replicate-embedded" and args.anti_expert_source == "smollm2"
+    plan = replicate.plan_distill(args)
+    assert [p.output_dir for p in plan.values()] == [
+        "runs/replicate-embedded/distill-smollm2-a0.1", "runs/replicate-embedded/distill-gemma3-a0.1"]
+    assert [p.model.name_or_path for p in plan.values()] == ["smollm2-135m", "gemma3-270m"]
+    distilled = {key: f"{p.output_dir}/distilled" for key, p in plan.items()}
     grid = replicate.plan_grid(args, distilled)
     assert sorted(p.output_dir for _, p in grid.values()) == [
-        f"runs/replicate-embedded/grid/smollm2-a{a}-lr5e-4" for a in ("0.1", "0.2")]
+        f"runs/replicate-embedded/grid/smollm2-{s}-a0.1-lr{lr}" for s in ("gemma3", "smollm2") for lr in ("2e-4", "5e-4")]
     # The same settings as the detox command a user would type for this grid point, so a run made by hand at the
-    # grid's path (as the earlier passes' grid runs were) counts as the grid's run.
+    # grid's path counts as the grid's run.
     from unidetox.detox import pipeline as detox
     from unidetox.run_dir import config_diff
 
-    _, mine = grid["smollm2-a0.1-lr5e-4"]
+    config, mine = grid["smollm2-gemma3-a0.1-lr2e-4"]
+    assert config == {"source": "gemma3", "alpha": 0.1, "learning_rate": 2e-4}
     by_hand = detox.parse_args([
-        "experiment=embedded_smollm2", "data.path=runs/replicate-embedded/distill-a0.1/distilled",
-        "output_dir=runs/replicate-embedded/grid/smollm2-a0.1-lr5e-4", "trainer.learning_rate=5e-4",
-        "trainer.max_steps=50", "trainer.save_steps=25", "eval.prompts.num_prompts=50", "eval.callback.num_samples=5"])
+        "experiment=embedded_smollm2", "data.path=runs/replicate-embedded/distill-gemma3-a0.1/distilled",
+        "output_dir=runs/replicate-embedded/grid/smollm2-gemma3-a0.1-lr2e-4", "trainer.learning_rate=2e-4",
+        "trainer.max_steps=100", "trainer.save_steps=25", "eval.prompts.num_prompts=50", "eval.callback.num_samples=5"])
     assert config_diff(by_hand.config, mine.config) == []
+
+
+def test_distillation_sources_are_checked_when_parsed():
+    with pytest.raises(ValueError, match="distill.sources"):
+        replicate.parse_args(["experiment=embedded", "~distill.sources"])
+    with pytest.raises(ValueError, match="may not be empty or hold"):
+        replicate.parse_args(["experiment=embedded", "+distill.sources.smol-lm={model:smollm2-135m}"])
+    # The grid target's baselines need an anti-expert of its own model.
+    with pytest.raises(ValueError, match="baselines.decoding=false"):
+        replicate.parse_args(["experiment=embedded", "~distill.sources.smollm2"])
+    args = replicate.parse_args(["experiment=embedded", "~distill.sources.smollm2", "baselines.decoding=false",
+                                 "baselines.taskvec=false"])
+    assert list(args.distill.sources) == ["gemma3"] and args.anti_expert_source is None
+    # A source's model and the model its overrides select must agree.
+    args = replicate.parse_args(["experiment=embedded", "distill.sources.gemma3.model=smollm2-135m",
+                                 "baselines.decoding=false", "baselines.taskvec=false"])
+    with pytest.raises(ValueError, match="name the same model"):
+        replicate.plan_distill(args)
 
 
 class FakePipeline:
@@ -390,8 +417,11 @@ def test_validation_and_test_prompts_are_disjoint(shared_data):
 # End to end
 # ---------------------------------------------------------------------------------------------------------------
 STAGE_FILES = [
-    "distill-a0.1/distill_run.json", "distill-a0.1/anti_expert/adapter_config.json", "distill-a0.2/distilled/metadata.json",
-    "grid/smollm2-a0.1-lr1e-3/detox_eval.jsonl", "grid/smollm2-a0.2-lr1e-3/train_summary.json", "selection.json",
+    *[f"distill-{s}-a0.1/{f}" for s in ("smollm2", "gemma3")
+      for f in ("distill_run.json", "anti_expert/adapter_config.json")],
+    "distill-smollm2-a0.2/distilled/metadata.json", "distill-gemma3-a0.2/distilled/metadata.json",
+    *[f"grid/smollm2-{s}-a{a}-lr1e-3/detox_eval.jsonl" for s in ("smollm2", "gemma3") for a in ("0.1", "0.2")],
+    "grid/smollm2-gemma3-a0.2-lr1e-3/train_summary.json", "selection.json",
     "data/control/metadata.json", "data/nothate/metadata.json", "apply/smollm2-unidetox/source.json",
     "apply/smollm2-unidetox/model/config.json", "apply/gemma3-unidetox/merged/config.json",
     *[f"apply/{t}-{m}/train_summary.json" for t in ("smollm2", "gemma3") for m in ("control", "nothate", "authors")],
@@ -424,8 +454,7 @@ def _tiny_replication(tmp_path, shared_data, *extra):
     """The replication command on two tiny local models (llama + gemma3 families) at experiment=tiny sizes."""
     llama_dir, gemma_dir = _save_tiny_models(tmp_path)
     out = tmp_path / "rep"
-    tiny_distill = ["experiment=embedded_smollm2", f"model.name_or_path={llama_dir}", "distill.start_token=null",
-                    "data.max_samples=8", "anti_expert.max_steps=2", "anti_expert.per_device_train_batch_size=2",
+    tiny_distill = ["data.max_samples=8", "anti_expert.max_steps=2", "anti_expert.per_device_train_batch_size=2",
                     "anti_expert.max_length=16", "anti_expert.logging_steps=1", "distill.num_samples=4",
                     "distill.max_length=8", "distill.batch_size=4", "distill.summary_num_samples=0"]
     tiny_test = ["prompts.num_prompts=4", "eval.num_samples=2", "eval.max_new_tokens=6", "eval.batch_size=32",
@@ -435,6 +464,11 @@ def _tiny_replication(tmp_path, shared_data, *extra):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
            "recipes/replicate.py", "experiment=tiny", f"output_dir={out}",
            f"distill.overrides={_quoted_list(tiny_distill)}",
+           f"distill.sources.smollm2.model={llama_dir}",
+           f"distill.sources.smollm2.overrides={_quoted_list(['experiment=embedded_smollm2', f'model.name_or_path={llama_dir}', 'distill.start_token=null'])}",
+           f"distill.sources.gemma3.model={gemma_dir}",
+           # The tiny char-level model repeats its input token; started from <bos> it writes only special tokens.
+           f"distill.sources.gemma3.overrides={_quoted_list(['experiment=embedded_gemma3', f'model.name_or_path={gemma_dir}', 'distill.start_token=e'])}",
            f"targets.smollm2.model={llama_dir}",
            f"targets.smollm2.overrides={_quoted_list(['experiment=embedded_smollm2', f'model.name_or_path={llama_dir}'])}",
            f"targets.gemma3.model={gemma_dir}",
@@ -445,15 +479,25 @@ def _tiny_replication(tmp_path, shared_data, *extra):
     return cmd, env, out
 
 
+@pytest.fixture(scope="module")
+def tiny_sequential_replication(tmp_path_factory):
+    """The tiny replication run once by the default engine (every stage in turn in one process), shared by the
+    tests that read it: ``(command, env, output_dir)``."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    cmd, env, out = _tiny_replication(tmp_path_factory.mktemp("sequential"), SHARED_DATA)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return cmd, env, out
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared_data):
+def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tiny_sequential_replication):
     """Every stage of the replication (experiment=tiny sizes) on two tiny local models of different families and
     tokenizers, so that CI runs the whole pipeline in minutes; `experiment=tiny` alone runs the same plumbing on
     the embedded models (about 25 minutes on this CPU)."""
-    cmd, env, out = _tiny_replication(tmp_path, shared_data)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    cmd, env, out = tiny_sequential_replication
     _assert_tiny_report(out)
     first = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
     assert all(e["status"] == "ran" for e in first), [e for e in first if e["status"] != "ran"]
@@ -471,22 +515,43 @@ def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tmp_path, shared
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_tiny_replication_as_two_copies_sharing_the_stages(tmp_path, shared_data):
-    """share_stages=true: two copies of the command started together split the stages (claims under .claims/),
-    every stage runs exactly once, and both end with the full report."""
-    cmd, env, out = _tiny_replication(tmp_path, shared_data, "share_stages=true")
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=1200) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, stdout[-3000:] + stderr[-6000:]
+def test_tiny_replication_as_concurrent_jobs_gives_the_sequential_report(tmp_path, tiny_sequential_replication):
+    """launcher.engine=submitit through submitit's local executor, two jobs at once: every stage runs once, as a
+    job of its own (what the driver does itself, the selection and the report, excepted), and the report is the
+    sequential run's, number for number."""
+    cmd, env, out = _tiny_replication(tmp_path, SHARED_DATA, "launcher.engine=submitit", "launcher.cluster=local",
+                                      "launcher.max_concurrent_jobs=2", "launcher.threads_per_job=1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     _assert_tiny_report(out)
     log = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]
-    claimed = [e["stage"] for e in log if e["status"] == "ran" and e["stage"] not in ("selection", "report")]
-    assert len(claimed) == len(set(claimed)), sorted(claimed)
-    single = {"distill-a0.1", "distill-a0.2", "grid/smollm2-a0.1-lr1e-3", "apply/gemma3-authors", "taskvec/validation",
-              "test/smollm2-base", "test/gemma3-unidetox", "test/decoding", "test"}
-    assert single <= set(claimed)
+    assert all(e["status"] == "ran" for e in log), [e for e in log if e["status"] != "ran"]
+    jobs = {e["stage"]: e["job_id"] for e in log if "job_id" in e}
+    assert len(jobs) == len(log) - 2 and set(jobs) == {e["stage"] for e in log} - {"selection", "report"}
+    assert len(set(jobs.values())) == len(jobs)
+    assert all((out / "jobs" / f"{job_id}_0_log.err").is_file() for job_id in jobs.values())
+    _, _, sequential = tiny_sequential_replication
+    assert _comparable_report(out) == _comparable_report(sequential)
+
+
+def _comparable_report(out: Path):
+    """report.json without what legitimately differs between two runs: where they ran (paths are made relative to
+    the run's temporary root), how long things took (``wall_time``, ``stage_times``, every ``*_s``), and the
+    command and config that ran them. NaN (an interval over identical samples) reads as a string, equal to itself."""
+    text = (out / "report.json").read_text().replace(str(out.parent), "<root>")
+    report = json.loads(text, parse_constant=str)
+    for key in ("command", "config"):
+        report.pop(key, None)
+
+    def drop_times(value):
+        if isinstance(value, dict):
+            return {k: drop_times(v) for k, v in value.items()
+                    if k not in ("wall_time", "timings", "stage_times") and not k.endswith("_s")}
+        if isinstance(value, list):
+            return [drop_times(v) for v in value]
+        return value
+
+    return drop_times(report)
 
 
 def _assert_tiny_report(out):
@@ -501,7 +566,19 @@ def _assert_tiny_report(out):
         assert (r["wikitext_perplexity"] is None) == (r["method"] == "decoding")
     assert report["bar"]["verdict"].startswith(("Bar MET", "Bar NOT met"))
     selection = json.loads((out / "selection.json").read_text())
-    assert len(selection["table"]) == 6 and sum(r["chosen"] for r in selection["table"]) == 1  # 2 runs x 3 evals
+    # (2 sources x 2 alphas) runs x 3 evals
+    assert len(selection["table"]) == 12 and sum(r["chosen"] for r in selection["table"]) == 1
+    assert {r["config"]["source"] for r in selection["table"]} == {"smollm2", "gemma3"}
+    # each source's own anti-expert: the gemma3 text was contrasted with an anti-expert of the gemma3 model
+    gemma_ae = json.loads((out / "distill-gemma3-a0.1" / "anti_expert" / "adapter_config.json").read_text())
+    smol_ae = json.loads((out / "distill-smollm2-a0.1" / "anti_expert" / "adapter_config.json").read_text())
+    assert gemma_ae["base_model_name_or_path"] != smol_ae["base_model_name_or_path"]
+    assert set(report["source_study"]) >= {"distill-smollm2-a0.1", "distill-gemma3-a0.2", "control", "authors"}
+    for r in report["rows"]:
+        if r["method"] != "base":
+            assert set(r["paired_vs_base"]) == {"toxicity_probability", "expected_max_toxicity"}, r["method"]
+    assert set(report["unidetox_vs_control"]) == {"smollm2", "gemma3"}
+    assert report["stage_times"] and "The distilled text of each source" in (out / "report.md").read_text()
     # The chosen configuration applied to the other target is the chosen checkpoint's: the grid's schedule (2 steps)
     # stopped at the chosen step.
     step = selection["choice"]["step"]
@@ -514,64 +591,3 @@ def _assert_tiny_report(out):
     md = (out / "report.md").read_text()
     assert "Validation grid" in md and "Task-vector lambda" in md and "Example continuations" in md
     return report
-
-
-HOLD_CLAIM = """
-import os, sys, time
-from filelock import FileLock
-lock = FileLock(sys.argv[1]); lock.acquire()
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-if sys.argv[3] == "finish":
-    os.makedirs(os.path.dirname(sys.argv[4]), exist_ok=True)
-    open(sys.argv[4], "w").write("{}")
-"""
-
-
-def _hold_claim(stages, name, seconds, finish_file=None):
-    """Another copy of the command: holds the stage's claim for `seconds`, then (maybe) finishes the stage."""
-    claim = stages._claim_file(name)
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(claim), str(seconds),
-                             "finish" if finish_file else "die", str(finish_file)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-@pytest.mark.parametrize("other_copy_finishes", [True, False])
-def test_shared_stages_defer_what_another_copy_runs_and_wait_only_where_needed(tmp_path, other_copy_finishes):
-    """share_stages: a stage claimed by another copy is skipped (deferred) and this copy goes on with other stages;
-    wait_for blocks until the claim is released, then finds the stage done, or runs it itself when that copy died."""
-    stages = Stages(tmp_path, share=True, poll_s=0.2)
-    done_a, done_b = tmp_path / "a" / "done.json", tmp_path / "b" / "done.json"
-    ran = []
-
-    def stage(name, done):
-        def run():
-            ran.append(name)
-            done.parent.mkdir(exist_ok=True)
-            done.write_text("{}")
-            return name
-        return stages.library(name, lambda: done.is_file() or None, run, done.parent)
-
-    other = _hold_claim(stages, "grid/a", 1.5, done_a if other_copy_finishes else None)
-    assert stage("grid/a", done_a) is None  # deferred: the other copy holds it
-    assert stage("grid/b", done_b) == "grid/b"  # meanwhile this copy does another stage
-    assert ran == ["grid/b"] and not done_a.exists()
-    stages.wait_for("grid/b")  # not deferred: returns at once
-    stages.wait_for()  # blocks until the other copy lets go of grid/a
-    other.wait(timeout=30)
-    assert done_a.is_file()
-    assert ran == (["grid/b"] if other_copy_finishes else ["grid/b", "grid/a"])
-    statuses = [(e["stage"], e["status"]) for e in stages.session]
-    assert statuses[:3] == [("grid/a", "deferred"), ("grid/b", "ran"), ("grid/a", "waited")]
-    assert statuses[3] == ("grid/a", "cached" if other_copy_finishes else "ran")
-    stage("grid/a", done_a)
-    assert stages.session[-1]["status"] == "cached" and ran.count("grid/a") <= 1  # done now: never run twice
-
-
-def test_without_share_stages_a_held_claim_is_ignored(tmp_path):
-    stages = Stages(tmp_path)
-    other = _hold_claim(stages, "grid/a", 0.5)
-    assert stages.library("grid/a", lambda: None, lambda: "made", tmp_path) == "made"
-    other.wait(timeout=30)

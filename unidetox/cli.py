@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "replicate": (
         replicate_pipeline,
         "the paper's table: anti-expert, distillation, grid, one configuration applied, baselines, test report",
-        ("experiment=embedded", "experiment=tiny", "output_dir=runs/replicate-x", "share_stages=true",
+        ("experiment=embedded", "experiment=tiny", "output_dir=runs/replicate-x", "launcher.engine=submitit",
          "baselines.taskvec=false", "grid.learning_rates=[5e-4,2e-4]", "grid.max_steps=100"),
     ),
 }

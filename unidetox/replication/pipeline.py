@@ -7,9 +7,10 @@
 what each stage returned. A stage whose output is complete, made with the same settings, is skipped, so a rerun only
 does what is missing. Layout under ``output_dir``:
 
-    distill-a{A}/            the distill stage per alpha (the first trains the anti-expert, the others reuse it)
-    grid/{t}-a{A}-lr{LR}/    the detox stage on the grid target, validation at step 0 and every save
-    selection.json           the paper's rule over every (grid run, checkpoint): chosen (alpha, lr, steps) + table
+    distill-{s}-a{A}/        the distill stage per source model and alpha (each source's first alpha trains
+                             its own anti-expert on the same toxic rows, its other alphas reuse it)
+    grid/{t}-{s}-a{A}-lr{LR}/  the detox stage on the grid target, validation at step 0 and every save
+    selection.json           the paper's rule over every (grid run, checkpoint): chosen (source, alpha, lr, steps)
     data/{control,nothate}/  baseline texts (plain base samples; DGHS nothate rows), as many as the distilled text
     apply/{t}-{method}/      the chosen configuration, unchanged, on every target (the grid target's UniDetox model
                              is the chosen grid checkpoint, merged; other targets train under the grid's schedule and
@@ -20,7 +21,8 @@ does what is missing. Layout under ``output_dir``:
     test/decoding/           inference-time contrastive decoding with the anti-expert (grid target only)
     report.json, report.md, toxicity_vs_perplexity.png, replicate_log.jsonl (one line per stage and run)
 
-With ``share_stages=true`` several copies of the command split the stages (:mod:`unidetox.replication.stages`).
+With ``launcher.engine=submitit`` the stages that are not finished run as submitit jobs, locally or on SLURM
+(:mod:`unidetox.replication.stages`, :mod:`unidetox.replication.launcher`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from unidetox.detox.merge import merged_model_path
 from unidetox.detox.selection import METRICS, choose_configuration
 from unidetox.distill import pipeline as distill_stage
 from unidetox.distill.corpus import ToxicCorpusConfig
+from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation import pipeline as evaluate_stage
+from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, read_json
@@ -52,14 +56,17 @@ from unidetox.replication.baselines import (
     negate_task_vector,
     plain_sample_settings,
 )
+from unidetox.replication.launcher import LauncherArguments
 from unidetox.replication.report import (
     assemble_report,
     example_continuations,
     format_number,
     grid_records,
+    source_study,
+    stage_times,
     write_replication_report,
 )
-from unidetox.replication.stages import Stages
+from unidetox.replication.stages import LOG_FILE, Stages
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +76,22 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class TargetArguments:
-    """A model the chosen configuration is applied to (one entry of `targets`)."""
+    """A model and the stage overrides that select it: a target the chosen configuration is applied to (an entry
+    of `targets`, detox overrides) or a distillation source (an entry of `distill.sources`, distill overrides)."""
 
     model: str = field(metadata={"help": "The base model: hub id, path or embedded name (the test's base row)."})
     overrides: list[str] = field(
-        default_factory=list, metadata={"help": "detox overrides that select this model, e.g. experiment=X."}
+        default_factory=list, metadata={"help": "Stage overrides that select this model, e.g. experiment=X."}
     )
 
 
 @dataclass
-class DistillSweepArguments:
-    """The distill stage's runs, one per alpha."""
+class DistillAlphaArguments:
+    """The alphas of the distill stage's runs and the overrides every run shares."""
 
     alphas: list[float] = field(
         default_factory=lambda: [0.1, 0.2],
-        metadata={"help": "Sampler alphas; the first run trains the anti-expert, the others reuse it."},
+        metadata={"help": "Sampler alphas; a source's first run trains its anti-expert, the others reuse it."},
     )
     overrides: list[str] = field(default_factory=list, metadata={"help": "distill overrides of every run."})
 
@@ -93,6 +101,27 @@ class DistillSweepArguments:
         bad = [a for a in self.alphas if not 0.0 < float(a) <= 1.0]
         if bad:
             raise ValueError(f"`distill.alphas` have to be in (0, 1]; got {bad}.")
+
+
+@dataclass
+class DistillSweepArguments(DistillAlphaArguments):
+    """The distill stage's runs: one per source model and alpha."""
+
+    sources: dict[str, TargetArguments] = field(
+        default_factory=dict,
+        metadata={"help": "name -> {model, overrides}: the models the text is distilled from, each contrasted with "
+                  "its own anti-expert (trained on the same toxic rows). The source is a dimension of the grid."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.sources:
+            raise ValueError("`distill.sources` is empty; name at least one source model, e.g. "
+                             "distill.sources={smollm2:{model:smollm2-135m,overrides:[experiment=embedded_smollm2]}}.")
+        bad_names = [n for n in self.sources if not n or "/" in n or "-" in n]
+        if bad_names:
+            raise ValueError(f"`distill.sources` names {bad_names} are used in directory names and may not be empty "
+                             "or hold '/' or '-'; rename them (e.g. smollm2, gemma3).")
 
 
 @dataclass
@@ -187,12 +216,16 @@ class BaselineArguments:
 class TestArguments:
     """The test evaluation (the evaluate stage on the TEST split)."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Sampling seeds (>= 3)."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Sampling seeds (>= 2)."})
     overrides: list[str] = field(default_factory=list, metadata={"help": "evaluate overrides (sizes)."})
+    interval_resamples: int = field(
+        default=10_000, metadata={"help": "Bootstrap resamples of the paired intervals over test prompts."}
+    )
 
     def __post_init__(self):
-        if len(set(self.seeds)) < 3:
-            raise ValueError(f"`test.seeds` needs at least 3 distinct seeds (mean ± std), but is {self.seeds}.")
+        # Two seeds give a spread over seeds; the claims rest on the paired intervals over prompts.
+        if len(set(self.seeds)) < 2:
+            raise ValueError(f"`test.seeds` needs at least 2 distinct seeds (mean ± std), but is {self.seeds}.")
 
 
 @dataclass
@@ -220,7 +253,9 @@ class ReplicateArguments:
     bar: SuccessBar
     detox_overrides: list[str] = field(default_factory=list)
     apply_overrides: list[str] = field(default_factory=list)
-    share_stages: bool = False
+    launcher: LauncherArguments = field(
+        default_factory=LauncherArguments, metadata={"help": "Where the stages run: here, or as submitit jobs."}
+    )
     overrides: list[str] = field(default_factory=list, metadata={"help": "The overrides it was parsed from."})
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -228,9 +263,19 @@ class ReplicateArguments:
     def grid_target(self) -> TargetArguments:
         return self.targets[self.grid.target]
 
+    @property
+    def anti_expert_source(self) -> str | None:
+        """The source whose anti-expert the grid-target baselines use (inference-time decoding and task vectors
+        need an anti-expert of the grid target's own model and vocabulary): the source of that model."""
+        return next((name for name, s in self.distill.sources.items() if s.model == self.grid_target.model), None)
+
 
 def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArguments:
     """Compose ``conf/replicate.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
+    if any(str(o).lstrip("+").split("=", 1)[0] == "share_stages" for o in overrides):
+        raise ValueError("`share_stages` was replaced by the job engine: instead of several copies of the command, "
+                         "run one with launcher.engine=submitit launcher.cluster=local launcher.max_concurrent_jobs=2 "
+                         "(or launcher.cluster=slurm on a cluster).")
     cfg = compose_config("replicate", list(overrides), free_form_groups=())
     validation = to_container(cfg.validation)
     protocol_section = validation.pop("protocol", {}) or {}
@@ -241,7 +286,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         output_dir=str(cfg.output_dir),
         data_dir=str(cfg.data_dir),
         targets={name: parse_dataclass(section, TargetArguments, name=f"targets.{name}") for name, section in cfg.targets.items()},
-        distill=parse_dataclass(cfg.distill, DistillSweepArguments, name="distill"),
+        distill=_parse_distill_sweep(to_container(cfg.distill)),
         validation=ValidationArguments(**vars(parse_dataclass(validation, ValidationSplitArguments, name="validation")),
                                        protocol=protocol, protocol_fields=list(protocol_section)),
         grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
@@ -252,13 +297,26 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         bar=parse_dataclass(cfg.bar, SuccessBar, name="bar"),
         detox_overrides=[str(o) for o in (cfg.detox.overrides or [])],
         apply_overrides=[str(o) for o in (cfg.apply.overrides or [])],
-        share_stages=bool(cfg.get("share_stages", False)),
+        launcher=parse_dataclass(cfg.launcher, LauncherArguments, name="launcher"),
         overrides=list(overrides),
         config=to_container(cfg),
     )
     if args.grid.target not in args.targets:
         raise ValueError(f"`grid.target` {args.grid.target!r} is not a key of `targets` ({sorted(args.targets)}).")
+    if (args.baselines.decoding or args.baselines.taskvec) and args.anti_expert_source is None:
+        raise ValueError(
+            f"baselines.decoding / baselines.taskvec need an anti-expert of the grid target's model "
+            f"{args.grid_target.model!r}, but no entry of `distill.sources` distills from it "
+            f"({ {n: s.model for n, s in args.distill.sources.items()} }); add that source or set "
+            "baselines.decoding=false baselines.taskvec=false.")
     return args
+
+
+def _parse_distill_sweep(section: dict) -> DistillSweepArguments:
+    sources = section.pop("sources", None) or {}
+    return DistillSweepArguments(
+        **vars(parse_dataclass(section, DistillAlphaArguments, name="distill")),
+        sources={n: parse_dataclass(s, TargetArguments, name=f"distill.sources.{n}") for n, s in sources.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,18 +351,31 @@ def _data_dir_override(args: ReplicateArguments) -> str:
     return f"++data_dir={quote(args.data_dir)}"
 
 
-def plan_distill(args: ReplicateArguments) -> dict[float, distill_stage.DistillArguments]:
-    """One distill stage per alpha; the runs after the first reuse the first run's anti-expert."""
+def distill_stage_name(source: str, alpha: float) -> str:
+    """The distill stage (and its directory under ``output_dir``) of one source model and alpha."""
+    return f"distill-{source}-a{format_number(alpha)}"
+
+
+def plan_distill(args: ReplicateArguments) -> dict[tuple[str, float], distill_stage.DistillArguments]:
+    """``{(source, alpha): distill arguments}``: one distill stage per source model and alpha. Each source trains
+    its own anti-expert (its first alpha's run, on the same toxic rows); its other alphas reuse it."""
     out = Path(args.output_dir)
-    plan: dict[float, distill_stage.DistillArguments] = {}
-    first = None
-    for alpha in (float(a) for a in args.distill.alphas):
-        ov = [*args.distill.overrides, f"output_dir={quote(out / f'distill-a{format_number(alpha)}')}",
-              f"sampler.alpha={alpha}", _data_dir_override(args)]
-        if first is not None:  # one anti-expert for the whole sweep: only the contrast's alpha changes
-            ov.append(f"anti_expert.pretrained_path={quote(first.anti_expert.output_dir)}")
-        plan[alpha] = distill_stage.parse_args(ov)
-        first = first or plan[alpha]
+    plan: dict[tuple[str, float], distill_stage.DistillArguments] = {}
+    for name, source in args.distill.sources.items():
+        first = None
+        for alpha in (float(a) for a in args.distill.alphas):
+            ov = [*source.overrides, *args.distill.overrides,
+                  f"output_dir={quote(out / distill_stage_name(name, alpha))}", f"sampler.alpha={alpha}",
+                  _data_dir_override(args)]
+            if first is not None:  # one anti-expert per source: only the contrast's alpha changes
+                ov.append(f"anti_expert.pretrained_path={quote(first.anti_expert.output_dir)}")
+            stage = distill_stage.parse_args(ov)
+            if stage.model.name_or_path != source.model:
+                raise ValueError(
+                    f"`distill.sources.{name}.model` is {source.model!r}, but its overrides {source.overrides} select "
+                    f"{stage.model.name_or_path!r}; make them name the same model.")
+            plan[(name, alpha)] = stage
+            first = first or stage
     return plan
 
 
@@ -339,19 +410,19 @@ def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run
     return detox_args(args, target, data_path, run_dir, lr, chosen_steps, chosen_steps, extra)
 
 
-def plan_grid(args: ReplicateArguments, distilled: dict[float, str]) -> dict[str, tuple[dict, Any]]:
-    """``{run name: (hyperparameters, detox arguments)}`` for alpha x learning rate on the grid target.
+def plan_grid(args: ReplicateArguments, distilled: dict[tuple[str, float], str]) -> dict[str, tuple[dict, Any]]:
+    """``{run name: (hyperparameters, detox arguments)}`` for source x alpha x learning rate on the grid target.
 
-    ``distilled``: the distilled text of each alpha to plan (:attr:`DistillResult.distilled_path`)."""
+    ``distilled``: the distilled text of each (source, alpha) to plan (:attr:`DistillResult.distilled_path`)."""
     grid = args.grid
     plan = {}
-    for alpha in (float(a) for a in distilled):
+    for source, alpha in distilled:
         for lr in grid.learning_rates:
-            name = f"{grid.target}-a{format_number(alpha)}-lr{format_number(lr)}"
+            name = f"{grid.target}-{source}-a{format_number(alpha)}-lr{format_number(lr)}"
             run_dir = Path(args.output_dir) / "grid" / name
-            stage = detox_args(args, args.grid_target, distilled[alpha], run_dir, float(lr), grid.max_steps,
+            stage = detox_args(args, args.grid_target, distilled[(source, alpha)], run_dir, float(lr), grid.max_steps,
                                grid.save_steps, [*validation_detox_overrides(args.validation), *grid.overrides])
-            plan[name] = ({"alpha": alpha, "learning_rate": float(lr)}, stage)
+            plan[name] = ({"source": source, "alpha": float(alpha), "learning_rate": float(lr)}, stage)
     return plan
 
 
@@ -444,11 +515,11 @@ def run(args: ReplicateArguments) -> ReplicateResult:
     """Run (or resume) the whole replication and write ``report.{json,md}`` and the plot under ``output_dir``."""
     state = process_state()
     out = Path(args.output_dir)
-    if args.share_stages and state.num_processes > 1:
-        raise ValueError("share_stages=true splits the stages between independent single-process copies of this "
-                         f"command, but this one runs {state.num_processes} processes; launch one copy per device "
-                         "(e.g. CUDA_VISIBLE_DEVICES=i accelerate launch --num_processes 1 ...) or set share_stages=false.")
-    stages = Stages(out, is_main=state.is_main_process, share=args.share_stages)
+    if args.launcher.uses_jobs and state.num_processes > 1:
+        raise ValueError("launcher.engine=submitit runs each stage as a job of its own, but this driver runs "
+                         f"{state.num_processes} processes; start the driver as one process (accelerate launch "
+                         "--num_processes 1 ...) or set launcher.engine=inprocess.")
+    stages = Stages(out, is_main=state.is_main_process, launcher=args.launcher)
     save_resolved_config(args.config, out)
     targets, grid, sel, base_args = args.targets, args.grid, args.select, args.baselines
     grid_target = args.grid_target
@@ -461,43 +532,49 @@ def run(args: ReplicateArguments) -> ReplicateResult:
                         evaluate_on_test(args, [str(model)], test_dir / "models" / label,
                                          [f"parts_dir={quote(test_dir / 'parts')}"]))
 
-    # ---- 1. anti-expert + distilled text per alpha --------------------------------------------------------------
+    # ---- 1. anti-experts + distilled text per source and alpha ---------------------------------------------------
     distill_plan = plan_distill(args)
-    alphas = list(distill_plan)
+    first_alpha = float(args.distill.alphas[0])
     # Never tune on the test set: checked before any test prompt is used.
     split_info = assert_disjoint_prompts(validation_prompts(args),
                                          evaluate_on_test(args, [grid_target.model], test_dir).prompts)
     decoding_dir = test_dir / "decoding"
-    for i, (alpha, distill_args) in enumerate(distill_plan.items()):
-        name = f"distill-a{format_number(alpha)}"
-        if i > 0:  # reuses the first run's anti-expert
-            stages.wait_for(f"distill-a{format_number(alphas[0])}")
-        stages.pipeline(name, distill_stage, distill_args)
-        if i == 0:
-            # What needs only the base models and the anti-expert comes early: with share_stages another copy
-            # does it while this one trains the anti-expert and distills.
+    # Each source's first alpha trains its anti-expert; the runs that reuse it come after every source's first.
+    for (source, alpha), distill_args in sorted(distill_plan.items(), key=lambda item: item[0][1] != first_alpha):
+        if alpha != first_alpha:
+            stages.wait_for(distill_stage_name(source, first_alpha))
+        stages.pipeline(distill_stage_name(source, alpha), distill_stage, distill_args)
+        if (source, alpha) == next(iter(distill_plan)):
+            # What needs only the base models comes early: under the job engine it runs beside the anti-experts'
+            # training and the distillation.
             for tname, target in targets.items():
                 model_test_stage(f"{tname}-base", target.model)
-            if base_args.decoding:
-                anti_expert = stages.result(name).anti_expert_path
-                stages.pipeline("test/decoding", evaluate_stage, evaluate_on_test(
-                    args, [grid_target.model], decoding_dir, [f"decoding.anti_expert={quote(anti_expert)}",
-                                                              f"decoding.alpha={base_args.decoding_alpha}",
-                                                              "decoding.also_plain=false"]))
-    # ---- 2. the grid on the grid target: each alpha's runs start once its text is there -------------------------
+    if base_args.decoding:
+        anti_expert = stages.result(distill_stage_name(args.anti_expert_source, first_alpha)).anti_expert_path
+        stages.pipeline("test/decoding", evaluate_stage, evaluate_on_test(
+            args, [grid_target.model], decoding_dir, [f"decoding.anti_expert={quote(anti_expert)}",
+                                                      f"decoding.alpha={base_args.decoding_alpha}",
+                                                      "decoding.also_plain=false"]))
+    # ---- 2. the grid on the grid target: each text's runs start once it is there --------------------------------
     distilled, grid_plan = {}, {}
-    for alpha in alphas:
-        distilled[alpha] = stages.result(f"distill-a{format_number(alpha)}")
-        for name, (config, grid_args) in plan_grid(args, {alpha: distilled[alpha].distilled_path}).items():
+    for key in distill_plan:
+        distilled[key] = stages.result(distill_stage_name(*key))
+        for name, (config, grid_args) in plan_grid(args, {key: distilled[key].distilled_path}).items():
             grid_plan[name] = (config, grid_args)
             stages.pipeline(f"grid/{name}", detox_stage, grid_args)
-    anti_expert = distilled[alphas[0]].anti_expert_path
-    ae_seconds = distilled[alphas[0]].stages["anti_expert"].get("train_wall_time_s") or 0.0
+
+    def anti_expert_seconds(source: str) -> float:
+        return distilled[(source, first_alpha)].stages["anti_expert"].get("train_wall_time_s") or 0.0
+
+    if args.anti_expert_source is not None:
+        anti_expert = distilled[(args.anti_expert_source, first_alpha)].anti_expert_path
+        ae_seconds = anti_expert_seconds(args.anti_expert_source)
     grid_results = {name: stages.result(f"grid/{name}") for name in grid_plan}
 
     # ---- 3. the single configuration -----------------------------------------------------------------------------
     records = grid_records({name: (config, grid_results[name].eval_records) for name, (config, _) in grid_plan.items()})
     choice, table = choose_configuration(records, sel.max_ppl_increase, sel.metric, sel.on_empty)
+    chosen_source = choice["config"]["source"]
     chosen_alpha, chosen_lr = choice["config"]["alpha"], choice["config"]["learning_rate"]
     chosen_steps = int(choice["step"])
     selection = {"choice": choice, "table": table, "rule": {"max_ppl_increase": sel.max_ppl_increase,
@@ -506,11 +583,12 @@ def run(args: ReplicateArguments) -> ReplicateResult:
         stages.log("selection", "ran", 0.0, choice={k: choice[k] for k in ("run", "step", "config")})
     else:
         stages.log("selection", "cached", 0.0)
-    chosen_distilled = distilled[chosen_alpha]
+    chosen_distilled = distilled[(chosen_source, chosen_alpha)]
 
     # ---- 4. baseline data ------------------------------------------------------------------------------------
     data_paths = {"unidetox": chosen_distilled.distilled_path}
-    data_seconds = {"unidetox": ae_seconds + (chosen_distilled.metadata.get("generation_time_s") or 0.0)}
+    data_seconds = {"unidetox": anti_expert_seconds(chosen_source)
+                    + (chosen_distilled.metadata.get("generation_time_s") or 0.0)}
     if base_args.control:
         control_dir = out / "data" / "control"
 
@@ -658,17 +736,35 @@ def run(args: ReplicateArguments) -> ReplicateResult:
         generations += list(decoding.generations())
     labels = {f"{m['method']} / {m['target']}": m["model_key"] for m in methods}
     examples = example_continuations(generations, labels, num_examples=4)
+    corpora = {distill_stage_name(*key): {"source": args.distill.sources[key[0]].model, "alpha": key[1],
+                                          "path": result.distilled_path, "summary": result.summary}
+               for key, result in distilled.items()}
+    if "control" in data_paths:
+        corpora["control"] = {"source": chosen_distilled.metadata.get("base"), "path": data_paths["control"]}
+    if "authors" in data_paths:
+        corpora["authors"] = {"source": "gpt2-xl (the authors' released text)", "alpha": 0.1,
+                              "path": data_paths["authors"]}
+    for corpus in corpora.values():
+        dataset = DistilledDetoxDataset.load(corpus.pop("path")).dataset
+        corpus["texts"] = list(dataset["text"])
+        corpus["num_tokens"] = list(dataset["num_tokens"]) if "num_tokens" in dataset.column_names else None
+    log_file = out / LOG_FILE
     report = assemble_report(
         methods, all_models, list(targets), grid=selection, taskvec=taskvec, examples=examples,
         bar={"min_toxicity_drop": args.bar.min_toxicity_drop, "max_ppl_increase": args.bar.max_ppl_increase},
+        generations=generations, interval_resamples=args.test.interval_resamples,
+        toxic_threshold=(reports[0].get("eval") or {}).get("toxic_threshold", TOXIC_THRESHOLD),
         extra={"command": " ".join(["unidetox replicate", *args.overrides]), "output_dir": str(out),
+               "source_study": source_study(corpora),
+               "stage_times": stage_times(log_file.read_text().splitlines() if log_file.is_file() else []),
                "prompts": split_info,
                "test": {"seeds": args.test.seeds, "overrides": args.test.overrides,
                         "scorer": reports[0].get("scorer"), "eval": reports[0].get("eval"),
                         "reference_model": reports[0].get("reference_model")},
                "config": args.config,
                "description": (
-                   f"Chosen on {split_info['validation_prompts']} validation prompts: alpha {chosen_alpha}, lr "
+                   f"Chosen on {split_info['validation_prompts']} validation prompts: text distilled from "
+                   f"{chosen_source}, alpha {chosen_alpha}, lr "
                    f"{format_number(chosen_lr)}, {chosen_steps} steps (the rule: least {sel.metric} within "
                    f"+{sel.max_ppl_increase:.0%} WikiText-2 perplexity). Test: {split_info['test_prompts']} prompts, "
                    f"seeds {args.test.seeds}.")},

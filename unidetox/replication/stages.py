@@ -1,48 +1,64 @@
-"""Stages of the replication: each runs once, is skipped when finished, and can be shared by several copies.
+"""Stages of the replication: each runs once, is skipped when finished, and runs in this process or as a job.
 
 A stage is a pipeline call (``distill``, ``detox``, ``evaluate``: their ``finished(args)`` says whether the output
 directory already holds the run, and refuses one made with other settings) or a library call with its own
-completion check. Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran``, ``cached``,
-``deferred`` or ``waited``, with its wall time).
+completion check. Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, with
+its wall time: for a job, the job's run time, and its ``job_id``).
 
-With ``share=True`` several independent copies of the command (one per GPU, say, or two single-thread copies on a
-CPU) split the stages: a copy *claims* a stage through a lock file under ``<output_dir>/.claims/`` before running
-it; a stage another copy holds is *deferred*, and the copy waits for it (:meth:`Stages.result`,
-:meth:`Stages.wait_for`) only where its output is needed. Locks die with their process, so a stage whose copy was
-killed is run by the next copy that needs it.
+Without an engine (``launcher.engine=inprocess``) this process runs every stage in turn. With
+``launcher.engine=submitit`` (:mod:`unidetox.replication.launcher`) a stage that is not finished is submitted as a
+submitit job and the driver goes on; :meth:`Stages.result` and :meth:`Stages.wait_for` wait for the job only where
+its output is needed, at most ``max_concurrent_jobs`` jobs run at once (the driver waits for the oldest before
+submitting more), and a stage whose arguments name a path inside the directory of a stage still running waits for
+that stage first. A failed job raises :class:`~unidetox.replication.launcher.StageJobFailed` in the driver and the
+driver's other jobs are cancelled, so a rerun never races a leftover job on the same directory; every stage resumes
+from what it saved. The finished-output checks stay in the driver: a finished stage is never submitted.
+
+There are no lock files between copies of the command: one mechanism schedules the stages, the engine, and
+``launcher.cluster=local`` does on one machine what several copies would (``launcher.max_concurrent_jobs=2`` for two),
+with the concurrency, the logs and the failures in one place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
+from unidetox.replication.launcher import LauncherArguments, StageJobFailed, StageJobs
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "replicate_log.jsonl"
-CLAIMS_DIR = ".claims"
+JOBS_DIR = "jobs"
+
+
+@dataclass
+class _SubmittedStage:
+    job: Any  # a submitit Job
+    slot: int
+    log_extra: dict[str, Any]
+    stage_dir: Path | None  # where it writes; None: unknown
 
 
 class Stages:
     """Runs each stage once and hands out its result; see the module docstring."""
 
-    def __init__(self, output_dir: Path, is_main: bool = True, share: bool = False, poll_s: float = 30.0):
+    def __init__(self, output_dir: Path, is_main: bool = True, launcher: LauncherArguments | None = None):
         self.out = Path(output_dir)
         self.is_main = is_main
-        self.share = share
-        self.poll_s = poll_s
+        self.launcher = launcher or LauncherArguments()
+        self.jobs = (StageJobs(self.launcher, Path(self.launcher.folder or self.out / JOBS_DIR))
+                     if self.launcher.uses_jobs else None)
         self.session: list[dict[str, Any]] = []
         self._results: dict[str, Any] = {}
-        self._deferred: dict[str, Callable[[], Any]] = {}  # stage -> a call that finds (or makes) its result
+        self._submitted: dict[str, _SubmittedStage] = {}  # in submission order: the first is the oldest
 
     def log(self, name: str, status: str, seconds: float, **extra) -> None:
         entry = {"stage": name, "status": status, "wall_time_s": round(seconds, 2),
@@ -54,103 +70,120 @@ class Stages:
             with (self.out / LOG_FILE).open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
 
-    def _claim_file(self, name: str) -> Path:
-        return self.out / CLAIMS_DIR / (name.replace("/", "__") + ".lock")
-
-    def _try_claim(self, name: str):
-        """The held claim lock of ``name``, or None when another copy holds it."""
-        path = self._claim_file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return None
-        return lock
-
-    def _run_claimed(self, name: str, finished: Callable[[], Any], make: Callable[[], Any], **log_extra) -> Any:
-        """``finished()`` when it gives a result, else ``make()``'s under this copy's claim; None when deferred."""
+    def _run(self, name: str, finished: Callable[[], Any], make: Callable[..., Any], make_args: tuple,
+             stage_dir: Path | None, inputs: Any = None, **log_extra) -> Any:
+        """``finished()`` when it gives a result; else ``make(*make_args)``: here (its result) or as a job (None)."""
+        # The same stage again: its earlier job decides whether it is finished; and never start on the unfinished
+        # output of a running stage.
+        for running in [name, *self._stages_holding(inputs)]:
+            if running in self._submitted:
+                self._collect(running)
         result = finished()
         if result is not None:
             self.log(name, "cached", 0.0, **log_extra)
             self._results[name] = result
             return result
-        claim = self._try_claim(name) if self.share else contextlib.nullcontext()
-        if claim is None:
-            self._deferred[name] = lambda: self._run_claimed(name, finished, make, **log_extra)
-            self.log(name, "deferred", 0.0, **log_extra)
-            return None
-        with claim:
-            if self.share:  # another copy may have finished it between our check and our claim
-                result = finished()
-                if result is not None:
-                    self.log(name, "cached", 0.0, **log_extra)
-                    self._results[name] = result
-                    return result
+        if self.jobs is None:
             start = time.perf_counter()
-            result = make()
+            result = make(*make_args)
             gc.collect()
             self.log(name, "ran", time.perf_counter() - start, **log_extra)
+            self._results[name] = result
+            return result
+        self._collect_finished()
+        while len(self._submitted) >= self.launcher.max_concurrent_jobs:
+            self._collect(next(iter(self._submitted)))
+        slot = min(set(range(self.launcher.max_concurrent_jobs)) - {s.slot for s in self._submitted.values()})
+        job = self.jobs.submit(name, slot, make, *make_args)
+        logger.info("stage %-28s submitted as job %s (logs: %s)", name, job.job_id, job.paths.stdout)
+        self._submitted[name] = _SubmittedStage(job, slot, log_extra,
+                                                Path(stage_dir).absolute() if stage_dir else None)
+        return None
+
+    def _stages_holding(self, inputs: Any) -> list[str]:
+        """The submitted stages whose directory holds a path named anywhere in ``inputs`` (a config)."""
+        paths = [Path(v).absolute() for v in _strings(inputs)]
+        return [name for name, stage in self._submitted.items() if stage.stage_dir is not None
+                and any(p == stage.stage_dir or stage.stage_dir in p.parents for p in paths)]
+
+    def _collect(self, name: str) -> None:
+        """Wait for the job of ``name`` and keep its result; on a failure cancel the other jobs and raise."""
+        stage = self._submitted[name]
+        try:
+            result, seconds = stage.job.result()
+        except BaseException as error:  # a failed job, or the driver interrupted while it waits
+            del self._submitted[name]
+            self._cancel_all()
+            if isinstance(error, Exception):
+                raise StageJobFailed(name, stage.job, error) from error
+            raise
+        del self._submitted[name]
+        self.log(name, "ran", seconds, job_id=stage.job.job_id, **stage.log_extra)
         self._results[name] = result
-        return result
+
+    def _collect_finished(self) -> None:
+        for name in [n for n, s in self._submitted.items() if s.job.done()]:
+            self._collect(name)
+
+    def _cancel_all(self) -> None:
+        for name, stage in list(self._submitted.items()):
+            logger.warning("cancelling job %s of stage %s", stage.job.job_id, name)
+            stage.job.cancel(check=False)
+        self._submitted.clear()
 
     def pipeline(self, name: str, pipeline, args, **log_extra) -> Any:
-        """``pipeline.run(args)`` unless ``pipeline.finished(args)`` finds the run done; its result (None: deferred).
+        """``pipeline.run(args)`` unless ``pipeline.finished(args)`` finds the run done; its result (None: submitted
+        as a job, see :meth:`result`).
 
         ``pipeline`` is a stage module (:mod:`unidetox.distill.pipeline`, :mod:`unidetox.detox.pipeline`,
         :mod:`unidetox.evaluation.pipeline`). A finished directory made with other settings raises (the pipeline's
         :class:`~unidetox.run_dir.OutputDirConflict`), except for the evaluation, which redoes only what changed.
         """
-        return self._run_claimed(name, lambda: pipeline.finished(args), lambda: pipeline.run(args),
-                                 dir=str(getattr(args, "output_dir", "")), **log_extra)
+        stage_dir = str(getattr(args, "output_dir", "") or "")
+        return self._run(name, lambda: pipeline.finished(args), pipeline.run, (args,), stage_dir or None,
+                         inputs=getattr(args, "config", None), dir=stage_dir, **log_extra)
 
     def library(self, name: str, finished: Callable[[], Any], make: Callable[[], Any], stage_dir: Path) -> Any:
         """``make()`` unless ``finished()`` returns its result already (anything but None)."""
-        return self._run_claimed(name, finished, make, dir=str(stage_dir))
+        return self._run(name, finished, make, (), stage_dir, dir=str(stage_dir))
 
     def wait_for(self, *names: str) -> None:
-        """Block until the named deferred stages (every deferred stage when none is named) are done elsewhere; a
-        stage whose copy died is run here. Stages this copy ran or found cached return at once."""
-        for name in list(names or self._deferred):
-            retry = self._deferred.pop(name, None)
-            if retry is None:
-                continue
-            start = time.perf_counter()
-            lock = FileLock(str(self._claim_file(name)))
-            while True:
-                try:
-                    lock.acquire(timeout=self.poll_s)
-                    break
-                except Timeout:  # still running in another copy
-                    logger.info("waiting for stage %s (another copy runs it; %.0fs so far)", name,
-                                time.perf_counter() - start)
-            lock.release()
-            self.log(name, "waited", time.perf_counter() - start)
-            retry()
+        """Block until the named stages' jobs (every job when none is named) are done. Stages this process ran or
+        found cached, and names that are no stage, return at once."""
+        for name in list(names or self._submitted):
+            if name in self._submitted:
+                self._collect(name)
 
     def result(self, name: str) -> Any:
-        """The stage's result, waiting for it first when another copy runs it."""
+        """The stage's result, waiting for its job first."""
         self.wait_for(name)
         if name not in self._results:
             raise KeyError(f"Stage {name!r} has not been run in this replication.")
         return self._results[name]
 
-    def running_elsewhere(self, name: str) -> bool:
-        """True while another copy holds the claim of a stage this copy deferred."""
-        if name not in self._deferred:
-            return False
-        lock = self._try_claim(name)
-        if lock is None:
-            return True
-        lock.release()
-        return False
+    def running(self, name: str) -> bool:
+        """True while the job of stage ``name`` runs."""
+        stage = self._submitted.get(name)
+        return stage is not None and not stage.job.done()
 
     def run_when_ready(self, jobs) -> None:
         """Run ``jobs`` (``[(names of the stages a job needs, job)]``) in order, except that a job whose stages
-        still run in another copy waits until no other job is ready: a copy works instead of waiting."""
+        still run waits until no other job is ready: the driver submits work instead of waiting."""
         pending = list(jobs)
         while pending:
-            job = next((j for j in pending if not any(self.running_elsewhere(n) for n in j[0])), pending[0])
+            job = next((j for j in pending if not any(self.running(n) for n in j[0])), pending[0])
             pending.remove(job)
             self.wait_for(*job[0])
             job[1]()
+
+
+def _strings(value: Any):
+    """Every string inside a nested config (dicts, lists), paths included."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, (str, os.PathLike)) and str(value):
+        yield str(value)

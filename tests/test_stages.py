@@ -1,0 +1,229 @@
+"""The replication's stages as submitit jobs (unidetox.replication.stages, unidetox.replication.launcher): fake
+pipelines (``run(args)`` / ``finished(args)``) through submitit's local executor: the concurrency limit, finished
+stages never submitted, results and run times coming back, a failing job named with its stderr, the other jobs
+cancelled and the interrupted stage resumed; and the launcher's config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cloudpickle
+import pytest
+
+from unidetox.hydra_config import compose_config, parse_dataclass
+from unidetox.replication import launcher as launcher_module
+from unidetox.replication import pipeline as replicate
+from unidetox.replication.launcher import LauncherArguments, StageJobFailed
+from unidetox.replication.stages import Stages
+
+
+@pytest.fixture(autouse=True)
+def jobs_unpickle_without_the_package():
+    """The job wrapper and these fake pipelines travel by value, so a job starts without importing unidetox (and
+    torch): seconds instead of half a minute per job on a busy CPU. Real stages import their pipeline anyway."""
+    for module in (launcher_module, sys.modules[__name__]):
+        cloudpickle.register_pickle_by_value(module)
+    yield
+    for module in (launcher_module, sys.modules[__name__]):
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+def _stages(tmp_path, **launcher) -> Stages:
+    return Stages(tmp_path / "rep", launcher=LauncherArguments(engine="submitit", cluster="local", **launcher))
+
+
+def _args(tmp_path, name, **config):
+    return SimpleNamespace(output_dir=str(tmp_path / "rep" / name), config={"name": name, **config})
+
+
+def _finished(args):
+    report = Path(args.output_dir) / "report.json"
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
+def _sleep_and_report(args):
+    """Sleeps, then reports when and where it ran (its process, its GPUs, its threads)."""
+    start = time.time()
+    time.sleep(args.config.get("seconds", 0.0))
+    report = {"name": args.config["name"], "start": start, "end": time.time(), "pid": os.getpid(),
+              "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "omp": os.environ.get("OMP_NUM_THREADS")}
+    if "torch" in sys.modules:
+        report["torch_threads"] = sys.modules["torch"].get_num_threads()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report))
+    return report
+
+
+SLEEPER = SimpleNamespace(run=_sleep_and_report, finished=_finished)
+
+
+def _max_overlap(intervals) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_jobs_run_at_most_the_limit_at_once_and_finished_stages_are_not_submitted(tmp_path):
+    stages = _stages(tmp_path, max_concurrent_jobs=2, gpus_per_node=1)
+    _sleep_and_report(_args(tmp_path, "grid/done"))  # a stage finished earlier
+    assert stages.pipeline("grid/done", SLEEPER, _args(tmp_path, "grid/done"))["name"] == "grid/done"
+    names = [f"grid/run{i}" for i in range(3)]
+    for name in names:
+        assert stages.pipeline(name, SLEEPER, _args(tmp_path, name, seconds=1.5)) is None  # submitted
+    reports = {name: stages.result(name) for name in names}
+
+    assert [r["name"] for r in reports.values()] == names and all(r["pid"] != os.getpid() for r in reports.values())
+    assert _max_overlap([(r["start"], r["end"]) for r in reports.values()]) == 2
+    # Each running job has a GPU of its own.
+    for a in reports.values():
+        assert a["devices"] in ("0", "1")
+        for b in reports.values():
+            if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
+                assert a["devices"] != b["devices"]
+    log = [json.loads(line) for line in (tmp_path / "rep" / "replicate_log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["status"]) for e in log] == [("grid/done", "cached"), *((n, "ran") for n in names)]
+    assert "job_id" not in log[0] and all(e["wall_time_s"] >= 1.5 and e["job_id"] for e in log[1:])
+    submitted = sorted(p.name for p in (tmp_path / "rep" / "jobs").glob("*_submitted.pkl"))
+    assert submitted == sorted(f"{e['job_id']}_submitted.pkl" for e in log[1:])  # the finished one never was
+    # Once finished, a stage is found again without a job.
+    assert stages.pipeline("grid/run0", SLEEPER, _args(tmp_path, "grid/run0", seconds=1.5)) == reports["grid/run0"]
+    assert stages.session[-1]["status"] == "cached"
+
+
+def _resumable_run(args):
+    """Three parts, each written once: a rerun goes on from the parts it finds; after part 0 it says so (the
+    `started` file) and waits while the `hold` file exists."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pid").write_text(str(os.getpid()))
+    found = [part for part in range(3) if (out / f"part-{part}").is_file()]
+    for part in range(3):
+        if part not in found:
+            (out / f"part-{part}").write_text(str(part))
+        if part == 0:
+            Path(args.config["started"]).touch()
+        while part == 0 and Path(args.config["hold"]).exists():
+            time.sleep(0.1)
+    report = {"resumed_from": found}
+    (out / "report.json").write_text(json.dumps(report))
+    return report
+
+
+def _failing_run(args):
+    while not Path(args.config["after"]).is_file():  # fail only once the other stage is half done
+        time.sleep(0.1)
+    print("the fake stage broke", file=sys.stderr, flush=True)
+    raise ValueError("boom")
+
+
+def test_a_failing_job_raises_with_its_stderr_cancels_the_others_and_the_interrupted_stage_resumes(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    resumable = SimpleNamespace(run=_resumable_run, finished=_finished)
+    started = tmp_path / "started"
+    slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
+    stages = _stages(tmp_path, max_concurrent_jobs=2)
+    stages.pipeline("grid/slow", resumable, slow_args)
+    slow_dir = Path(slow_args.output_dir)
+    stages.pipeline("grid/bad", SimpleNamespace(run=_failing_run, finished=_finished),
+                    _args(tmp_path, "grid/bad", after=str(started)))
+    with pytest.raises(StageJobFailed) as err:
+        stages.result("grid/bad")
+    message = str(err.value)
+    assert "'grid/bad'" in message and err.value.job_id in message
+    assert "the fake stage broke" in message and "ValueError: boom" in message
+    stderr_log = tmp_path / "rep" / "jobs" / f"{err.value.job_id}_0_log.err"
+    assert str(stderr_log) in message and stderr_log.is_file()
+
+    # The other job was cancelled half way: part 0 written, the rest not.
+    pid = int((slow_dir / "pid").read_text())
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+    assert (slow_dir / "part-0").is_file() and not (slow_dir / "part-1").exists()
+    part0 = (slow_dir / "part-0").stat().st_mtime_ns
+
+    # The rerun submits the unfinished stage again; it resumes from its own part.
+    hold.unlink()
+    again = _stages(tmp_path, max_concurrent_jobs=2)
+    again.pipeline("grid/slow", resumable, slow_args)
+    assert again.result("grid/slow") == {"resumed_from": [0]}
+    assert (slow_dir / "part-0").stat().st_mtime_ns == part0 and (slow_dir / "part-2").is_file()
+
+
+def _write_model(model_dir: Path):
+    time.sleep(1.0)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text('{"made": true}')
+    return {"model": str(model_dir)}
+
+
+def _read_model(args):
+    model = Path(args.config["models"][0]) / "config.json"
+    return json.loads(model.read_text())  # fails when started before the model exists
+
+
+def test_a_stage_reading_a_running_stage_directory_waits_for_it(tmp_path):
+    stages = _stages(tmp_path, max_concurrent_jobs=2)
+    model_dir = tmp_path / "rep" / "apply" / "x" / "model"
+    stages.library("apply/x", lambda: None, lambda: _write_model(model_dir), model_dir.parent)
+    reader = SimpleNamespace(run=_read_model, finished=lambda args: None)
+    stages.pipeline("test/x", reader, _args(tmp_path, "test/x", models=[str(model_dir)]))
+    assert stages.result("test/x") == {"made": True}
+    assert [e["stage"] for e in stages.session] == ["apply/x", "test/x"]
+
+
+def test_run_when_ready_works_on_what_is_ready_first(tmp_path):
+    stages = _stages(tmp_path, max_concurrent_jobs=2)
+    stages.pipeline("apply/slow", SLEEPER, _args(tmp_path, "apply/slow", seconds=3.0))
+    order = []
+    stages.run_when_ready([(["apply/slow"], lambda: order.append(("slow", stages.result("apply/slow")["name"]))),
+                           (["data/unidetox"], lambda: order.append(("ready", None)))])
+    assert order == [("ready", None), ("slow", "apply/slow")]
+
+
+def test_the_debug_cluster_runs_each_job_in_this_process_with_its_threads(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    stages = Stages(tmp_path / "rep", launcher=LauncherArguments(engine="submitit", cluster="debug",
+                                                                 threads_per_job=1))
+    try:
+        assert stages.pipeline("grid/a", SLEEPER, _args(tmp_path, "grid/a")) is None
+        report = stages.result("grid/a")
+    finally:
+        torch.set_num_threads(threads)
+    assert report["pid"] == os.getpid() and (report["omp"], report["torch_threads"]) == ("1", 1)
+    assert stages.session[-1]["status"] == "ran" and stages.session[-1]["job_id"].startswith("DEBUG_")
+
+
+def test_the_launcher_section_composes_and_bad_values_are_named():
+    cfg = compose_config("replicate", ["launcher.engine=submitit", "launcher.cluster=slurm", "launcher.partition=gpu",
+                                       "launcher.gpus_per_node=1", "launcher.timeout_min=600",
+                                       "+launcher.additional_parameters.account=proj"])
+    parsed = parse_dataclass(cfg.launcher, LauncherArguments, name="launcher")
+    assert parsed.uses_jobs and (parsed.cluster, parsed.partition, parsed.gpus_per_node) == ("slurm", "gpu", 1)
+    assert parsed.additional_parameters == {"account": "proj"} and parsed.folder is None
+    assert not parse_dataclass(compose_config("replicate").launcher, LauncherArguments).uses_jobs  # the default
+    for bad, match in [({"engine": "ray"}, "'ray'"), ({"cluster": "kube"}, "'kube'"),
+                       ({"max_concurrent_jobs": 0}, "max_concurrent_jobs.*0"), ({"threads_per_job": 0}, "threads"),
+                       ({"gpus_per_node": -1}, "-1"), ({"mem_gb": 0.0}, "mem_gb"), ({"timeout_min": 0}, "timeout")]:
+        with pytest.raises(ValueError, match=match):
+            LauncherArguments(**bad)
+
+
+@pytest.mark.parametrize("override", ["share_stages=true", "+share_stages=true"])
+def test_share_stages_names_its_replacement(override):
+    with pytest.raises(ValueError, match="launcher.engine=submitit launcher.cluster=local"):
+        replicate.parse_args(["experiment=tiny", override])
