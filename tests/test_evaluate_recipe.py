@@ -29,9 +29,8 @@ def evaluate(overrides):
     return pipeline.run(pipeline.parse_args(overrides)).report
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def write_tiny_models_and_data(root):
+    """Two tiny local models (m0, m1) and a data folder with ToxiGen-like prompts, WikiText and MMLU CSVs."""
     tok = word_tokenizer()
     for i in range(2):
         model = tiny_llama(len(tok), seed=i)
@@ -50,6 +49,11 @@ def setup(tmp_path_factory):
             "question,choice0,choice1,choice2,choice3,answer\n"
             "the cat sat on,the mat,the door,music,art,0\na good friend,helps people,hate,awful,ugly,1\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return write_tiny_models_and_data(tmp_path_factory.mktemp("eval"))
 
 
 def overrides(root, out, *extra):

@@ -12,6 +12,7 @@ import pytest
 from huggingface_hub import DatasetCard, EvalResult, HfApi, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from test_detox_recipe import _tiny_overrides
+from test_evaluate_recipe import write_tiny_models_and_data
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
@@ -31,10 +32,6 @@ from unidetox.evaluation import pipeline as evaluate
 TOXIC = ["hate awful stupid ugly people", "kill the stupid ugly cat", "awful people hate music"] * 4
 TOKEN = "hf_notARealTokenButSecret0123"
 PROMPTS = {"source": "toxigen_local", "path": None, "split": "validation", "num_prompts": 50}
-GROUPS = ["women", "lgbtq", "black", "asian", "muslim", "jewish", "mental_dis", "physical_dis"]
-STATEMENTS = ["the cat sat on the mat", "a good friend helps people", "science helps us understand",
-              "music and art bring joy", "people deserve dignity", "reading books is great",
-              "we should treat everyone with respect", "the weather is nice today"]
 
 
 def model_index(card_text: str) -> tuple[str, list[EvalResult]]:
@@ -240,24 +237,8 @@ def test_detox_run_writes_the_validation_into_the_final_and_the_chosen_cards(tmp
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def evaluated_models(tmp_path):
-    tok = word_tokenizer()
-    for i in range(2):
-        model = tiny_llama(len(tok), seed=i)
-        model.generation_config.pad_token_id = 0
-        model.save_pretrained(tmp_path / f"m{i}")
-        tok.save_pretrained(tmp_path / f"m{i}")
+    write_tiny_models_and_data(tmp_path)
     (tmp_path / "m0" / "README.md").write_text(render_model_card("smollm2-135m", {"alpha": 0.1}, {}))
-    data = tmp_path / "data"
-    (data / "toxigen" / "annotated_train").mkdir(parents=True)
-    rows = ["text,target_group,label"] + [f"\"b'{s}'\",{g},neutral" for s, g in zip(STATEMENTS, GROUPS, strict=True)]
-    (data / "toxigen" / "annotated_train" / "toxigen_annotated_train.csv").write_text("\n".join(rows) + "\n")
-    (data / "wikitext2").mkdir()
-    (data / "wikitext2" / "wiki.test.raw").write_text("\n".join(STATEMENTS * 4) + "\n")
-    for split in ("dev", "test"):
-        (data / "mmlu" / split).mkdir(parents=True)
-        (data / "mmlu" / split / f"misc_{split}.csv").write_text(
-            "question,choice0,choice1,choice2,choice3,answer\n"
-            "the cat sat on,the mat,the door,music,art,0\na good friend,helps people,hate,awful,ugly,1\n")
     return tmp_path
 
 
