@@ -27,12 +27,14 @@ def default_data_dir() -> Path:
     return candidates[0]
 
 
-def require_file(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a Path, or raise ``FileNotFoundError`` naming it and how to point elsewhere."""
+def require_file(path: str | os.PathLike, what: str,
+                 elsewhere: str = "Pass the right path (recipes: the matching `*.path=...` override)") -> Path:
+    """Return ``path`` as a Path, or raise ``FileNotFoundError`` naming it and how to point elsewhere (``elsewhere``:
+    the caller's own way, beside setting the data folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"{what} not found at {path}. Pass the right path (recipes: the matching `*.path=...` override), or set "
-            f"${DATA_ENV_VAR} to the folder that holds the shared data sets."
+            f"{what} not found at {path}. {elsewhere}, or set ${DATA_ENV_VAR} to the folder that holds the shared "
+            "data sets."
         )
     return path

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from unidetox.evaluation.prompts import LOCAL_CSV, Prompt, PromptsConfig, load_prompts
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
-from unidetox.paths import DATA_ENV_VAR, default_data_dir
+from unidetox.paths import default_data_dir, require_file
 
 PROMPTS_FILE_ENV_VAR = "UNIDETOX_PROMPTS_FILE"
 WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
@@ -43,12 +43,8 @@ def _data_dir(metadata: dict) -> Path:
 
 def _require(path: Path, what: str) -> Path:
     """``path``, or a ``FileNotFoundError`` saying how to point lm-eval at the data."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{what} not found at {path}. Set ${DATA_ENV_VAR} to the folder that holds the shared data sets, or "
-            "pass it to lm-eval: --metadata '{\"data_dir\": \"/path/to/shared/data\"}'."
-        )
-    return path
+    return require_file(path, what, elsewhere="Pass the data folder to lm-eval: "
+                        "--metadata '{\"data_dir\": \"/path/to/shared/data\"}'")
 
 
 def _scorer_fields(metadata: dict) -> dict:
