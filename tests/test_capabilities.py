@@ -94,3 +94,13 @@ def test_evaluate_stage_reports_lm_eval_capabilities_in_place_of_the_papers(setu
     again = pipeline.run(pipeline.parse_args(overrides)).report
     assert part.stat().st_mtime_ns == written  # a finished part is reused
     assert again["models"][str(setup / "m0")]["capabilities"] == entry["capabilities"]
+
+
+def test_the_lm_eval_backend_without_lm_eval_installed_is_refused_when_configured(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(ValueError, match=r"unidetox\[lm_eval\]"):
+        CapabilitiesConfig(backend="lm_eval")
+    assert CapabilitiesConfig(backend="paper").backend == "paper"

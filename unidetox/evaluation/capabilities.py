@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,10 @@ class CapabilitiesConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` has to be one of {BACKENDS}, but is {self.backend!r}.")
+        # Checked here, not when lm-eval is first called: that comes after the models are loaded and sampled.
+        if self.backend == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("`backend` is lm_eval, but lm-evaluation-harness is not installed; "
+                             "`pip install unidetox[lm_eval]` (or `pip install lm_eval`), or use backend=paper.")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"`tasks` has to be a non-empty list without repeats, but is {self.tasks!r}.")
         if self.num_fewshot is not None and self.num_fewshot < 0:
