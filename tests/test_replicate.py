@@ -550,7 +550,7 @@ def _differing_numbers(left, right, path: str = "", rel: float = 1e-5) -> list[s
         if len(left) != len(right):
             return [f"{path}: {len(left)} != {len(right)} items"]
         return [d for i, (a, b) in enumerate(zip(left, right, strict=True)) for d in _differing_numbers(a, b, f"{path}[{i}]", rel)]
-    if isinstance(left, float) and isinstance(right, float) :
+    if isinstance(left, float) and isinstance(right, float):
         return [] if math.isclose(left, right, rel_tol=rel, abs_tol=1e-12) else [f"{path}: {left!r} != {right!r}"]
     return [] if left == right else [f"{path}: {left!r} != {right!r}"]
 
