@@ -1,7 +1,8 @@
 """The replication's stages as submitit jobs (unidetox.replication.stages, unidetox.replication.launcher): fake
 pipelines (``run(args)`` / ``finished(args)``) through submitit's local executor: the concurrency limit, finished
 stages never submitted, results and run times coming back, a failing job named with its stderr, the other jobs
-cancelled and the interrupted stage resumed; and the launcher's config."""
+cancelled and the interrupted stage resumed, the jobs cancelled when the driver is stopped (SIGTERM, an exception);
+and the launcher's config."""
 
 from __future__ import annotations
 
@@ -160,6 +161,89 @@ def test_a_failing_job_raises_with_its_stderr_cancels_the_others_and_the_interru
     again.pipeline("grid/slow", resumable, slow_args)
     assert again.result("grid/slow") == {"resumed_from": [0]}
     assert (slow_dir / "part-0").stat().st_mtime_ns == part0 and (slow_dir / "part-2").is_file()
+
+
+DRIVER = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cloudpickle
+
+sys.path.insert(0, {tests!r})
+import test_stages
+
+cloudpickle.register_pickle_by_value(test_stages)  # the job then starts without importing torch
+from unidetox.replication.launcher import LauncherArguments
+from unidetox.replication.stages import Stages
+
+args = SimpleNamespace(output_dir={stage_dir!r}, config={config!r})
+with Stages(Path({rep!r}), launcher=LauncherArguments(engine="submitit", cluster="local")) as stages:
+    stages.pipeline("grid/slow", SimpleNamespace(run=test_stages._resumable_run, finished=test_stages._finished), args)
+    stages.result("grid/slow")
+"""
+
+
+def _wait_until(check, seconds: float = 60.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path):
+    import signal
+    import subprocess
+
+    hold, started = tmp_path / "hold", tmp_path / "started"
+    hold.touch()
+    slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
+    slow_dir = Path(slow_args.output_dir)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
+                                    config=slow_args.config, rep=str(tmp_path / "rep")))
+    stderr = tmp_path / "driver.err"  # a file, not a pipe: a job that outlived the driver would hold a pipe open
+    job_pid = None
+    with stderr.open("w") as err:
+        driver = subprocess.Popen([sys.executable, str(script)], stderr=err)
+    try:
+        assert _wait_until(started.is_file), "the job never started"
+        job_pid = int((slow_dir / "pid").read_text())
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
+        assert "cancelling job" in stderr.read_text()
+        # The job went with its driver, half way: part 0 written, the rest not, although `hold` still exists.
+        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived its driver"
+        assert (slow_dir / "part-0").is_file() and not (slow_dir / "part-1").exists()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if job_pid is not None and Path(f"/proc/{job_pid}").exists():
+            os.kill(job_pid, signal.SIGKILL)
+
+    hold.unlink()
+    with _stages(tmp_path) as again:
+        again.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+        assert again.result("grid/slow") == {"resumed_from": [0]}
+
+
+def test_leaving_the_stages_block_by_an_exception_cancels_the_running_jobs(tmp_path):
+    hold, started = tmp_path / "hold", tmp_path / "started"
+    hold.touch()
+    slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
+    try:
+        with pytest.raises(RuntimeError, match="the driver broke"):
+            with _stages(tmp_path) as stages:
+                stages.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+                assert _wait_until(started.is_file), "the job never started"
+                raise RuntimeError("the driver broke")
+        job_pid = int((Path(slow_args.output_dir) / "pid").read_text())
+        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived the block"
+        assert not (Path(slow_args.output_dir) / "part-1").exists() and stages.session == []
+    finally:
+        hold.unlink()  # a job that was not cancelled finishes instead of waiting forever
 
 
 def _write_model(model_dir: Path):

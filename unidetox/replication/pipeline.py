@@ -519,7 +519,12 @@ def run(args: ReplicateArguments) -> ReplicateResult:
         raise ValueError("launcher.engine=submitit runs each stage as a job of its own, but this driver runs "
                          f"{state.num_processes} processes; start the driver as one process (accelerate launch "
                          "--num_processes 1 ...) or set launcher.engine=inprocess.")
-    stages = Stages(out, is_main=state.is_main_process, launcher=args.launcher)
+    # On an interrupt (Ctrl-C, SIGTERM) or a failure the stages' jobs are cancelled: a rerun never races them.
+    with Stages(out, is_main=state.is_main_process, launcher=args.launcher) as stages:
+        return _replicate(args, stages, state, out)
+
+
+def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> ReplicateResult:
     save_resolved_config(args.config, out)
     targets, grid, sel, base_args = args.targets, args.grid, args.select, args.baselines
     grid_target = args.grid_target

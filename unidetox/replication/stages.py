@@ -12,7 +12,10 @@ its output is needed, at most ``max_concurrent_jobs`` jobs run at once (the driv
 submitting more), and a stage whose arguments name a path inside the directory of a stage still running waits for
 that stage first. A failed job raises :class:`~unidetox.replication.launcher.StageJobFailed` in the driver and the
 driver's other jobs are cancelled, so a rerun never races a leftover job on the same directory; every stage resumes
-from what it saved. The finished-output checks stay in the driver: a finished stage is never submitted.
+from what it saved. The same holds when the driver itself is stopped: used as a context manager (``with Stages(...)
+as stages:``), it cancels its jobs when the block ends by an exception, Ctrl-C, or a SIGTERM (turned into
+``SystemExit(143)`` while the block runs, since a process killed by the default handler cancels nothing). The
+finished-output checks stay in the driver: a finished stage is never submitted.
 
 There are no lock files between copies of the command: one mechanism schedules the stages, the engine, and
 ``launcher.cluster=local`` does on one machine what several copies would (``launcher.max_concurrent_jobs=2`` for two),
@@ -25,6 +28,8 @@ import gc
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 LOG_FILE = "replicate_log.jsonl"
 JOBS_DIR = "jobs"
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(SIGTERM_EXIT_CODE)
 
 
 @dataclass
@@ -59,6 +69,21 @@ class Stages:
         self.session: list[dict[str, Any]] = []
         self._results: dict[str, Any] = {}
         self._submitted: dict[str, _SubmittedStage] = {}  # in submission order: the first is the oldest
+        self._sigterm_handler_before: Any = None
+
+    def __enter__(self) -> Stages:
+        # Signal handlers can only be set from the main thread; elsewhere the caller owns the process's signals.
+        if self.jobs is not None and threading.current_thread() is threading.main_thread():
+            # None: a handler not set from Python, which cannot be restored; the default is the closest.
+            self._sigterm_handler_before = signal.signal(signal.SIGTERM, _exit_on_sigterm) or signal.SIG_DFL
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._sigterm_handler_before is not None:
+            signal.signal(signal.SIGTERM, self._sigterm_handler_before)
+            self._sigterm_handler_before = None
+        if exc_type is not None:
+            self._cancel_all()
 
     def log(self, name: str, status: str, seconds: float, **extra) -> None:
         entry = {"stage": name, "status": status, "wall_time_s": round(seconds, 2),
@@ -111,11 +136,12 @@ class Stages:
         stage = self._submitted[name]
         try:
             result, seconds = stage.job.result()
-        except BaseException as error:  # a failed job, or the driver interrupted while it waits
+        except Exception as error:  # the job failed: it is over; the others are cancelled
             del self._submitted[name]
             self._cancel_all()
-            if isinstance(error, Exception):
-                raise StageJobFailed(name, stage.job, error) from error
+            raise StageJobFailed(name, stage.job, error) from error
+        except BaseException:  # the driver interrupted while it waits: this job is cancelled too
+            self._cancel_all()
             raise
         del self._submitted[name]
         self.log(name, "ran", seconds, job_id=stage.job.job_id, **stage.log_extra)
