@@ -608,8 +608,6 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
             stages.library("data/control", lambda: read_json(control_dir / "metadata.json"), make_control, control_dir)
         wait_for_everyone()
         data_paths["control"] = str(control_dir)
-        data_seconds["control"] = (stages.result("data/control") or {}).get("generation_time_s", 0.0) \
-            if state.is_main_process else 0.0
     if base_args.nothate:
         nothate_dir = out / "data" / "nothate"
         if state.is_main_process:
@@ -626,6 +624,7 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
     train_seconds: dict[tuple[str, str], float] = {}
     chosen_run = grid_results[choice["run"]]
     chosen_checkpoint = Path(choice["checkpoint"])
+    apply_jobs = []  # (the data stage it needs, submit): a fine-tuning whose data is ready is submitted first
     for tname, target in targets.items():
         for method, data_path in data_paths.items():
             stage = f"apply/{tname}-{method}"
@@ -654,10 +653,14 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
             extra = list(args.apply_overrides)
             if method == "authors" and base_args.authors_max_samples is not None:
                 extra.append(f"data.max_samples={base_args.authors_max_samples}")
-            stages.wait_for(f"data/{method}")
-            stages.pipeline(stage, detox_stage,
-                            apply_args(args, target, data_path, run_dir, float(chosen_lr), chosen_steps, extra))
+
+            def fine_tune(stage=stage, config=apply_args(args, target, data_path, run_dir, float(chosen_lr),
+                                                          chosen_steps, extra)):
+                stages.pipeline(stage, detox_stage, config)
+
+            apply_jobs.append(([f"data/{method}"], fine_tune))
             apply_models[(tname, method)] = stage
+    stages.run_when_ready(apply_jobs)
 
     # ---- 6. task vectors (grid target), lambda on the validation prompts -----------------------------------------
     taskvec = None
@@ -720,6 +723,8 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
         decoding_key = next(iter(decoding.report["models"]))
 
     # ---- 8. the report ---------------------------------------------------------------------------------------
+    if base_args.control and state.is_main_process:
+        data_seconds["control"] = (stages.result("data/control") or {}).get("generation_time_s", 0.0)
     all_models = {k: v for r in reports for k, v in r["models"].items()}
     methods = []
     for tname, target in targets.items():
