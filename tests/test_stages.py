@@ -100,6 +100,15 @@ def test_jobs_run_at_most_the_limit_at_once_and_finished_stages_are_not_submitte
     assert stages.session[-1]["status"] == "cached"
 
 
+def test_a_full_driver_submits_the_next_stage_when_any_job_ends_not_only_the_oldest(tmp_path):
+    stages = _stages(tmp_path, max_concurrent_jobs=2)
+    stages.pipeline("grid/long", SLEEPER, _args(tmp_path, "grid/long", seconds=12.0))
+    stages.pipeline("grid/short", SLEEPER, _args(tmp_path, "grid/short", seconds=0.5))
+    stages.pipeline("grid/next", SLEEPER, _args(tmp_path, "grid/next", seconds=0.5))  # waits for a free slot
+    long, short, after = (stages.result(f"grid/{n}") for n in ("long", "short", "next"))
+    assert short["end"] <= after["start"] < long["end"]  # it took the short job's slot while the long one ran
+
+
 def _resumable_run(args):
     """Three parts, each written once: a rerun goes on from the parts it finds; after part 0 it says so (the
     `started` file) and waits while the `hold` file exists."""

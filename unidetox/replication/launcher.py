@@ -39,7 +39,7 @@ class LauncherArguments:
                   "this process, pdb on a failure); null: submitit's choice (slurm where sbatch exists, else local)."},
     )
     max_concurrent_jobs: int = field(
-        default=2, metadata={"help": "Jobs running at once; the driver waits for the oldest before submitting more."}
+        default=2, metadata={"help": "Jobs running at once; the driver waits for one to end before submitting more."}
     )
     folder: str | None = field(
         default=None, metadata={"help": "submitit's folder: job pickles and logs (null: <output_dir>/jobs)."}

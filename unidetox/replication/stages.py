@@ -8,8 +8,8 @@ its wall time: for a job, the job's run time, and its ``job_id``).
 Without an engine (``launcher.engine=inprocess``) this process runs every stage in turn. With
 ``launcher.engine=submitit`` (:mod:`unidetox.replication.launcher`) a stage that is not finished is submitted as a
 submitit job and the driver goes on; :meth:`Stages.result` and :meth:`Stages.wait_for` wait for the job only where
-its output is needed, at most ``max_concurrent_jobs`` jobs run at once (the driver waits for the oldest before
-submitting more), and a stage whose arguments name a path inside the directory of a stage still running waits for
+its output is needed, at most ``max_concurrent_jobs`` jobs run at once (the driver waits for the first of them to
+end before submitting more), and a stage whose arguments name a path inside the directory of a stage still running waits for
 that stage first. A failed job raises :class:`~unidetox.replication.launcher.StageJobFailed` in the driver and the
 driver's other jobs are cancelled, so a rerun never races a leftover job on the same directory; every stage resumes
 from what it saved. The same holds when the driver itself is stopped: used as a context manager (``with Stages(...)
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 LOG_FILE = "replicate_log.jsonl"
 JOBS_DIR = "jobs"
+JOB_POLL_S = 1.0  # how often a driver with every slot taken looks for an ended job
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
@@ -68,7 +69,7 @@ class Stages:
                      if self.launcher.uses_jobs else None)
         self.session: list[dict[str, Any]] = []
         self._results: dict[str, Any] = {}
-        self._submitted: dict[str, _SubmittedStage] = {}  # in submission order: the first is the oldest
+        self._submitted: dict[str, _SubmittedStage] = {}  # in submission order
         self._sigterm_handler_before: Any = None
 
     def __enter__(self) -> Stages:
@@ -117,7 +118,7 @@ class Stages:
             return result
         self._collect_finished()
         while len(self._submitted) >= self.launcher.max_concurrent_jobs:
-            self._collect(next(iter(self._submitted)))
+            self._collect(self._first_to_end())
         slot = min(set(range(self.launcher.max_concurrent_jobs)) - {s.slot for s in self._submitted.values()})
         job = self.jobs.submit(name, slot, make, *make_args)
         logger.info("stage %-28s submitted as job %s (logs: %s)", name, job.job_id, job.paths.stdout)
@@ -146,6 +147,15 @@ class Stages:
         del self._submitted[name]
         self.log(name, "ran", seconds, job_id=stage.job.job_id, **stage.log_extra)
         self._results[name] = result
+
+    def _first_to_end(self) -> str:
+        """The name of the first submitted stage whose job ends: the slot it frees is used at once, however long
+        the jobs submitted before it still run."""
+        while True:
+            for name, stage in self._submitted.items():
+                if stage.job.done():
+                    return name
+            time.sleep(JOB_POLL_S)
 
     def _collect_finished(self) -> None:
         for name in [n for n, s in self._submitted.items() if s.job.done()]:
