@@ -1,8 +1,8 @@
 """The replication's stages as submitit jobs (unidetox.replication.stages, unidetox.replication.launcher): fake
 pipelines (``run(args)`` / ``finished(args)``) through submitit's local executor: the concurrency limit, finished
 stages never submitted, results and run times coming back, a failing job named with its stderr, the other jobs
-cancelled and the interrupted stage resumed, the jobs cancelled when the driver is stopped (SIGTERM, an exception);
-and the launcher's config."""
+cancelled and the interrupted stage resumed, the jobs cancelled when the driver is stopped (SIGTERM, an exception),
+a job left running by a killed driver refused until it ends; and the launcher's config."""
 
 from __future__ import annotations
 
@@ -236,6 +236,50 @@ def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path
     with _stages(tmp_path) as again:
         again.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
         assert again.result("grid/slow") == {"resumed_from": [0]}
+
+
+def test_a_job_left_running_by_a_killed_driver_is_refused_until_it_ends(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+
+    monkeypatch.setattr(launcher_module, "LEFTOVER_GRACE_S", 1.0)
+    hold, started = tmp_path / "hold", tmp_path / "started"
+    hold.touch()
+    slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
+    slow_dir = Path(slow_args.output_dir)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
+                                    config=slow_args.config, rep=str(tmp_path / "rep")))
+    driver = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
+    job_pid = None
+    try:
+        assert _wait_until(started.is_file), "the job never started"
+        job_pid = int((slow_dir / "pid").read_text())
+        driver.kill()  # SIGKILL: nothing cancels the job
+        driver.wait(timeout=60)
+        record = tmp_path / "rep" / "jobs" / "running.json"
+        job_id = json.loads(record.read_text())["grid/slow"]["job_id"]
+        with pytest.raises(launcher_module.LeftoverJobRunning) as err:
+            _stages(tmp_path)
+        message = str(err.value)
+        assert "'grid/slow'" in message and f"kill -INT {job_id}" in message and str(slow_dir) in message
+        assert str(record) in message
+        os.kill(int(job_id), signal.SIGINT)  # what the message says to do
+        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived the SIGINT"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if job_pid is not None and Path(f"/proc/{job_pid}").exists():
+            os.kill(job_pid, signal.SIGKILL)
+        hold.unlink()
+
+    # Once it has ended, the next driver forgets it and the stage resumes from its own part.
+    stages = _stages(tmp_path)
+    assert not record.exists()
+    stages.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+    assert json.loads(record.read_text())["grid/slow"]["stage_dir"] == str(slow_dir.absolute())
+    assert stages.result("grid/slow") == {"resumed_from": [0]}
+    assert not record.exists()  # collected: nobody needs to look for it
 
 
 def test_leaving_the_stages_block_by_an_exception_cancels_the_running_jobs(tmp_path):

@@ -4,6 +4,12 @@
 a submitit executor and submits one stage as one job; :class:`unidetox.replication.stages.Stages` decides what is
 submitted and when it is waited for.
 
+Two jobs never write one stage directory: :class:`StageJobs` keeps the jobs it submitted in
+``<folder>/running.json`` until their results are collected, and a new driver on the same folder first looks each
+leftover job up (a local job's process, a SLURM job's state). One that ended is forgotten (its stage resumes from
+what it saved); one that still runs (its driver was killed outright, so nothing cancelled it) is waited for briefly,
+then refused with :class:`LeftoverJobRunning`, naming the stage, the job and how to stop it.
+
 >>> launcher = LauncherArguments(engine="submitit", cluster="local", max_concurrent_jobs=2)
 >>> launcher.uses_jobs
 True
@@ -19,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unidetox.io import atomic_write_json, read_json
+
 ENGINES = ("inprocess", "submitit")
 CLUSTERS = ("local", "slurm", "debug")
 STDERR_TAIL_LINES = 40
+RUNNING_RECORD = "running.json"
+LEFTOVER_GRACE_S = 30.0  # a cancelled job ends within seconds (SIGINT, then SIGKILL from submitit's controller)
 
 
 @dataclass
@@ -100,6 +110,45 @@ class StageJobFailed(RuntimeError):
         self.stage, self.job_id = stage, job.job_id
 
 
+class LeftoverJobRunning(RuntimeError):
+    """A job submitted by an earlier driver on the same jobs folder still runs: a second one would write the same
+    stage directory."""
+
+    def __init__(self, stage: str, entry: dict[str, Any], record: Path):
+        job_id, cluster = entry["job_id"], entry["cluster"]
+        stop = f"kill -INT {job_id}" if cluster == "local" else f"scancel {job_id}"
+        super().__init__(
+            f"Stage {stage!r} has a job from an earlier driver that still runs (job {job_id}, cluster {cluster}, "
+            f"writing {entry.get('stage_dir') or 'an unknown directory'}): two jobs must never write one stage. "
+            f"Wait for it to end or stop it (`{stop}`), then rerun; the stage resumes from what it saved. If you know "
+            f"the job is gone, delete {record}."
+        )
+        self.stage, self.job_id = stage, job_id
+
+
+def _local_job_runs(job_id: str) -> bool:
+    """Whether the process of a local submitit job (its id is the pid of submitit's controller) still runs."""
+    try:
+        pid = int(job_id)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: not ours, so not our job
+        return False
+    if Path("/proc/self/cmdline").exists():  # Linux: a reused pid is some other program
+        try:
+            return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+def _slurm_job_runs(folder: Path, job_id: str) -> bool:
+    import submitit
+
+    return not submitit.SlurmJob(folder=folder, job_id=job_id).done(force_check=True)
+
+
 def run_in_job(make: Callable[..., Any], args: tuple, threads: int | None) -> tuple[Any, float]:
     """What a job runs: ``make(*args)`` with ``threads`` CPU threads; its result and its run time in seconds."""
     if threads is not None:
@@ -130,13 +179,56 @@ class StageJobs:
             cpus_per_task=launcher.cpus_per_task, mem_gb=launcher.mem_gb, slurm_partition=launcher.partition,
             slurm_additional_parameters=dict(launcher.additional_parameters) or None,
         )
+        self.record = self.folder / RUNNING_RECORD
+        self._running: dict[str, dict[str, Any]] = {}
+        self._refuse_leftovers()
 
-    def submit(self, stage: str, slot: int, make: Callable[..., Any], *args):
-        """Submit ``make(*args)`` as the job of ``stage``; the job's result is ``(result, run seconds)``."""
+    def _job_runs(self, entry: dict[str, Any]) -> bool:
+        if entry["cluster"] == "local":
+            return _local_job_runs(entry["job_id"])
+        if entry["cluster"] == "slurm":
+            return _slurm_job_runs(self.folder, entry["job_id"])
+        return False  # debug jobs run inside their driver
+
+    def _refuse_leftovers(self) -> None:
+        """Forget the recorded jobs that ended; raise :class:`LeftoverJobRunning` for one that still runs after
+        ``LEFTOVER_GRACE_S``."""
+        leftovers = read_json(self.record) or {}
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while leftovers:
+            leftovers = {stage: entry for stage, entry in leftovers.items() if self._job_runs(entry)}
+            if leftovers and time.monotonic() >= deadline:
+                stage, entry = next(iter(leftovers.items()))
+                raise LeftoverJobRunning(stage, entry, self.record)
+            if leftovers:
+                time.sleep(1.0)
+        if self.record.exists():
+            self.record.unlink()
+
+    def _save_record(self) -> None:
+        if self._running:
+            atomic_write_json(self.record, self._running)
+        elif self.record.exists():
+            self.record.unlink()
+
+    def ended(self, stage: str) -> None:
+        """The job of ``stage`` ended and its result was collected: no later driver needs to look for it."""
+        if self._running.pop(stage, None) is not None:
+            self._save_record()
+
+    def submit(self, stage: str, slot: int, make: Callable[..., Any], *args, stage_dir: Path | None = None):
+        """Submit ``make(*args)`` as the job of ``stage`` (writing ``stage_dir``); the job's result is ``(result,
+        run seconds)``. The job stays in the running record until :meth:`ended`."""
         parameters: dict[str, Any] = {"name": "unidetox-" + re.sub(r"[^A-Za-z0-9._-]+", "_", stage)}
         gpus = self.launcher.gpus_per_node
         if self.cluster == "local" and gpus:
             devices = ",".join(str(slot * gpus + i) for i in range(gpus))
             parameters["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={devices}"]
         self.executor.update_parameters(**parameters)
-        return self.executor.submit(run_in_job, make, args, self.launcher.threads_per_job)
+        job = self.executor.submit(run_in_job, make, args, self.launcher.threads_per_job)
+        if self.cluster != "debug":
+            self._running[stage] = {"job_id": str(job.job_id), "cluster": self.cluster,
+                                    "stage_dir": str(stage_dir) if stage_dir else None,
+                                    "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._save_record()
+        return job

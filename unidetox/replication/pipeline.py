@@ -654,8 +654,9 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
             if method == "authors" and base_args.authors_max_samples is not None:
                 extra.append(f"data.max_samples={base_args.authors_max_samples}")
 
-            def fine_tune(stage=stage, config=apply_args(args, target, data_path, run_dir, float(chosen_lr),
-                                                          chosen_steps, extra)):
+            config = apply_args(args, target, data_path, run_dir, float(chosen_lr), chosen_steps, extra)
+
+            def fine_tune(stage=stage, config=config):
                 stages.pipeline(stage, detox_stage, config)
 
             apply_jobs.append(([f"data/{method}"], fine_tune))

@@ -120,10 +120,10 @@ class Stages:
         while len(self._submitted) >= self.launcher.max_concurrent_jobs:
             self._collect(self._first_to_end())
         slot = min(set(range(self.launcher.max_concurrent_jobs)) - {s.slot for s in self._submitted.values()})
-        job = self.jobs.submit(name, slot, make, *make_args)
+        writes = Path(stage_dir).absolute() if stage_dir else None
+        job = self.jobs.submit(name, slot, make, *make_args, stage_dir=writes)
         logger.info("stage %-28s submitted as job %s (logs: %s)", name, job.job_id, job.paths.stdout)
-        self._submitted[name] = _SubmittedStage(job, slot, log_extra,
-                                                Path(stage_dir).absolute() if stage_dir else None)
+        self._submitted[name] = _SubmittedStage(job, slot, log_extra, writes)
         return None
 
     def _stages_holding(self, inputs: Any) -> list[str]:
@@ -139,12 +139,14 @@ class Stages:
             result, seconds = stage.job.result()
         except Exception as error:  # the job failed: it is over; the others are cancelled
             del self._submitted[name]
+            self.jobs.ended(name)
             self._cancel_all()
             raise StageJobFailed(name, stage.job, error) from error
         except BaseException:  # the driver interrupted while it waits: this job is cancelled too
             self._cancel_all()
             raise
         del self._submitted[name]
+        self.jobs.ended(name)
         self.log(name, "ran", seconds, job_id=stage.job.job_id, **stage.log_extra)
         self._results[name] = result
 
@@ -162,6 +164,7 @@ class Stages:
             self._collect(name)
 
     def _cancel_all(self) -> None:
+        # A cancelled job stays in the running record: it takes a moment to end, and the next driver checks.
         for name, stage in list(self._submitted.items()):
             logger.warning("cancelling job %s of stage %s", stage.job.job_id, name)
             stage.job.cancel(check=False)
