@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -202,70 +205,25 @@ def _wait_until(check, seconds: float = 60.0) -> bool:
     return check()
 
 
-def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path):
-    import signal
-    import subprocess
-
+@contextmanager
+def _driver_with_a_held_job(tmp_path):
+    """A driver process (``DRIVER``) whose one job, ``grid/slow``, has written part 0 and waits while the ``hold``
+    file exists: yields the driver, the stage's args, the job's pid and the driver's stderr file. Whatever is left
+    running at the end is killed, and the hold released."""
     hold, started = tmp_path / "hold", tmp_path / "started"
     hold.touch()
     slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
-    slow_dir = Path(slow_args.output_dir)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
                                     config=slow_args.config, rep=str(tmp_path / "rep")))
     stderr = tmp_path / "driver.err"  # a file, not a pipe: a job that outlived the driver would hold a pipe open
-    job_pid = None
     with stderr.open("w") as err:
         driver = subprocess.Popen([sys.executable, str(script)], stderr=err)
-    try:
-        assert _wait_until(started.is_file), "the job never started"
-        job_pid = int((slow_dir / "pid").read_text())
-        driver.send_signal(signal.SIGTERM)
-        assert driver.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
-        assert "cancelling job" in stderr.read_text()
-        # The job went with its driver, half way: part 0 written, the rest not, although `hold` still exists.
-        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived its driver"
-        assert (slow_dir / "part-0").is_file() and not (slow_dir / "part-1").exists()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        if job_pid is not None and Path(f"/proc/{job_pid}").exists():
-            os.kill(job_pid, signal.SIGKILL)
-
-    hold.unlink()
-    with _stages(tmp_path) as again:
-        again.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
-        assert again.result("grid/slow") == {"resumed_from": [0]}
-
-
-def test_a_job_left_running_by_a_killed_driver_is_refused_until_it_ends(tmp_path, monkeypatch):
-    import signal
-    import subprocess
-
-    monkeypatch.setattr(launcher_module, "LEFTOVER_GRACE_S", 1.0)
-    hold, started = tmp_path / "hold", tmp_path / "started"
-    hold.touch()
-    slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
-    slow_dir = Path(slow_args.output_dir)
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
-                                    config=slow_args.config, rep=str(tmp_path / "rep")))
-    driver = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
     job_pid = None
     try:
         assert _wait_until(started.is_file), "the job never started"
-        job_pid = int((slow_dir / "pid").read_text())
-        driver.kill()  # SIGKILL: nothing cancels the job
-        driver.wait(timeout=60)
-        record = tmp_path / "rep" / "jobs" / "running.json"
-        job_id = json.loads(record.read_text())["grid/slow"]["job_id"]
-        with pytest.raises(launcher_module.LeftoverJobRunning) as err:
-            _stages(tmp_path)
-        message = str(err.value)
-        assert "'grid/slow'" in message and f"kill -INT {job_id}" in message and str(slow_dir) in message
-        assert str(record) in message
-        os.kill(int(job_id), signal.SIGINT)  # what the message says to do
-        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived the SIGINT"
+        job_pid = int((Path(slow_args.output_dir) / "pid").read_text())
+        yield driver, slow_args, job_pid, stderr
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -273,11 +231,42 @@ def test_a_job_left_running_by_a_killed_driver_is_refused_until_it_ends(tmp_path
             os.kill(job_pid, signal.SIGKILL)
         hold.unlink()
 
+
+def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path):
+    with _driver_with_a_held_job(tmp_path) as (driver, slow_args, job_pid, stderr):
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
+        assert "cancelling job" in stderr.read_text()
+        # The job went with its driver, half way: part 0 written, the rest not, although it was held.
+        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived its driver"
+        slow_dir = Path(slow_args.output_dir)
+        assert (slow_dir / "part-0").is_file() and not (slow_dir / "part-1").exists()
+
+    with _stages(tmp_path) as again:
+        again.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+        assert again.result("grid/slow") == {"resumed_from": [0]}
+
+
+def test_a_job_left_running_by_a_killed_driver_is_refused_until_it_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher_module, "LEFTOVER_GRACE_S", 1.0)
+    record = tmp_path / "rep" / "jobs" / "running.json"
+    with _driver_with_a_held_job(tmp_path) as (driver, slow_args, job_pid, _):
+        driver.kill()  # SIGKILL: nothing cancels the job
+        driver.wait(timeout=60)
+        job_id = json.loads(record.read_text())["grid/slow"]["job_id"]
+        with pytest.raises(launcher_module.LeftoverJobRunning) as err:
+            _stages(tmp_path)
+        message = str(err.value)
+        assert "'grid/slow'" in message and f"kill -INT {job_id}" in message
+        assert slow_args.output_dir in message and str(record) in message
+        os.kill(int(job_id), signal.SIGINT)  # what the message says to do
+        assert _wait_until(lambda: not Path(f"/proc/{job_pid}").exists()), "the job outlived the SIGINT"
+
     # Once it has ended, the next driver forgets it and the stage resumes from its own part.
     stages = _stages(tmp_path)
     assert not record.exists()
     stages.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
-    assert json.loads(record.read_text())["grid/slow"]["stage_dir"] == str(slow_dir.absolute())
+    assert json.loads(record.read_text())["grid/slow"]["stage_dir"] == str(Path(slow_args.output_dir).absolute())
     assert stages.result("grid/slow") == {"resumed_from": [0]}
     assert not record.exists()  # collected: nobody needs to look for it
 
