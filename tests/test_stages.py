@@ -206,7 +206,7 @@ def _wait_until(check, seconds: float = 60.0) -> bool:
 
 
 @contextmanager
-def _driver_with_a_held_job(tmp_path):
+def _driver_with_a_held_job(tmp_path, ignore_sigint: bool = False):
     """A driver process (``DRIVER``) whose one job, ``grid/slow``, has written part 0 and waits while the ``hold``
     file exists: yields the driver, the stage's args, the job's pid and the driver's stderr file. Whatever is left
     running at the end is killed, and the hold released."""
@@ -217,8 +217,10 @@ def _driver_with_a_held_job(tmp_path):
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
                                     config=slow_args.config, rep=str(tmp_path / "rep")))
     stderr = tmp_path / "driver.err"  # a file, not a pipe: a job that outlived the driver would hold a pipe open
+    # As a driver started with `&` from a non-interactive shell: SIGINT ignored, and inherited so by its jobs.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     with stderr.open("w") as err:
-        driver = subprocess.Popen([sys.executable, str(script)], stderr=err)
+        driver = subprocess.Popen([sys.executable, str(script)], stderr=err, preexec_fn=ignore)
     job_pid = None
     try:
         assert _wait_until(started.is_file), "the job never started"
@@ -232,8 +234,9 @@ def _driver_with_a_held_job(tmp_path):
         hold.unlink()
 
 
-def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path):
-    with _driver_with_a_held_job(tmp_path) as (driver, slow_args, job_pid, stderr):
+@pytest.mark.parametrize("ignore_sigint", [False, True], ids=["foreground", "started_in_the_background"])
+def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path, ignore_sigint):
+    with _driver_with_a_held_job(tmp_path, ignore_sigint) as (driver, slow_args, job_pid, stderr):
         driver.send_signal(signal.SIGTERM)
         assert driver.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
         assert "cancelling job" in stderr.read_text()
@@ -315,8 +318,10 @@ def test_run_when_ready_works_on_what_is_ready_first(tmp_path):
     stages.pipeline("apply/slow", SLEEPER, _args(tmp_path, "apply/slow", seconds=3.0))
     order = []
     stages.run_when_ready([(["apply/slow"], lambda: order.append(("slow", stages.result("apply/slow")["name"]))),
-                           (["data/unidetox"], lambda: order.append(("ready", None)))])
-    assert order == [("ready", None), ("slow", "apply/slow")]
+                           (["data/unidetox"], lambda: order.append(("ready", None))),
+                           ([], lambda: order.append(("needs nothing", stages.running("apply/slow"))))])
+    # A job that needs no stage runs at once, while the slow stage still runs.
+    assert order == [("ready", None), ("needs nothing", True), ("slow", "apply/slow")]
 
 
 def test_the_debug_cluster_runs_each_job_in_this_process_with_its_threads(tmp_path):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +176,11 @@ class StageJobs:
         self.folder = Path(folder)
         self.executor = submitit.AutoExecutor(folder=self.folder, cluster=launcher.cluster)
         self.cluster = self.executor.cluster
+        if (self.cluster == "local" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                and threading.current_thread() is threading.main_thread()):
+            # A driver started with `&` from a script ignores SIGINT, and the local jobs it starts inherit that;
+            # submitit cancels a local job with SIGINT, so no job of such a driver could be cancelled.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.executor.update_parameters(
             timeout_min=launcher.timeout_min, gpus_per_node=launcher.gpus_per_node or None,
             cpus_per_task=launcher.cpus_per_task, mem_gb=launcher.mem_gb, slurm_partition=launcher.partition,

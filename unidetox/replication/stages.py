@@ -212,7 +212,8 @@ class Stages:
         while pending:
             job = next((j for j in pending if not any(self.running(n) for n in j[0])), pending[0])
             pending.remove(job)
-            self.wait_for(*job[0])
+            if job[0]:  # wait_for() without names would wait for every job
+                self.wait_for(*job[0])
             job[1]()
 
 
