@@ -712,7 +712,7 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
 
     stages.run_when_ready([([m] if isinstance(m, str) else [], lambda key=key: model_test_stage(
         f"{key[0]}-{key[1]}", model_of(key))) for key, m in list(apply_models.items())])
-    stages.wait_for()  # every model's parts
+    stages.wait_for_all()  # every model's parts
     test_models = [t.model for t in targets.values()] + [model_of(key) for key in apply_models]
     stages.pipeline("test", evaluate_stage, evaluate_on_test(args, test_models, test_dir))
     test_result = stages.result("test")

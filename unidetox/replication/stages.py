@@ -187,11 +187,16 @@ class Stages:
         return self._run(name, finished, make, (), stage_dir, dir=str(stage_dir))
 
     def wait_for(self, *names: str) -> None:
-        """Block until the named stages' jobs (every job when none is named) are done. Stages this process ran or
-        found cached, and names that are no stage, return at once."""
-        for name in list(names or self._submitted):
+        """Block until the named stages' jobs are done (none named: return at once, so a computed list that comes
+        out empty never waits for everything). Stages this process ran or found cached, and names that are no
+        stage, return at once."""
+        for name in names:
             if name in self._submitted:
                 self._collect(name)
+
+    def wait_for_all(self) -> None:
+        """Block until every submitted job is done."""
+        self.wait_for(*self._submitted)
 
     def result(self, name: str) -> Any:
         """The stage's result, waiting for its job first."""
@@ -212,8 +217,7 @@ class Stages:
         while pending:
             job = next((j for j in pending if not any(self.running(n) for n in j[0])), pending[0])
             pending.remove(job)
-            if job[0]:  # wait_for() without names would wait for every job
-                self.wait_for(*job[0])
+            self.wait_for(*job[0])
             job[1]()
 
 
