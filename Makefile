@@ -6,6 +6,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # The CPU wheel of torch lies on local disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs as one pytest worker per core, a file per worker (a module's shared fixtures run once), each worker
+# at one torch thread: workers with several threads each on the same cores spin at OpenMP barriers and run far slower.
+PYTEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-fast distill detox evaluate replicate bench lint clean
 
@@ -21,10 +25,10 @@ install: $(PY)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not integration" $(PYTEST_ARGS)
 
 # The main job: anti-expert + distilled detoxifying text on the embedded default (smollm2-135m + local DGHS).
 distill: install
