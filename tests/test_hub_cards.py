@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import datasets
@@ -264,3 +265,11 @@ def test_evaluate_stage_merges_its_results_into_an_existing_card_only(evaluated_
     evaluate.run(evaluate.parse_args(overrides))
     assert len(model_index((root / "m0" / "README.md").read_text())[1]) == 4
     assert "UniDetox" in card
+
+
+def test_dataset_card_settings_table_keeps_two_cells_when_a_value_holds_a_pipe():
+    meta = {"base": "HuggingFaceTB/SmolLM2-135M", "num_samples": 3, "start_token": "<|endoftext|>", "alpha": 0.1}
+    card = render_dataset_card(meta, None)
+    row = next(line for line in card.splitlines() if line.startswith("| start_token"))
+    cells = re.split(r"(?<!\\)\|", row)[1:-1]
+    assert [c.strip() for c in cells] == ["start_token", r"`<\|endoftext\|>`"]

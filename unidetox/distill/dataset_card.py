@@ -71,7 +71,9 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
 
 
 def _value(value: Any) -> str:
-    return f"`{json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else value}`"
+    """A table cell: the value as code, its pipes escaped (GFM splits cells on ``|`` even inside a code span)."""
+    text = json.dumps(value) if isinstance(value, (dict, list, bool)) or value is None else str(value)
+    return "`" + text.replace("|", "\\|") + "`"
 
 
 def _table(rows: Mapping[str, Any]) -> list[str]:
