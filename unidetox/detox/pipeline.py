@@ -6,8 +6,9 @@ step 0 and at every save (:class:`~unidetox.detox.callbacks.DetoxEvalCallback`),
 the adapter and a merged copy) and its model card, chooses the least toxic checkpoint within the perplexity bound
 (:func:`~unidetox.detox.selection.select_checkpoint`) and returns a :class:`DetoxResult`.
 
-An interrupted run resumes from its newest checkpoint when it is started again with the same settings; a directory
-holding a run with other settings is refused, naming the keys that differ.
+An interrupted run resumes from its newest complete checkpoint (:mod:`unidetox.checkpoints`) when it is started
+again with the same settings, and a finished one is returned without training; a directory holding a run with other
+settings is refused, naming the keys that differ.
 
 Example:
     >>> from unidetox.detox.pipeline import parse_args, run

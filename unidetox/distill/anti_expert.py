@@ -278,6 +278,8 @@ def train_anti_expert(
     Under ``accelerate launch`` with N processes every rank trains (DDP through the Trainer, effective batch
     N x ``per_device_train_batch_size``); only the main process writes files, and all ranks return together.
 
+    An interrupted training resumes from its newest complete checkpoint (a broken newer one is skipped with a
+    warning); a checkpoint at the last step is loaded and saved as the anti-expert without training further.
     Only the ``checkpoint-*`` folders this training wrote are removed once it is saved; folders that were in
     ``output_dir`` before are kept, and when ``save_strategy`` would write checkpoints next to (or over) them
     the call raises instead.
