@@ -20,6 +20,7 @@ from test_detox_recipe import _tiny_overrides
 from tiny import tiny_llama, word_tokenizer
 from transformers import TrainerCallback
 
+from unidetox import DistilledDetoxDataset
 from unidetox.checkpoints import newest_complete_checkpoint
 from unidetox.detox import pipeline as detox
 from unidetox.detox.model_card import (
@@ -259,3 +260,44 @@ def test_a_broken_newest_anti_expert_checkpoint_is_skipped(tmp_path, tokenizer, 
     assert final.keys() == expected.keys()
     for key in final:
         torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distill
+# ----------------------------------------------------------------------------------------------------------------
+def distill_overrides(tmp_path, out):
+    tokenizer = word_tokenizer()
+    model_dir = tmp_path / "tiny-base"
+    if not model_dir.exists():
+        tiny_llama(len(tokenizer.get_vocab()), seed=0).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "toxic.csv"
+    corpus.write_text("text,label,target\n" + "".join(f"hate awful stupid people {i},hate,wom\n" for i in range(8)))
+    return [f"model.name_or_path={model_dir}", f"data.path=[{corpus}]", f"output_dir={out}",
+            "anti_expert.max_steps=3", "anti_expert.per_device_train_batch_size=2", "anti_expert.save_strategy=steps",
+            "+anti_expert.save_steps=2", "distill.num_samples=4", "distill.max_length=6", "distill.batch_size=2",
+            "distill.start_token=null", "distill.summary_num_samples=2"]
+
+
+def test_a_distill_run_killed_after_the_anti_experts_last_checkpoint_gives_the_uninterrupted_texts(
+    tmp_path, monkeypatch
+):
+    from unidetox.distill import anti_expert
+    from unidetox.distill import pipeline as distill
+
+    uninterrupted = distill.run(distill.parse_args(distill_overrides(tmp_path, tmp_path / "uninterrupted")))
+    build = anti_expert.build_anti_expert_trainer
+
+    def killed_after_step_3(model, tokenizer, corpus, config, callbacks=None):
+        return build(model, tokenizer, corpus, config, [*(callbacks or []), KillAfterCheckpoint(3)])
+
+    args = distill.parse_args(distill_overrides(tmp_path, tmp_path / "killed"))
+    monkeypatch.setattr(anti_expert, "build_anti_expert_trainer", killed_after_step_3)
+    with pytest.raises(KilledAtSave):
+        distill.run(args)
+    monkeypatch.undo()
+    resumed = distill.run(args)
+    assert resumed.stages["anti_expert"]["global_steps"] == uninterrupted.stages["anti_expert"]["global_steps"] == 3
+    texts = [DistilledDetoxDataset.load(r.distilled_path).texts for r in (resumed, uninterrupted)]
+    assert texts[0] == texts[1]
+    assert distill.finished(args) is not None
