@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from unidetox import DistilledDetoxDataset
 from unidetox.checkpoints import newest_complete_checkpoint
+from unidetox.decoding.sampling import generate_samples
 from unidetox.detox import pipeline as detox
 from unidetox.detox.model_card import (
     CARD_MARKER,
@@ -150,6 +151,17 @@ def test_a_broken_newest_detox_checkpoint_is_skipped(tmp_path, caplog, damage):
     assert f"Skipping the checkpoint {out / 'checkpoint-4'}" in caplog.text
     assert result.summary["resumed_from"] == str(out / "checkpoint-2") and result.global_step == 4
     assert_same_tensors(load_file(out / ADAPTER), uninterrupted)
+
+
+def test_sampling_leaves_the_callers_random_stream_as_it_was():
+    tokenizer = word_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = generate_samples(model, tokenizer, ["the cat sat", "we should"], 2, max_new_tokens=3, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+    assert generate_samples(model, tokenizer, ["the cat sat", "we should"], 2, max_new_tokens=3, seed=1) == first
 
 
 def test_checkpoint_fallback_names_every_broken_checkpoint(tmp_path, caplog):

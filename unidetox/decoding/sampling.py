@@ -221,11 +221,15 @@ def _model_device(model) -> torch.device:
 
 
 def _forked_rng(device: torch.device):
-    """``torch.random.fork_rng`` over the CPU and every device of ``device``'s kind (``manual_seed`` seeds them all)."""
-    device_type = "cuda" if device.type in ("cpu", "meta") else device.type
-    backend = getattr(torch, device_type, None)
-    count = backend.device_count() if backend is not None and backend.is_available() else 0
-    return torch.random.fork_rng(devices=list(range(count)), device_type=device_type)
+    """``torch.random.fork_rng`` over the CPU and ``device``: the random streams a training on ``device`` draws from.
+
+    Only the model's own accelerator is forked: reading the state of every device would open a context on each
+    GPU from every process of a data-parallel launch.
+    """
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def prefill_shared_prompts(
