@@ -21,7 +21,7 @@ from tiny import tiny_llama, word_tokenizer
 from transformers import TrainerCallback
 
 from unidetox import DistilledDetoxDataset
-from unidetox.checkpoints import newest_complete_checkpoint
+from unidetox.checkpoints import newest_complete_checkpoint, weight_files_problem
 from unidetox.decoding.sampling import generate_samples
 from unidetox.detox import pipeline as detox
 from unidetox.detox.model_card import (
@@ -98,6 +98,9 @@ def test_a_detox_run_killed_after_its_last_checkpoint_finishes_without_training(
     records = read_eval_records(out)
     remove(out, *POST_TRAINING_FILES)
     truncate_eval_log(out, 2)  # killed before the last checkpoint's validation was logged, too
+    selected_merges = list(out.glob("checkpoint-*/merged/model.safetensors"))
+    for merged in selected_merges:  # and in the middle of merging the selected checkpoint
+        truncate(merged)
     assert detox.finished(args) is None
 
     result = detox.run(args)
@@ -107,6 +110,7 @@ def test_a_detox_run_killed_after_its_last_checkpoint_finishes_without_training(
     assert [r["step"] for r in read_eval_records(out)] == [0, 2, 4]
     assert read_eval_records(out)[-1]["expected_max_toxicity"] == records[-1]["expected_max_toxicity"]
     assert result.selection["step"] in (2, 4) and (out / "merged").is_dir() == use_peft
+    assert len(selected_merges) == use_peft and all(weight_files_problem(m.parent) is None for m in selected_merges)
 
 
 def test_full_fine_tuning_keeps_its_run_record_and_resumes(tmp_path):

@@ -71,7 +71,9 @@ def _safetensors_problem(path: Path) -> str | None:
     return None if actual >= expected else f"{path.name} is truncated ({actual} of {expected} bytes)"
 
 
-def _weight_problem(checkpoint: Path) -> str | None:
+def weight_files_problem(directory: str | os.PathLike) -> str | None:
+    """Why the model or adapter weights saved in ``directory`` are not whole (None when they are)."""
+    checkpoint = Path(directory)
     files = [checkpoint / name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
     for index in (checkpoint / name for name in WEIGHT_INDEX_FILES):
         if index.is_file():
@@ -99,7 +101,7 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     checkpoint = Path(checkpoint)
     if read_trainer_state(checkpoint) is None:
         return f"its {TRAINER_STATE_FILE} is missing or unreadable"
-    return _weight_problem(checkpoint)
+    return weight_files_problem(checkpoint)
 
 
 def newest_complete_checkpoint(checkpoints: Iterable[str | os.PathLike]) -> Path | None:
