@@ -12,7 +12,7 @@ from tiny import CORPUS, tiny_llama, word_tokenizer
 from unidetox.detox import pipeline as detox
 from unidetox.evaluation import pipeline as evaluate
 from unidetox.evaluation.scoring import SCORERS, ToxicityScorer, register_scorer
-from unidetox.run_dir import OutputDirConflict, check_output_dir, config_diff
+from unidetox.run_dir import CONFIG_FILE, OutputDirConflict, check_output_dir, config_diff
 
 SENTINEL = "SENTINEL-9f3e2b"
 STATEMENTS = ["the cat sat on the mat", "a good friend helps people", "music and art bring joy"]
@@ -61,7 +61,7 @@ def test_an_api_key_reaches_no_file_and_no_log_line(tmp_path, remote_scorer, cap
                                                                   f"++scorer.api_key={SENTINEL}")))
     assert result.report["models"][str(model)]["per_seed"]["0"]["num_samples"] == 2 * len(STATEMENTS)
     written = [p for p in (tmp_path / "eval").rglob("*") if p.is_file()]
-    assert {p.name for p in written} >= {"config.yaml", "config.json", "report.json", "report.md"}
+    assert {p.name for p in written} >= {"config.yaml", CONFIG_FILE, "report.json", "report.md"}
     leaks = [p for p in written if SENTINEL.encode() in p.read_bytes()]
     assert leaks == []
     assert all(SENTINEL not in record.getMessage() for record in caplog.records)
@@ -117,14 +117,14 @@ def test_detox_resumes_only_its_own_run(tmp_path):
     # Another configuration into the same directory: refused before training, naming what differs.
     with pytest.raises(OutputDirConflict, match=r"trainer\.learning_rate: 0\.01 -> 0\.02"):
         detox.run(detox.parse_args(_detox_overrides(tmp_path, out, **{"trainer.learning_rate": 0.02})))
-    # The same configuration resumes (nothing left to train) and keeps the summary of one run.
+    # The same configuration finds the run finished: nothing is trained, the run's result is returned.
     again = detox.run(detox.parse_args(_detox_overrides(tmp_path, out)))
-    assert again.summary["resumed_from"].endswith("checkpoint-2") and again.global_step == 2
+    assert again.summary == json.loads((out / detox.SUMMARY_FILE).read_text()) and again.global_step == 2
     # Checkpoints this pipeline did not write (no saved config): refused, never trained on.
     foreign = tmp_path / "foreign"
     (foreign / "checkpoint-5").mkdir(parents=True)
     (foreign / "checkpoint-5" / "trainer_state.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="no config.json"):
+    with pytest.raises(FileExistsError, match=f"no run record \\({CONFIG_FILE}\\)"):
         detox.run(detox.parse_args(_detox_overrides(tmp_path, foreign)))
     assert (foreign / "checkpoint-5" / "trainer_state.json").is_file()  # and left as it was
 

@@ -20,6 +20,7 @@ from unidetox.hydra_config import (
     save_resolved_config,
     to_container,
 )
+from unidetox.run_dir import CONFIG_FILE
 
 AUTHORS_CSV = "generated_texts_alpha=0.1_beta=inf_checkpoint-15126.csv"  # the authors' file name holds '='
 
@@ -177,10 +178,10 @@ def test_a_data_dir_holding_an_equals_sign_composes(monkeypatch, tmp_path):
 def test_a_saved_config_holds_no_secret(tmp_path):
     cfg = compose_config("evaluate", ["scorer=perspective", "scorer.api_key=SENTINEL"])
     path = save_resolved_config(cfg, tmp_path)
-    assert path == tmp_path / "config.yaml" and (tmp_path / "config.json").is_file()
+    assert path == tmp_path / "config.yaml" and (tmp_path / CONFIG_FILE).is_file()
     for saved in tmp_path.iterdir():
         assert "SENTINEL" not in saved.read_text()
-    assert json.loads((tmp_path / "config.json").read_text())["scorer"]["api_key"] == "***"
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["scorer"]["api_key"] == "***"
     assert OmegaConf.load(path).scorer.name == "perspective"
 
 

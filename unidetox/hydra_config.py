@@ -27,6 +27,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
+from unidetox.run_dir import CONFIG_FILE
 from unidetox.secret_masking import mask_secrets
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
@@ -291,7 +292,8 @@ def parse_dataclass(section, dataclass_type, *, name: str | None = None):
 
 
 def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path | None:
-    """Write the resolved config (``.yaml`` and ``.json``, secrets masked) on the main process only.
+    """Write the resolved config (``name`` and the run record :data:`~unidetox.run_dir.CONFIG_FILE`, secrets masked)
+    on the main process only.
 
     The rank comes from the usual launcher env variables (:func:`unidetox.processes.is_main_process`).
     """
@@ -304,5 +306,5 @@ def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     OmegaConf.save(OmegaConf.create(masked), path)
-    (out / (Path(name).stem + ".json")).write_text(json.dumps(masked, indent=2))
+    (out / CONFIG_FILE).write_text(json.dumps(masked, indent=2))
     return path

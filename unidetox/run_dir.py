@@ -1,8 +1,10 @@
 """One output directory, one run: a reused directory is the same run (resumed) or refused, never silently mixed.
 
-Every pipeline saves its resolved config as ``<output_dir>/config.json`` (secrets masked) before it writes anything
-else. A later run into the same directory compares its own config with that file: the same settings resume the
-run; other settings raise :class:`OutputDirConflict` naming the keys that differ. Pipelines whose work is cached
+Every pipeline saves its resolved config as ``<output_dir>/unidetox_run.json`` (secrets masked) before it writes
+anything else: a name no model file uses, so a full fine-tuning that saves its model into the same directory keeps
+it. Run directories of earlier versions hold that record as ``config.json``; it is read when it is not a model's.
+A later run into the same directory compares its own config with that file: the same settings resume the run;
+other settings raise :class:`OutputDirConflict` naming the keys that differ. Pipelines whose work is cached
 per unit with the settings that made it (the evaluation, per model and seed) accept changed settings
 (``incremental=True``) and redo only the units they change.
 """
@@ -17,7 +19,9 @@ from typing import Any
 
 from unidetox.secret_masking import mask_secrets
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "unidetox_run.json"
+# Where earlier versions kept the record; in a full fine-tuning's directory the model's config replaced it.
+LEGACY_CONFIG_FILE = "config.json"
 
 
 class OutputDirConflict(ValueError):
@@ -48,11 +52,19 @@ def _comparable(config: Mapping[str, Any], ignore: Iterable[str]) -> dict[str, A
 
 
 def read_run_config(output_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The config saved in ``output_dir`` (None when there is none or it cannot be read)."""
-    try:
-        return json.loads((Path(output_dir) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """The config saved in ``output_dir`` (None when there is none or it cannot be read).
+
+    Without ``unidetox_run.json``, an earlier version's ``config.json`` record is read, unless that file is a
+    model's config (``model_type``), as a full fine-tuning's final save leaves it.
+    """
+    for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+        try:
+            saved = json.loads((Path(output_dir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and "model_type" not in saved:
+            return saved
+    return None
 
 
 def check_output_dir(

@@ -8,7 +8,8 @@ no ``min_p``...).
 
 Reproducibility: batch ``b`` is seeded from ``(seed, b)`` only, so a run gives the same continuations whether its
 batches are processed by one process or sharded round-robin over several (``accelerate launch``): process ``r``
-of ``n`` handles batches ``r, r + n, ...``.
+of ``n`` handles batches ``r, r + n, ...``. The caller's random state is restored afterwards (a forked RNG), so
+sampling in the middle of a training (the detox validation) leaves its dropout and data order as they were.
 
 Prefix sharing: the K rows of one prompt hold the same ids, so within a batch each distinct prompt is prefilled
 once (all but its last token) and its KV cache is copied to its rows; ``generate`` then runs only the last prompt
@@ -219,6 +220,18 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU and ``device``: the random streams a training on ``device`` draws from.
+
+    Only the model's own accelerator is forked: reading the state of every device would open a context on each
+    GPU from every process of a data-parallel launch.
+    """
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 def prefill_shared_prompts(
     model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, row_prompts: torch.LongTensor
 ) -> Cache | None:
@@ -352,24 +365,25 @@ def generate_samples(
         iterator = tqdm(batches, desc="generate", unit="batch", dynamic_ncols=True)
     samples: list[GeneratedSample] = []
     try:
-        for batch_index, rows in iterator:
-            input_ids, attention_mask, cache = _batch_inputs(
-                model, tokenizer, [prompts[p] for p, _ in rows], device, share_prefill
-            )
-            processors = LogitsProcessorList(warpers)
-            if sampler_factory is not None:
-                processors.insert(0, sampler_factory(attention_mask))
-            torch.manual_seed(batch_seed(seed, batch_index))
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=generation_config,
-                logits_processor=processors,
-                **({} if cache is None else {"cache": cache}),
-            )
-            new_tokens = out[:, input_ids.shape[1] :].cpu()
-            for (p, s), (text, ids, n) in zip(rows, cut_continuations(new_tokens, tokenizer, eos_ids), strict=True):
-                samples.append(GeneratedSample(p, s, text, ids, n, batch_index))
+        with _forked_rng(device):  # the seeds below must not change the caller's random stream
+            for batch_index, rows in iterator:
+                input_ids, attention_mask, cache = _batch_inputs(
+                    model, tokenizer, [prompts[p] for p, _ in rows], device, share_prefill
+                )
+                processors = LogitsProcessorList(warpers)
+                if sampler_factory is not None:
+                    processors.insert(0, sampler_factory(attention_mask))
+                torch.manual_seed(batch_seed(seed, batch_index))
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                    logits_processor=processors,
+                    **({} if cache is None else {"cache": cache}),
+                )
+                new_tokens = out[:, input_ids.shape[1] :].cpu()
+                for (p, s), (text, ids, n) in zip(rows, cut_continuations(new_tokens, tokenizer, eos_ids), strict=True):
+                    samples.append(GeneratedSample(p, s, text, ids, n, batch_index))
     finally:
         model.train(was_training)
     return sorted(samples, key=lambda sample: (sample.prompt_index, sample.sample_index))

@@ -177,10 +177,16 @@ class DetoxEvalCallback(TrainerCallback):
     # -- trainer events ----------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        # Step 0 is the baseline; a resumed step is a save whose validation an interrupted run may not have logged.
+        if self.config.eval_at_start or state.global_step > 0:
+            self.evaluate_unlogged_step(args, state, model, processing_class)
+
+    def evaluate_unlogged_step(self, args, state, model, tokenizer) -> None:
+        """Evaluate ``model`` at ``state.global_step`` unless the log already holds that step (a resumed run)."""
         logged = {r["step"] for r in read_eval_records(args.output_dir, self.config.log_file)}
-        if self.config.eval_at_start and state.global_step not in logged:
+        if state.global_step not in logged:
             checkpoint = None if state.global_step == 0 else checkpoint_dir(args.output_dir, state.global_step)
-            self._evaluate_and_log(args, state, model, processing_class, checkpoint)
+            self._evaluate_and_log(args, state, model, tokenizer, checkpoint)
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._evaluate_and_log(args, state, model, processing_class, checkpoint_dir(args.output_dir, state.global_step))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from unidetox.checkpoints import weight_files_problem
 from unidetox.models import default_dtype, load_tokenizer, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def merge_lora_checkpoint(
 
 
 def merged_model_path(checkpoint: str | os.PathLike) -> Path:
-    """A full model of ``checkpoint``: the checkpoint itself, or for a LoRA adapter its ``merged/`` copy (merged once).
+    """A full model of ``checkpoint``: the checkpoint itself, or for a LoRA adapter its ``merged/`` copy (merged once;
+    again when an interrupted merge left it incomplete).
 
     Example:
         >>> from unidetox.detox.merge import merged_model_path
@@ -66,6 +68,6 @@ def merged_model_path(checkpoint: str | os.PathLike) -> Path:
     if not (checkpoint / "adapter_config.json").is_file():
         return checkpoint
     merged = checkpoint / MERGED_SUBDIR
-    if not (merged / "config.json").is_file():
+    if not (merged / "config.json").is_file() or weight_files_problem(merged):  # absent, or cut short by a kill
         merge_lora_checkpoint(checkpoint, merged)
     return merged

@@ -9,6 +9,7 @@ validation numbers of a chosen checkpoint), replacing a result of the same metri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from unidetox.models import is_embedded_name
 
+logger = logging.getLogger(__name__)
+
 PAPER_URL = "https://huggingface.co/papers/2504.20500"
 CITATION = """@inproceedings{lu2025unidetox,
   title     = {UniDetox: Universal Detoxification of Large Language Models via Dataset Distillation},
@@ -30,6 +33,12 @@ CITATION = """@inproceedings{lu2025unidetox,
   url       = {https://openreview.net/forum?id=eLLBILFRsA}
 }"""
 MODEL_CARD_FILE = "README.md"
+# Marks a README.md as a card this module wrote: only such a card is rewritten or updated, never a user's file.
+CARD_MARKER = "<!-- written by unidetox: a later run may rewrite this card -->"
+# Cards without the marker are recognised by the sentence every card of this module states.
+CARD_SIGNATURE = "through `unidetox.UniversalDetoxTrainer`"
+# Where the card goes when output_dir already holds a README.md this module did not write.
+FALLBACK_CARD_FILE = "UNIDETOX_MODEL_CARD.md"
 TASK_TYPE, TASK_NAME = "text-generation", "Text Generation"
 # The ToxiGen prompts on the Hub (the `toxigen_hub` prompt source).
 TOXIGEN_HUB_DATASET = "skg/toxigen-data"
@@ -154,14 +163,47 @@ def _identity(result: EvalResult) -> tuple:
             result.metric_name)
 
 
+def is_unidetox_card(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a model card this module wrote (False when it is missing or unreadable)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return CARD_MARKER in text or CARD_SIGNATURE in text
+
+
+def model_card_path(directory: str | os.PathLike) -> Path:
+    """Where the model card of ``directory`` is written: ``README.md``, unless a README.md this module did not
+    write is there; then :data:`FALLBACK_CARD_FILE` beside it, and a warning says so (the user's file is kept)."""
+    readme = Path(directory) / MODEL_CARD_FILE
+    if not readme.exists() or is_unidetox_card(readme):
+        return readme
+    fallback = readme.with_name(FALLBACK_CARD_FILE)
+    logger.warning("%s was not written by unidetox, so it is kept; the model card goes to %s instead.",
+                   readme, fallback)
+    return fallback
+
+
+def written_model_card(directory: str | os.PathLike) -> Path | None:
+    """The model card this module wrote in ``directory`` (README.md or the fallback file), or None."""
+    for name in (MODEL_CARD_FILE, FALLBACK_CARD_FILE):
+        if is_unidetox_card(Path(directory) / name):
+            return Path(directory) / name
+    return None
+
+
 def merge_eval_results(card_path: str | os.PathLike, results: Sequence[EvalResult]) -> bool:
     """Write ``results`` into the ``model-index`` of the model card at ``card_path``; False when there is no card.
 
     A result of the same metric on the same task, dataset, configuration and split replaces the one on the card;
-    the others are appended. The rest of the card (header keys, body) is kept as it is. No card is created.
+    the others are appended. The rest of the card (header keys, body) is kept as it is. No card is created, and
+    a file this module did not write is left as it is (False, with a warning).
     """
     path = Path(card_path)
     if not path.is_file():
+        return False
+    if not is_unidetox_card(path):
+        logger.warning("%s was not written by unidetox; its results are not written into it.", path)
         return False
     card = ModelCard.load(path)
     replaced = {_identity(r) for r in results}
@@ -211,6 +253,7 @@ def render_model_card(
         "---",
         card_data.to_yaml(),
         "---",
+        CARD_MARKER,
         "",
         f"# {name}, detoxified with UniDetox",
         "",

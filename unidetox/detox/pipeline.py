@@ -6,8 +6,9 @@ step 0 and at every save (:class:`~unidetox.detox.callbacks.DetoxEvalCallback`),
 the adapter and a merged copy) and its model card, chooses the least toxic checkpoint within the perplexity bound
 (:func:`~unidetox.detox.selection.select_checkpoint`) and returns a :class:`DetoxResult`.
 
-An interrupted run resumes from its newest checkpoint when it is started again with the same settings; a directory
-holding a run with other settings is refused, naming the keys that differ.
+An interrupted run resumes from its newest complete checkpoint (:mod:`unidetox.checkpoints`) when it is started
+again with the same settings, and a finished one is returned without training; a directory holding a run with other
+settings is refused, naming the keys that differ.
 
 Example:
     >>> from unidetox.detox.pipeline import parse_args, run
@@ -25,6 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unidetox.checkpoints import (
+    checkpoint_dirs,
+    is_final_checkpoint,
+    newest_complete_checkpoint,
+    restore_final_checkpoint,
+)
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merged_model_path
@@ -39,7 +46,7 @@ from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
-from unidetox.run_dir import check_output_dir
+from unidetox.run_dir import CONFIG_FILE, check_output_dir, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -217,31 +224,32 @@ def build_eval_callback(validation: ValidationArguments) -> DetoxEvalCallback | 
     return DetoxEvalCallback(prompts, perplexity_texts=texts, scorer=scorer, config=validation.callback)
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-
-
 def check_resumable(args: DetoxArguments) -> str | None:
     """The checkpoint to resume from (None: start afresh); refuses checkpoints of another run.
 
-    Checkpoints are resumed only when ``output_dir`` holds this run's saved config with the same settings: another
+    Checkpoints are resumed only when ``output_dir`` holds this run's saved record with the same settings: another
     model's or configuration's checkpoint would otherwise be trained on and its losses merged into this run's.
+    The newest complete checkpoint is used; broken newer ones are skipped with a warning.
     """
     out = Path(args.output_dir)
-    found = last_checkpoint(out)
-    if args.resume is False and found:
+    checkpoints = checkpoint_dirs(out)
+    if args.resume is False and checkpoints:
         raise FileExistsError(f"{out} already holds checkpoints and resume=false; pick another output_dir.")
-    if args.resume is True and found is None:
+    if args.resume is True and not checkpoints:
         raise FileNotFoundError(f"resume=true but {out} holds no checkpoint-* directory to resume from.")
     check_output_dir(out, args.config, ignore=RUN_INDEPENDENT_KEYS)
-    if found and not (out / "config.json").is_file():
+    if checkpoints and read_run_config(out) is None:
         raise FileExistsError(
-            f"{out} holds {Path(found).name} but no config.json: the checkpoints were not written by this pipeline, "
-            "so they cannot be checked to be this run's. Pick another output_dir."
+            f"{out} holds {checkpoints[-1].name} but no run record ({CONFIG_FILE}): the checkpoints were not written "
+            "by this pipeline, so they cannot be checked to be this run's. Pick another output_dir."
         )
-    return found
+    found = newest_complete_checkpoint(checkpoints)
+    if checkpoints and found is None:
+        raise FileNotFoundError(
+            f"None of the checkpoints in {out} ({', '.join(c.name for c in checkpoints)}) is complete (see the "
+            "warnings above). Move them away to start over, or pick another output_dir."
+        )
+    return str(found) if found else None
 
 
 def plot_losses(history: list[dict], path: Path, title: str) -> Path | None:
@@ -331,14 +339,36 @@ def _final_model_path(out: Path, args: DetoxArguments) -> str | None:
     return str(out / MERGED_SUBDIR) if args.trainer.save_merged_model else None
 
 
+def _train(trainer: UniversalDetoxTrainer, resume_from: str | None, callback: DetoxEvalCallback | None) -> dict:
+    """Train from ``resume_from`` (None: from the start) and return the training metrics.
+
+    A checkpoint at the run's last step is the trained model: it is loaded, not trained on (no metrics), and its
+    validation is run if the interrupted run did not log it.
+    """
+    if resume_from and is_final_checkpoint(resume_from, trainer.args.stop_at_step):
+        restore_final_checkpoint(trainer, resume_from)
+        if callback is not None:
+            callback.evaluate_unlogged_step(trainer.args, trainer.state, trainer.model, trainer.processing_class)
+        return {}
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
+    return trainer.train(resume_from_checkpoint=resume_from).metrics
+
+
 def run(args: DetoxArguments) -> DetoxResult:
     """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file.
 
-    Returns the same result on every process."""
+    A finished run is returned as it is; a run whose final checkpoint exists but whose post-training work (final
+    save, merge, selection, summary) was interrupted finishes that work without training. Returns the same result
+    on every process."""
     state = process_state()
     trainer_args = args.trainer
     out = Path(args.output_dir)
     resume_from = check_resumable(args)
+    done = finished(args)
+    if done is not None:
+        logger.info("%s holds this run, finished at step %s: nothing to do", out, done.global_step)
+        return done
     callback = build_eval_callback(args.validation)
     data_path, distilled = _load_data(args.data)
     save_resolved_config(args.config, out)
@@ -349,10 +379,8 @@ def run(args: DetoxArguments) -> DetoxResult:
         model=args.model.name_or_path, args=trainer_args, train_dataset=distilled, peft_config=args.peft,
         callbacks=[callback] if callback else None,
     )
-    if resume_from:
-        logger.info("Resuming from %s", resume_from)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_metrics = _train(trainer, resume_from, callback)
     wall = time.perf_counter() - start
     if callback is not None and is_main_process():  # the final card carries the validation of its own step
         trainer.model_card_eval_results = _validation_results(args.validation, read_eval_records(out),
@@ -364,7 +392,7 @@ def run(args: DetoxArguments) -> DetoxResult:
         history = trainer.state.log_history
         losses = [h["loss"] for h in history if "loss" in h]
         num_tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
-        runtime = result.metrics.get("train_runtime")
+        runtime = train_metrics.get("train_runtime")
         # train_runtime includes the validation runs of the callback (this session's); tokens/s excludes them.
         eval_s = round(sum(r["eval_seconds"] for r in callback.records), 2) if callback is not None else 0.0
         train_only = runtime - eval_s if runtime else None
@@ -390,7 +418,7 @@ def run(args: DetoxArguments) -> DetoxResult:
                 # Trained (non-padding) tokens per second of optimisation, validation runs excluded. A resumed
                 # run counts only the steps and time of its own session.
                 "tokens_per_second": round(num_tokens / train_only, 2) if num_tokens and train_only else None,
-                "train_loss": result.metrics.get("train_loss"),
+                "train_loss": train_metrics.get("train_loss"),
                 "first_logged_loss": losses[0] if losses else None,
                 "last_logged_loss": losses[-1] if losses else None,
                 "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],

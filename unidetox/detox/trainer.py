@@ -23,7 +23,7 @@ from trl import SFTTrainer
 from unidetox.detox.callbacks import StopAtStepCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
-from unidetox.detox.model_card import render_model_card
+from unidetox.detox.model_card import MODEL_CARD_FILE, model_card_path, render_model_card
 from unidetox.detox.tokenization import as_distilled_dataset, tokenize_for_target
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.models import load_tokenizer, resolve_model_path
@@ -170,21 +170,28 @@ class UniversalDetoxTrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model (or adapter) with the tokenizer and a UniDetox model card; with ``save_merged_model`` and a
         PEFT adapter, also a merged full model under ``<output_dir>/merged`` (final save only, not checkpoints)."""
-        super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or self.args.output_dir
+        # Where the card goes is decided before saving: peft writes (or updates) README.md with an adapter, and a
+        # README.md the user put there must come out of the save unchanged.
+        card = model_card_path(output_dir)
+        readme = Path(output_dir) / MODEL_CARD_FILE
+        user_readme = readme.read_bytes() if card != readme and self.is_world_process_zero() else None
+        super().save_model(output_dir, _internal_call=_internal_call)
         if self.is_world_process_zero():
-            self._write_model_card(output_dir)
+            if user_readme is not None and (not readme.is_file() or readme.read_bytes() != user_readme):
+                readme.write_bytes(user_readme)
+            self._write_model_card(card)
         if not _internal_call and self.args.save_merged_model and self._is_peft():
             self.accelerator.wait_for_everyone()
             if self.is_world_process_zero():
                 merged_dir = merge_lora_checkpoint(output_dir, Path(output_dir) / MERGED_SUBDIR)
-                self._write_model_card(merged_dir, merged=True)
+                self._write_model_card(model_card_path(merged_dir), merged=True)
             self.accelerator.wait_for_everyone()
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
-        # trl calls this at every checkpoint to refresh `<output_dir>/README.md`.
+        # trl calls this at every checkpoint to refresh the card in `<output_dir>`.
         if self.is_world_process_zero():
-            self._write_model_card(self.args.output_dir)
+            self._write_model_card(model_card_path(self.args.output_dir))
 
     def _is_peft(self) -> bool:
         from accelerate.utils import is_peft_model
@@ -212,10 +219,8 @@ class UniversalDetoxTrainer(SFTTrainer):
             }
         return json.loads(json.dumps(summary, default=str))
 
-    def _write_model_card(self, directory: str | os.PathLike, merged: bool = False) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "README.md"
+    def _write_model_card(self, path: Path, merged: bool = False) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             render_model_card(
                 base_model=self.base_model_name,

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,13 @@ from typing import Any
 import datasets
 from trl import SFTConfig
 
+from unidetox.checkpoints import (
+    checkpoint_dirs,
+    checkpoint_step,
+    is_final_checkpoint,
+    newest_complete_checkpoint,
+    restore_final_checkpoint,
+)
 from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
 from unidetox.models import (
@@ -41,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 MARKER_FILE = "unidetox_anti_expert.json"
 PENDING_FILE = "unidetox_anti_expert.pending.json"
-# The Trainer's checkpoint folders: `checkpoint-<global step>`.
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Settings that change the trained weights; everything else (logging, saving, output paths) does not.
 FINGERPRINT_FIELDS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -274,6 +278,8 @@ def train_anti_expert(
     Under ``accelerate launch`` with N processes every rank trains (DDP through the Trainer, effective batch
     N x ``per_device_train_batch_size``); only the main process writes files, and all ranks return together.
 
+    An interrupted training resumes from its newest complete checkpoint (a broken newer one is skipped with a
+    warning); a checkpoint at the last step is loaded and saved as the anti-expert without training further.
     Only the ``checkpoint-*`` folders this training wrote are removed once it is saved; folders that were in
     ``output_dir`` before are kept, and when ``save_strategy`` would write checkpoints next to (or over) them
     the call raises instead.
@@ -318,8 +324,8 @@ def train_anti_expert(
         foreign = sorted(set(started["foreign_checkpoints"]) & set(present))
     else:
         foreign = sorted(present)
-    own = {name: step for name, step in present.items() if name not in foreign}
-    resume = str(out / max(own, key=own.get)) if own else None
+    newest = newest_complete_checkpoint(out / name for name in present if name not in foreign)
+    resume = str(newest) if newest else None
     save_strategy = getattr(config.save_strategy, "value", config.save_strategy)
     if foreign and save_strategy != "no":
         raise ValueError(
@@ -341,7 +347,7 @@ def train_anti_expert(
 
     trainer = build_anti_expert_trainer(model, tokenizer, corpus, config, callbacks)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    train_loss = _train_or_restore(trainer, resume)
     wall = time.perf_counter() - start
     trainer.save_model(str(out))
 
@@ -351,7 +357,7 @@ def train_anti_expert(
         "record": record,
         "kind": "lora" if config.use_peft else "full",
         "base": str(base_name_or_path),
-        "train_loss": train_output.training_loss,
+        "train_loss": train_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "global_steps": trainer.state.global_step,
@@ -371,12 +377,18 @@ def train_anti_expert(
     return AntiExpertResult(out, trained=True, metadata=metadata)
 
 
+def _train_or_restore(trainer, resume: str | None) -> float | None:
+    """Train from ``resume`` (None: from the start) and return the training loss; a checkpoint at the last step
+    is the trained anti-expert, so it is loaded instead (no loss: this call trained nothing)."""
+    if resume and is_final_checkpoint(resume):
+        restore_final_checkpoint(trainer, resume)
+        return None
+    return trainer.train(resume_from_checkpoint=resume).training_loss
+
+
 def _checkpoint_steps(out: Path) -> dict[str, int]:
     """``{folder name: step}`` of the Trainer checkpoint folders in ``out``."""
-    if not out.is_dir():
-        return {}
-    matches = ((p.name, CHECKPOINT_PATTERN.match(p.name)) for p in out.iterdir() if p.is_dir())
-    return {name: int(match.group(1)) for name, match in matches if match}
+    return {path.name: checkpoint_step(path) for path in checkpoint_dirs(out)}
 
 
 def _read_pending(pending: Path) -> dict[str, Any] | None:

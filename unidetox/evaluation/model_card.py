@@ -28,6 +28,7 @@ from unidetox.detox.model_card import (
     merge_eval_results,
     prompt_set_dataset,
     toxicity_eval_results,
+    written_model_card,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def update_model_cards(report: Mapping[str, Any]) -> list[Path]:
     """Merge each evaluated local model's results into its model card; returns the cards updated.
 
     Only plainly sampled models count (a contrastive-decoding entry is the model plus an anti-expert, not the
-    model), and only local directories that already hold a ``README.md``.
+    model), and only local directories that already hold a model card unidetox wrote (a user's own ``README.md`` is
+    left as it is).
     """
     updated = []
     for key, model in report["models"].items():
@@ -89,7 +91,7 @@ def update_model_cards(report: Mapping[str, Any]) -> list[Path]:
         directory = Path(model["name_or_path"])
         if not directory.is_dir():
             continue
-        card = directory / MODEL_CARD_FILE
+        card = written_model_card(directory) or directory / MODEL_CARD_FILE
         if merge_eval_results(card, report_eval_results(report, key)):
             logger.info("Wrote the evaluation of %s into %s", key, card)
             updated.append(card)
