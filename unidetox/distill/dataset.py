@@ -13,7 +13,6 @@ process merges the shards in batch order into exactly ``num_samples`` rows and w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -34,9 +33,10 @@ from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
 from unidetox.decoding.sampler import validate_alpha_beta
-from unidetox.distill.anti_expert import load_anti_expert, model_config_fingerprint
+from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer
 from unidetox.io import atomic_write_json, atomic_write_text
+from unidetox.model_identity import model_id
 from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
@@ -54,10 +54,6 @@ TEXT_COLUMN_ALIASES = ("text", "Text", "generated_text", "content")
 RECIPE_SUBDIR = "distilled"
 # Seed streams: the distilled text, and the plain samples the summary compares it with.
 STREAM_DISTILL, STREAM_BASE, STREAM_ANTI = 0, 1, 2
-# Files of a saved model or adapter that decide the texts sampled with it (their digest names it in caches).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Adapter settings that name where it came from, not what it computes.
-ADAPTER_CONFIG_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version")
 
 logger = logging.getLogger(__name__)
 
@@ -580,13 +576,7 @@ class DistilledDetoxDataset:
 
         # The models are checked before anything is written: a failed check leaves no settings behind that
         # would refuse the corrected rerun.
-        models = _resolve_for_build(base, anti_expert, fused, state.device)
-        anti_vocab = getattr(getattr(models.anti_expert, "config", None), "vocab_size", None)
-        if anti_vocab is not None and anti_vocab != models.base.config.vocab_size:
-            raise ValueError(
-                f"The base model has a vocabulary of {models.base.config.vocab_size} and the anti-expert of "
-                f"{anti_vocab}: contrastive decoding needs one shared vocabulary."
-            )
+        models = _resolve_for_build(base, anti_expert, fused, state.device)  # one shared vocabulary, too
         logger.info("Distilling with %s decoding", models.decoding)
         if out is not None:
             wait_for_everyone()  # every rank has read the shard settings before the main process rewrites
@@ -737,57 +727,6 @@ def _resolve_for_build(base, anti_expert, fused: bool | None, device) -> Resolve
         anti_expert = load_anti_expert(anti_expert, merge=False, base_model=base)
     anti_expert.to(device)
     return resolve_models(base, anti_expert, fused=fused)
-
-
-def _canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True,
-                      default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
-
-
-def _adapter_settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ADAPTER_CONFIG_PROVENANCE}
-
-
-def _directory_digest(path: Path) -> str:
-    """SHA-256 over a saved model's or adapter's weight files (names and bytes) and its adapter settings."""
-    digest = hashlib.sha256()
-    if (path / ADAPTER_CONFIG_FILE).is_file():
-        digest.update(_canonical_json(_adapter_settings(read_adapter_config(path))).encode())
-    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        digest.update(file.name.encode() + b"\x00")
-        with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _state_dict_digest(model) -> str:
-    """SHA-256 over an in-memory model's architecture, adapter settings and every tensor's bytes."""
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(model_config_fingerprint(config).encode())
-    peft_config = getattr(model, "peft_config", None) or {}
-    adapters = {name: _adapter_settings(c.to_dict()) for name, c in peft_config.items()}
-    digest.update(_canonical_json(adapters).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        value = tensor.detach().contiguous()
-        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).cpu().numpy())
-    return digest.hexdigest()
-
-
-def model_id(model) -> str:
-    """How a build names a model in its cache: by what decides the texts, not by a name alone.
-
-    A saved model or adapter directory is ``<path>@<digest of its weight files>``; an in-memory model is
-    ``<name_or_path or class>@<digest of its state dict>``; a hub id or embedded name stays as it is.
-    """
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model).expanduser()
-        return f"{model}@{_directory_digest(path)[:12]}" if path.is_dir() else str(model)
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    return f"{name}@{_state_dict_digest(model)[:12]}"
 
 
 def _commit(result: DistilledDetoxDataset, out: Path) -> None:
