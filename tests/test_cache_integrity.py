@@ -7,10 +7,14 @@ import pytest
 from tiny import char_tokenizer, tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
+import unidetox.distill.dataset as dataset_module
+from unidetox import DistilledDetoxDataset
 from unidetox.decoding.sampler import ContrastiveDetoxSampler
 from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.distill.dataset import METADATA_FILE, SHARD_CONFIG_FILE, SHARDS_DIR
 from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, model_slug, run_evaluation
-from unidetox.evaluation.prompts import Prompt
+from unidetox.evaluation.model_card import update_model_cards
+from unidetox.evaluation.prompts import Prompt, read_prompt_file, read_toxigen_fewshot
 from unidetox.evaluation.report import read_jsonl
 from unidetox.model_identity import saved_model_id
 
@@ -136,3 +140,157 @@ def test_evaluate_with_an_anti_expert_of_another_vocabulary_names_both(tmp_path)
             perplexity_config=PerplexityConfig(reference_model=None, wikitext=False),
             decoding_config=DecodingConfig(anti_expert=str(anti), also_plain=False), progress=False,
         )
+
+
+# ---- distill shards and metadata -------------------------------------------------------------------------------
+BUILD = dict(max_length=4, batch_size=2, seed=0, summary_num_samples=0, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def distill_models():
+    tokenizer = word_tokenizer()
+    return tiny_llama(len(tokenizer), seed=0), tiny_llama(len(tokenizer), seed=1), tokenizer
+
+
+def build(distill_models, out, num_samples=16, **kwargs):
+    base, anti, tokenizer = distill_models
+    return DistilledDetoxDataset.build(base, anti, tokenizer, num_samples=num_samples, output_dir=out,
+                                       **{**BUILD, **kwargs})
+
+
+class FirstBatchSampled(Exception):
+    pass
+
+
+def test_a_huge_build_plans_its_batches_lazily(tmp_path, distill_models, monkeypatch):
+    """The batch list is not made up front: the first batch is sampled before the other shards are looked up,
+    so a build of any size starts at once (the old plan listed and checked every batch first)."""
+    looked_up = []
+    read_shard = dataset_module._read_shard
+    monkeypatch.setattr(dataset_module, "_read_shard", lambda path, *a: looked_up.append(path) or read_shard(path, *a))
+
+    def sample_batch(*args, **kwargs):
+        raise FirstBatchSampled
+
+    monkeypatch.setattr(dataset_module, "sample_batch", sample_batch)
+    for num_samples in (10_000, 10**12):
+        with pytest.raises(FirstBatchSampled):
+            build(distill_models, tmp_path / str(num_samples), num_samples=num_samples, batch_size=1)
+        assert len(looked_up) == 1
+        looked_up.clear()
+
+
+def test_lazy_planning_keeps_the_texts(tmp_path, distill_models):
+    """An odd last batch: the merged texts are exactly num_samples, the same in memory and resumed from shards."""
+    in_memory = DistilledDetoxDataset.build(*distill_models, num_samples=7, **{**BUILD, "batch_size": 3})
+    out = tmp_path / "d"
+    build(distill_models, out, num_samples=7, batch_size=3)
+    (out / "metadata.json").unlink()
+    (out / "shards" / "batch-000001.json").unlink()
+    assert build(distill_models, out, num_samples=7, batch_size=3).texts == in_memory.texts
+    assert len(in_memory) == 7
+
+
+def test_a_shard_copied_over_another_is_refused_naming_it(tmp_path, distill_models):
+    out = tmp_path / "d"
+    build(distill_models, out)
+    shards = out / SHARDS_DIR
+    copied = shards / "batch-000006.json"
+    copied.write_text((shards / "batch-000000.json").read_text())
+    (out / "metadata.json").unlink()  # the next build merges the shards again
+    with pytest.raises(ValueError, match=rf"{copied} holds batch 0 .*not batch 6 .*Delete it"):
+        build(distill_models, out)
+    copied.unlink()
+    assert build(distill_models, out).texts == build(distill_models, tmp_path / "fresh").texts
+
+
+def test_a_shard_of_another_seed_is_refused(tmp_path, distill_models):
+    build(distill_models, tmp_path / "a", seed=1)
+    out = tmp_path / "b"
+    build(distill_models, out)
+    (out / "metadata.json").unlink()
+    victim = out / SHARDS_DIR / "batch-000003.json"
+    victim.write_text((tmp_path / "a" / SHARDS_DIR / "batch-000003.json").read_text())
+    with pytest.raises(ValueError, match=rf"{victim} holds batch 3 \(seed \d+\), not batch 3"):
+        build(distill_models, out)
+
+
+def test_a_truncated_metadata_file_is_named(tmp_path, distill_models):
+    out = tmp_path / "d"
+    build(distill_models, out, num_samples=4)
+    meta = out / METADATA_FILE
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{meta} is not valid JSON \(line \d+, column \d+.*Delete it and rerun"):
+        build(distill_models, out, num_samples=4)
+    with pytest.raises(ValueError, match=rf"{meta} is not valid JSON"):
+        DistilledDetoxDataset.load(out)
+    meta.unlink()
+    assert len(build(distill_models, out, num_samples=4)) == 4
+
+
+def test_an_empty_shard_config_is_named(tmp_path, distill_models):
+    out = tmp_path / "d"
+    build(distill_models, out, num_samples=4)
+    (out / METADATA_FILE).unlink()
+    config = out / SHARDS_DIR / SHARD_CONFIG_FILE
+    config.write_text("")
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON \(it is empty\).*overwrite=True"):
+        build(distill_models, out, num_samples=4)
+    assert len(build(distill_models, out, num_samples=4, overwrite=True)) == 4
+
+
+# ---- bad prompt files and model cards --------------------------------------------------------------------------
+def test_a_corrupt_jsonl_prompt_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "the cat"}\n\n{"prompt": "a good\n{"prompt": "music"}\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 3 is not valid JSON"):
+        read_prompt_file(path)
+
+
+def test_a_corrupt_json_prompt_file_names_the_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text('[{"prompt": "the cat"},\n {"prompt": ')
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON \(line 2, column"):
+        read_prompt_file(path)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_a_latin1_prompt_file_names_the_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"prompts{suffix}"
+    lines = {".txt": ["the cat", "a good friend", "caf\u00e9 au lait"],
+             ".jsonl": ['{"prompt": "the cat"}', '{"prompt": "a good friend"}', '{"prompt": "caf\u00e9"}'],
+             ".csv": ["prompt", "the cat", "caf\u00e9"]}[suffix]
+    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    line = len(lines)
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text \(line {line}: .*iconv"):
+        read_prompt_file(path)
+
+
+def test_a_latin1_fewshot_prompt_file_is_named(tmp_path):
+    (tmp_path / "hate_women_1k.txt").write_bytes("- good\\n- caf\u00e9\\n-\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'hate_women_1k.txt'} is not UTF-8 text \(line 1"):
+        read_toxigen_fewshot(tmp_path)
+
+
+def card_report(models):
+    return {
+        "models": {str(m): {"name_or_path": str(m), "decoding": {"method": "sampling"},
+                            "toxicity_probability": {"mean": 0.25}, "expected_max_toxicity": {"mean": 0.5}}
+                   for m in models},
+        "prompts": {"source": "toxigen_local", "split": "test"}, "perplexity": {}, "mmlu": {},
+    }
+
+
+def test_a_malformed_model_card_is_reported_and_the_other_cards_are_written(tmp_path, caplog):
+    models = [tmp_path / name for name in ("a", "b", "c")]
+    for model in models:
+        model.mkdir()
+        (model / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A model\n")
+    broken = models[1] / "README.md"
+    broken.write_text("---\nlicense: [apache-2.0\ntags: {\n---\n# A broken header\n")
+    with caplog.at_level(logging.WARNING, logger="unidetox.evaluation.model_card"):
+        updated = update_model_cards(card_report(models))
+    assert updated == [models[0] / "README.md", models[2] / "README.md"]
+    assert all("expected_max_toxicity" in (m / "README.md").read_text() for m in (models[0], models[2]))
+    assert broken.read_text().endswith("# A broken header\n") and "model-index" not in broken.read_text()
+    assert any(str(broken) in r.getMessage() and "not valid YAML" in r.getMessage() for r in caplog.records)

@@ -35,7 +35,7 @@ from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_m
 from unidetox.decoding.sampler import validate_alpha_beta
 from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer
-from unidetox.io import atomic_write_json, atomic_write_text
+from unidetox.io import atomic_write_json, atomic_write_text, read_json_file
 from unidetox.model_identity import model_id
 from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
@@ -218,14 +218,54 @@ def _shard_path(shards: Path, index: int) -> Path:
     return shards / f"batch-{index:06d}.json"
 
 
-def _read_shard(path: Path, expected_rows: int) -> dict | None:
+def _batch_rows(index: int, num_samples: int, batch_size: int) -> int:
+    """How many texts global batch ``index`` holds: ``batch_size``, fewer in the last batch.
+
+    Computed per batch, never as a list of all batches, so a build of any size starts sampling at once."""
+    return min(batch_size, num_samples - index * batch_size)
+
+
+def _read_shard(path: Path, index: int, seed: int, expected_rows: int) -> dict | None:
+    """Shard ``index`` of a build with ``seed``; ``None`` when it is missing or incomplete (it is sampled again).
+
+    A complete shard that records another batch or seed than its name says (a file copied over another) is
+    refused: using it would repeat or mix texts, and resampling it would hide that the folder was tampered with.
+    """
     try:
         shard = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if len(shard.get("token_ids", [])) != expected_rows:
+    if not isinstance(shard, dict) or not isinstance(shard.get("token_ids"), list):
         return None
+    if len(shard["token_ids"]) != expected_rows:
+        return None
+    expected_seed = batch_seed(seed, index)
+    if shard.get("batch") != index or shard.get("seed") != expected_seed:
+        raise ValueError(
+            f"{path} holds batch {shard.get('batch')!r} (seed {shard.get('seed')!r}), not batch {index} (seed "
+            f"{expected_seed}) as its name says: it was copied or moved from another shard or build. Delete it "
+            "and rerun to sample this batch again."
+        )
     return shard
+
+
+def _read_shard_settings(path: Path, overwrite: bool) -> dict | None:
+    """The settings the shards in ``path.parent`` were sampled with (``None``: no shards yet).
+
+    Unreadable settings match no build: refused, or with ``overwrite`` discarded with their shards."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json_file(path, fix=f"Its shards cannot be matched to any settings: delete the folder "
+                                        f"{path.parent} and rerun, or pass overwrite=True to discard them.")
+    except ValueError:
+        if not overwrite:
+            raise
+        return {}
+
+
+_METADATA_FIX = ("Delete it and rerun the build into the same output_dir: it merges the finished shards again and "
+                 "rewrites the file.")
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -352,7 +392,7 @@ class DistilledDetoxDataset:
                 )
             dataset = datasets.load_from_disk(str(path))
             meta_file = path / METADATA_FILE
-            metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            metadata = read_json_file(meta_file, fix=_METADATA_FIX) if meta_file.is_file() else {}
             return cls(dataset, metadata)
         frame = _read_table(path)
         columns = [str(c) for c in frame.columns]
@@ -542,7 +582,6 @@ class DistilledDetoxDataset:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
 
         num_batches = math.ceil(num_samples / batch_size)
-        sizes = [min(batch_size, num_samples - i * batch_size) for i in range(num_batches)]
         fingerprint = {
             "base": base_id,
             "anti_expert": anti_expert_id,
@@ -560,12 +599,12 @@ class DistilledDetoxDataset:
         if out is not None:
             meta_file = out / METADATA_FILE
             if meta_file.is_file():
-                existing = json.loads(meta_file.read_text())
+                existing = read_json_file(meta_file, fix=_METADATA_FIX)
                 if existing.get("fingerprint") == fingerprint and existing.get("num_samples") == num_samples:
                     logger.info("%s already holds this distilled dataset; loading it", out)
                     return cls.load(out)
             shard_config = shards / SHARD_CONFIG_FILE
-            old = json.loads(shard_config.read_text()) if shard_config.is_file() else None
+            old = _read_shard_settings(shard_config, overwrite)
             if old is not None and old != fingerprint and not overwrite:
                 changed = [f"{k}: {old.get(k)!r} -> {value!r}" for k, value in fingerprint.items()
                            if old.get(k) != value]
@@ -589,34 +628,28 @@ class DistilledDetoxDataset:
             wait_for_everyone()
 
         started = time.perf_counter()
-        mine = [i for i in range(num_batches) if i % world == rank]
+        mine = range(rank, num_batches, world)  # lazily: the first batch starts at once, whatever the size
         results: dict[int, dict] = {}
-        todo = []
-        for i in mine:
-            shard = _read_shard(_shard_path(shards, i), sizes[i]) if shards is not None else None
-            if shard is not None:
-                results[i] = shard
-            else:
-                todo.append(i)
         from tqdm.auto import tqdm
 
-        progress = tqdm(
-            total=len(mine), initial=len(mine) - len(todo), desc=f"distilling (rank {rank}/{world})", unit="batch",
-            disable=not (show_progress and is_main),
-        )
+        progress = tqdm(total=len(mine), desc=f"distilling (rank {rank}/{world})", unit="batch",
+                        disable=not (show_progress and is_main))
         sample_kwargs = dict(alpha=sampling.alpha, beta=sampling.beta, temperature=sampling.temperature,
                              top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_ids, pad_token_id=pad_id)
-        for i in todo:
-            t0 = time.perf_counter()
-            rows = sample_batch(models.base, models.anti_expert, [start_id], sizes[i], max_length,
-                                batch_seed(seed, i), resolved=models, **sample_kwargs)
-            shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
-                     "generation_time_s": round(time.perf_counter() - t0, 3)}
-            if shards is not None:
-                atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+        for i in mine:
+            rows_in_batch = _batch_rows(i, num_samples, batch_size)
+            shard = _read_shard(_shard_path(shards, i), i, seed, rows_in_batch) if shards is not None else None
+            if shard is None:
+                t0 = time.perf_counter()
+                rows = sample_batch(models.base, models.anti_expert, [start_id], rows_in_batch, max_length,
+                                    batch_seed(seed, i), resolved=models, **sample_kwargs)
+                shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
+                         "generation_time_s": round(time.perf_counter() - t0, 3)}
+                if shards is not None:
+                    atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+                progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
             results[i] = shard
             progress.update(1)
-            progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
         progress.close()
         if out is not None:
             wait_for_everyone()
@@ -625,7 +658,8 @@ class DistilledDetoxDataset:
         if is_main:
             all_shards = []
             for i in range(num_batches):
-                shard = results.get(i) or _read_shard(_shard_path(shards, i), sizes[i])
+                shard = results.get(i) or _read_shard(_shard_path(shards, i), i, seed,
+                                                      _batch_rows(i, num_samples, batch_size))
                 if shard is None:
                     raise RuntimeError(f"Shard {i} of {num_batches} is missing or incomplete in {shards} after sampling.")
                 all_shards.append(shard)
