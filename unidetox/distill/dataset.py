@@ -615,7 +615,7 @@ class DistilledDetoxDataset:
 
         # The models are checked before anything is written: a failed check leaves no settings behind that
         # would refuse the corrected rerun.
-        models = _resolve_for_build(base, anti_expert, fused, state.device)  # one shared vocabulary, too
+        models = _resolve_for_build(base, anti_expert, fused, state.device)  # refuses another vocabulary
         logger.info("Distilling with %s decoding", models.decoding)
         if out is not None:
             wait_for_everyone()  # every rank has read the shard settings before the main process rewrites

@@ -53,6 +53,7 @@ from unidetox.secret_masking import mask_secrets
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class PerplexityConfig:
     """Fluency measurements: conditional perplexity under a reference LM and WikiText-2 perplexity."""
@@ -212,8 +213,8 @@ def run_evaluation(
     prompt_ids = [p.id for p in prompts]
     # Caches name local models by the digest of their weights: weights overwritten in place are evaluated anew.
     # A hub id or embedded name is its own identity, so parts made for it before stay valid.
-    weights = {name: saved_model_id(name) for name in
-               dict.fromkeys([*models, decoding_config.anti_expert, perplexity_config.reference_model]) if name}
+    weights = {name: saved_model_id(name) for name in dict.fromkeys(
+        [*map(str, models), decoding_config.anti_expert, perplexity_config.reference_model]) if name}
     generation_settings = {
         "prompts": _fingerprint(prompt_ids),
         "num_samples": eval_config.num_samples, "max_new_tokens": eval_config.max_new_tokens,
