@@ -138,8 +138,9 @@ def test_evaluate_with_an_anti_expert_of_another_vocabulary_names_both(tmp_path)
             [str(model)], [0], tmp_path / "eval", [Prompt(s) for s in STATEMENTS],
             eval_config=ToxicityEvalConfig(num_samples=1, max_new_tokens=2, batch_size=4),
             perplexity_config=PerplexityConfig(reference_model=None, wikitext=False),
-            decoding_config=DecodingConfig(anti_expert=str(anti), also_plain=False), progress=False,
+            decoding_config=DecodingConfig(anti_expert=str(anti)), progress=False,
         )
+    assert not list((tmp_path / "eval" / "parts").rglob("seed*.jsonl"))  # refused before the plain samples too
 
 
 # ---- distill shards and metadata -------------------------------------------------------------------------------

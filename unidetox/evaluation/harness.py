@@ -277,13 +277,14 @@ def run_evaluation(
         if not (todo_gen or need_wikitext or need_mmlu or need_capabilities):
             continue
         model, tokenizer = _load(name, dtype, procs.device)
+        if any(entry.contrastive for entry, _ in todo_gen):  # checked before this model samples anything
+            if anti_expert is None:
+                anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
+            require_shared_vocabulary(scored_vocabulary_size(model), scored_vocabulary_size(anti_expert),
+                                      f"model {name}", f"anti-expert {decoding_config.anti_expert}")
         for entry, seed in todo_gen:
             factory = None
             if entry.contrastive:
-                if anti_expert is None:
-                    anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
-                require_shared_vocabulary(scored_vocabulary_size(model), scored_vocabulary_size(anti_expert),
-                                          f"model {name}", f"anti-expert {decoding_config.anti_expert}")
 
                 def factory(mask, anti=anti_expert):
                     return ContrastiveDetoxSampler(anti, alpha=decoding_config.alpha, beta=decoding_config.beta,
