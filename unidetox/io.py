@@ -32,3 +32,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def read_json_file(path: str | os.PathLike, fix: str) -> Any:
+    """The JSON in ``path``; a file that does not hold JSON raises a ``ValueError`` naming it, the line and column
+    where the JSON breaks, and ``fix`` (what to do about it). A missing file raises ``FileNotFoundError``.
+
+    Unlike :func:`read_json`, for files that must be read: settings that guard a cache, the marker of a build.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        where = "it is empty" if not err.doc.strip() else f"line {err.lineno}, column {err.colno}: {err.msg}"
+        raise ValueError(f"{path} is not valid JSON ({where}). {fix}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). {fix}") from err

@@ -35,6 +35,8 @@ from unidetox.decoding.sampler import (
     ContrastiveDetoxSampler,
     contrastive_scores,
     distinct_rows,
+    require_shared_vocabulary,
+    scored_vocabulary_size,
     validate_alpha_beta,
 )
 
@@ -396,6 +398,7 @@ def resolve_models(base, anti_expert=None, *, fused: bool | None = None, adapter
             f"{' on other weights' if is_lora else ''}. Use fused=None to pick the path automatically."
         )
     base_context = anti_expert.disable_adapter if on_base else contextlib.nullcontext
+    require_shared_vocabulary(scored_vocabulary_size(base), scored_vocabulary_size(anti_expert))
     if can_fuse and fused is not False:
         return ResolvedModels(base, anti_expert.eval(), base_context, lora=anti_expert,
                               adapter_name=adapter_name)

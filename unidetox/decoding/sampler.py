@@ -25,6 +25,33 @@ def validate_alpha_beta(alpha: float, beta: float | None) -> None:
             )
 
 
+def scored_vocabulary_size(model) -> int | None:
+    """How many tokens ``model`` scores: the rows of its output embedding (padding rows included, they are in its
+    logits), else ``config.vocab_size``; ``None`` when neither is known."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def require_shared_vocabulary(base_size: int | None, anti_expert_size: int | None,
+                              base_name: str = "base model", anti_expert_name: str = "anti-expert") -> None:
+    """Raise a ``ValueError`` naming both sizes when the base and the anti-expert score different vocabularies.
+
+    The logits' sizes are compared, not the tokenizers': a model may pad its embedding beyond its tokenizer, and
+    the contrast needs the two score vectors to line up token by token. An unknown size is not checked.
+    """
+    if base_size is None or anti_expert_size is None or base_size == anti_expert_size:
+        return
+    raise ValueError(
+        f"The {base_name} scores {base_size} tokens but the {anti_expert_name} scores {anti_expert_size}: "
+        "contrastive decoding needs one shared vocabulary (use an anti-expert fine-tuned from the base, or from "
+        "a model with the same tokenizer)."
+    )
+
+
 def contrastive_scores(
     base_logits: torch.Tensor, anti_logits: torch.Tensor, alpha: float, beta: float | None = None
 ) -> torch.Tensor:
@@ -319,5 +346,7 @@ class ContrastiveDetoxSampler(LogitsProcessor):
         return logits
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._cache is None:  # before the anti-expert reads the base's token ids, which it may not have
+            require_shared_vocabulary(scores.shape[-1], scored_vocabulary_size(self.anti_expert))
         anti_logits = self.anti_expert_logits(input_ids)
         return contrastive_scores(scores, anti_logits, self.alpha, self.beta)

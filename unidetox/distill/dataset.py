@@ -13,7 +13,6 @@ process merges the shards in batch order into exactly ``num_samples`` rows and w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -34,9 +33,10 @@ from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
 from unidetox.decoding.sampler import validate_alpha_beta
-from unidetox.distill.anti_expert import load_anti_expert, model_config_fingerprint
+from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer
-from unidetox.io import atomic_write_json, atomic_write_text
+from unidetox.io import atomic_write_json, atomic_write_text, read_json_file
+from unidetox.model_identity import model_id
 from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
@@ -54,10 +54,6 @@ TEXT_COLUMN_ALIASES = ("text", "Text", "generated_text", "content")
 RECIPE_SUBDIR = "distilled"
 # Seed streams: the distilled text, and the plain samples the summary compares it with.
 STREAM_DISTILL, STREAM_BASE, STREAM_ANTI = 0, 1, 2
-# Files of a saved model or adapter that decide the texts sampled with it (their digest names it in caches).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Adapter settings that name where it came from, not what it computes.
-ADAPTER_CONFIG_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version")
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +218,54 @@ def _shard_path(shards: Path, index: int) -> Path:
     return shards / f"batch-{index:06d}.json"
 
 
-def _read_shard(path: Path, expected_rows: int) -> dict | None:
+def _batch_rows(index: int, num_samples: int, batch_size: int) -> int:
+    """How many texts global batch ``index`` holds: ``batch_size``, fewer in the last batch.
+
+    Computed per batch, never as a list of all batches, so a build of any size starts sampling at once."""
+    return min(batch_size, num_samples - index * batch_size)
+
+
+def _read_shard(path: Path, index: int, seed: int, expected_rows: int) -> dict | None:
+    """Shard ``index`` of a build with ``seed``; ``None`` when it is missing or incomplete (it is sampled again).
+
+    A complete shard that records another batch or seed than its name says (a file copied over another) is
+    refused: using it would repeat or mix texts, and resampling it would hide that the folder was tampered with.
+    """
     try:
         shard = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if len(shard.get("token_ids", [])) != expected_rows:
+    if not isinstance(shard, dict) or not isinstance(shard.get("token_ids"), list):
         return None
+    if len(shard["token_ids"]) != expected_rows:
+        return None
+    expected_seed = batch_seed(seed, index)
+    if shard.get("batch") != index or shard.get("seed") != expected_seed:
+        raise ValueError(
+            f"{path} holds batch {shard.get('batch')!r} (seed {shard.get('seed')!r}), not batch {index} (seed "
+            f"{expected_seed}) as its name says: it was copied or moved from another shard or build. Delete it "
+            "and rerun to sample this batch again."
+        )
     return shard
+
+
+def _read_shard_settings(path: Path, overwrite: bool) -> dict | None:
+    """The settings the shards in ``path.parent`` were sampled with (``None``: no shards yet).
+
+    Unreadable settings match no build: refused, or with ``overwrite`` discarded with their shards."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json_file(path, fix=f"Its shards cannot be matched to any settings: delete the folder "
+                                        f"{path.parent} and rerun, or pass overwrite=True to discard them.")
+    except ValueError:
+        if not overwrite:
+            raise
+        return {}
+
+
+_METADATA_FIX = ("Delete it and rerun the build into the same output_dir: it merges the finished shards again and "
+                 "rewrites the file.")
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -356,7 +392,7 @@ class DistilledDetoxDataset:
                 )
             dataset = datasets.load_from_disk(str(path))
             meta_file = path / METADATA_FILE
-            metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            metadata = read_json_file(meta_file, fix=_METADATA_FIX) if meta_file.is_file() else {}
             return cls(dataset, metadata)
         frame = _read_table(path)
         columns = [str(c) for c in frame.columns]
@@ -546,7 +582,6 @@ class DistilledDetoxDataset:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
 
         num_batches = math.ceil(num_samples / batch_size)
-        sizes = [min(batch_size, num_samples - i * batch_size) for i in range(num_batches)]
         fingerprint = {
             "base": base_id,
             "anti_expert": anti_expert_id,
@@ -564,12 +599,12 @@ class DistilledDetoxDataset:
         if out is not None:
             meta_file = out / METADATA_FILE
             if meta_file.is_file():
-                existing = json.loads(meta_file.read_text())
+                existing = read_json_file(meta_file, fix=_METADATA_FIX)
                 if existing.get("fingerprint") == fingerprint and existing.get("num_samples") == num_samples:
                     logger.info("%s already holds this distilled dataset; loading it", out)
                     return cls.load(out)
             shard_config = shards / SHARD_CONFIG_FILE
-            old = json.loads(shard_config.read_text()) if shard_config.is_file() else None
+            old = _read_shard_settings(shard_config, overwrite)
             if old is not None and old != fingerprint and not overwrite:
                 changed = [f"{k}: {old.get(k)!r} -> {value!r}" for k, value in fingerprint.items()
                            if old.get(k) != value]
@@ -580,13 +615,7 @@ class DistilledDetoxDataset:
 
         # The models are checked before anything is written: a failed check leaves no settings behind that
         # would refuse the corrected rerun.
-        models = _resolve_for_build(base, anti_expert, fused, state.device)
-        anti_vocab = getattr(getattr(models.anti_expert, "config", None), "vocab_size", None)
-        if anti_vocab is not None and anti_vocab != models.base.config.vocab_size:
-            raise ValueError(
-                f"The base model has a vocabulary of {models.base.config.vocab_size} and the anti-expert of "
-                f"{anti_vocab}: contrastive decoding needs one shared vocabulary."
-            )
+        models = _resolve_for_build(base, anti_expert, fused, state.device)  # refuses another vocabulary
         logger.info("Distilling with %s decoding", models.decoding)
         if out is not None:
             wait_for_everyone()  # every rank has read the shard settings before the main process rewrites
@@ -599,34 +628,28 @@ class DistilledDetoxDataset:
             wait_for_everyone()
 
         started = time.perf_counter()
-        mine = [i for i in range(num_batches) if i % world == rank]
+        mine = range(rank, num_batches, world)  # lazily: the first batch starts at once, whatever the size
         results: dict[int, dict] = {}
-        todo = []
-        for i in mine:
-            shard = _read_shard(_shard_path(shards, i), sizes[i]) if shards is not None else None
-            if shard is not None:
-                results[i] = shard
-            else:
-                todo.append(i)
         from tqdm.auto import tqdm
 
-        progress = tqdm(
-            total=len(mine), initial=len(mine) - len(todo), desc=f"distilling (rank {rank}/{world})", unit="batch",
-            disable=not (show_progress and is_main),
-        )
+        progress = tqdm(total=len(mine), desc=f"distilling (rank {rank}/{world})", unit="batch",
+                        disable=not (show_progress and is_main))
         sample_kwargs = dict(alpha=sampling.alpha, beta=sampling.beta, temperature=sampling.temperature,
                              top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_ids, pad_token_id=pad_id)
-        for i in todo:
-            t0 = time.perf_counter()
-            rows = sample_batch(models.base, models.anti_expert, [start_id], sizes[i], max_length,
-                                batch_seed(seed, i), resolved=models, **sample_kwargs)
-            shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
-                     "generation_time_s": round(time.perf_counter() - t0, 3)}
-            if shards is not None:
-                atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+        for i in mine:
+            rows_in_batch = _batch_rows(i, num_samples, batch_size)
+            shard = _read_shard(_shard_path(shards, i), i, seed, rows_in_batch) if shards is not None else None
+            if shard is None:
+                t0 = time.perf_counter()
+                rows = sample_batch(models.base, models.anti_expert, [start_id], rows_in_batch, max_length,
+                                    batch_seed(seed, i), resolved=models, **sample_kwargs)
+                shard = {"batch": i, "seed": batch_seed(seed, i), "rank": rank, "token_ids": rows,
+                         "generation_time_s": round(time.perf_counter() - t0, 3)}
+                if shards is not None:
+                    atomic_write_text(_shard_path(shards, i), json.dumps(shard))
+                progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
             results[i] = shard
             progress.update(1)
-            progress.set_postfix(tok_per_s=f"{sum(map(len, rows)) / max(shard['generation_time_s'], 1e-9):.0f}")
         progress.close()
         if out is not None:
             wait_for_everyone()
@@ -635,7 +658,8 @@ class DistilledDetoxDataset:
         if is_main:
             all_shards = []
             for i in range(num_batches):
-                shard = results.get(i) or _read_shard(_shard_path(shards, i), sizes[i])
+                shard = results.get(i) or _read_shard(_shard_path(shards, i), i, seed,
+                                                      _batch_rows(i, num_samples, batch_size))
                 if shard is None:
                     raise RuntimeError(f"Shard {i} of {num_batches} is missing or incomplete in {shards} after sampling.")
                 all_shards.append(shard)
@@ -737,57 +761,6 @@ def _resolve_for_build(base, anti_expert, fused: bool | None, device) -> Resolve
         anti_expert = load_anti_expert(anti_expert, merge=False, base_model=base)
     anti_expert.to(device)
     return resolve_models(base, anti_expert, fused=fused)
-
-
-def _canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True,
-                      default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
-
-
-def _adapter_settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ADAPTER_CONFIG_PROVENANCE}
-
-
-def _directory_digest(path: Path) -> str:
-    """SHA-256 over a saved model's or adapter's weight files (names and bytes) and its adapter settings."""
-    digest = hashlib.sha256()
-    if (path / ADAPTER_CONFIG_FILE).is_file():
-        digest.update(_canonical_json(_adapter_settings(read_adapter_config(path))).encode())
-    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        digest.update(file.name.encode() + b"\x00")
-        with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _state_dict_digest(model) -> str:
-    """SHA-256 over an in-memory model's architecture, adapter settings and every tensor's bytes."""
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(model_config_fingerprint(config).encode())
-    peft_config = getattr(model, "peft_config", None) or {}
-    adapters = {name: _adapter_settings(c.to_dict()) for name, c in peft_config.items()}
-    digest.update(_canonical_json(adapters).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        value = tensor.detach().contiguous()
-        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).cpu().numpy())
-    return digest.hexdigest()
-
-
-def model_id(model) -> str:
-    """How a build names a model in its cache: by what decides the texts, not by a name alone.
-
-    A saved model or adapter directory is ``<path>@<digest of its weight files>``; an in-memory model is
-    ``<name_or_path or class>@<digest of its state dict>``; a hub id or embedded name stays as it is.
-    """
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model).expanduser()
-        return f"{model}@{_directory_digest(path)[:12]}" if path.is_dir() else str(model)
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    return f"{name}@{_state_dict_digest(model)[:12]}"
 
 
 def _commit(result: DistilledDetoxDataset, out: Path) -> None:

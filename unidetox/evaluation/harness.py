@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -16,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-from unidetox.decoding.sampler import ContrastiveDetoxSampler, validate_alpha_beta
+from unidetox.decoding.sampler import (
+    ContrastiveDetoxSampler,
+    require_shared_vocabulary,
+    scored_vocabulary_size,
+    validate_alpha_beta,
+)
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.evaluation.capabilities import CapabilitiesConfig, lm_eval_version, run_lm_eval
 from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
@@ -31,6 +37,7 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.io import read_json
+from unidetox.model_identity import saved_model_id
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
     TOKENIZER_FILES,
@@ -43,6 +50,8 @@ from unidetox.models import (
 from unidetox.paths import default_data_dir, require_file
 from unidetox.processes import gather_objects, process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -202,6 +211,10 @@ def run_evaluation(
     scorer = build_scorer(scorer_config, **scorer_kwargs)
 
     prompt_ids = [p.id for p in prompts]
+    # Caches name local models by the digest of their weights: weights overwritten in place are evaluated anew.
+    # A hub id or embedded name is its own identity, so parts made for it before stay valid.
+    weights = {name: saved_model_id(name) for name in dict.fromkeys(
+        [*map(str, models), decoding_config.anti_expert, perplexity_config.reference_model]) if name}
     generation_settings = {
         "prompts": _fingerprint(prompt_ids),
         "num_samples": eval_config.num_samples, "max_new_tokens": eval_config.max_new_tokens,
@@ -212,9 +225,10 @@ def run_evaluation(
     }
 
     def gen_fingerprint(entry: _Entry, seed: int) -> str:
-        decoding = {"anti_expert": decoding_config.anti_expert, "alpha": decoding_config.alpha,
+        decoding = {"anti_expert": weights.get(decoding_config.anti_expert), "alpha": decoding_config.alpha,
                     "beta": decoding_config.beta} if entry.contrastive else None
-        return _fingerprint({**generation_settings, "model": entry.name_or_path, "seed": seed, "decoding": decoding})
+        return _fingerprint({**generation_settings, "model": weights[entry.name_or_path], "seed": seed,
+                             "decoding": decoding})
 
     def part_dir(entry: _Entry) -> Path:
         return parts_root / model_slug(entry.key)
@@ -222,6 +236,18 @@ def run_evaluation(
     def is_done(meta_path: Path, fingerprint: str) -> bool:
         meta = read_json(meta_path)
         return bool(meta) and meta.get("fingerprint") == fingerprint
+
+    num_rows = len(prompts) * eval_config.num_samples
+
+    def generations_done(entry: _Entry, seed: int) -> bool:
+        """A cached (model, seed) counts only with its settings' fingerprint AND every planned row in place."""
+        if not is_done(part_dir(entry) / f"seed{seed}.json", gen_fingerprint(entry, seed)):
+            return False
+        rows_path = part_dir(entry) / f"seed{seed}.jsonl"
+        problem = generation_rows_problem(rows_path, prompt_ids, eval_config.num_samples)
+        if problem is not None and procs.is_main_process:
+            logger.warning("Generating %s again: %s", rows_path, problem)
+        return problem is None
 
     wikitext_settings = {"path": None, "max_length": perplexity_config.max_length,
                          "stride": perplexity_config.stride, "max_tokens": perplexity_config.max_tokens}
@@ -238,25 +264,27 @@ def run_evaluation(
     # ---- per model: generations + scores per seed, WikiText, MMLU ------------------------------------------
     for name in dict.fromkeys(e.name_or_path for e in entries):
         mine = [e for e in entries if e.name_or_path == name]
-        todo_gen = [(e, s) for e in mine for s in seeds
-                    if not is_done(part_dir(e) / f"seed{s}.json", gen_fingerprint(e, s))]
+        todo_gen = [(e, s) for e in mine for s in seeds if not generations_done(e, s)]
         plain = next((e for e in mine if not e.contrastive), None) or mine[0]
-        wikitext_fp = _fingerprint({"model": name, "dtype": dtype, **wikitext_settings})
+        wikitext_fp = _fingerprint({"model": weights[name], "dtype": dtype, **wikitext_settings})
         need_wikitext = perplexity_config.wikitext and not is_done(part_dir(plain) / "wikitext.json", wikitext_fp)
-        mmlu_fp = _fingerprint({"model": name, "dtype": dtype, "mmlu": mmlu_config.__dict__})
+        mmlu_fp = _fingerprint({"model": weights[name], "dtype": dtype, "mmlu": mmlu_config.__dict__})
         need_mmlu = mmlu_config.enabled and not is_done(part_dir(plain) / "mmlu.json", mmlu_fp)
-        capabilities_fp = _fingerprint({"model": name, "dtype": dtype, "data_dir": str(data_dir or default_data_dir()),
+        capabilities_fp = _fingerprint({"model": weights[name], "dtype": dtype, "data_dir": str(data_dir or default_data_dir()),
                                         "capabilities": asdict(capabilities_config)})
         need_capabilities = (capabilities_config.backend == "lm_eval"
                              and not is_done(part_dir(plain) / "capabilities.json", capabilities_fp))
         if not (todo_gen or need_wikitext or need_mmlu or need_capabilities):
             continue
         model, tokenizer = _load(name, dtype, procs.device)
+        if any(entry.contrastive for entry, _ in todo_gen):  # checked before this model samples anything
+            if anti_expert is None:
+                anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
+            require_shared_vocabulary(scored_vocabulary_size(model), scored_vocabulary_size(anti_expert),
+                                      f"model {name}", f"anti-expert {decoding_config.anti_expert}")
         for entry, seed in todo_gen:
             factory = None
             if entry.contrastive:
-                if anti_expert is None:
-                    anti_expert, _ = _load(decoding_config.anti_expert, dtype, procs.device)
 
                 def factory(mask, anti=anti_expert):
                     return ContrastiveDetoxSampler(anti, alpha=decoding_config.alpha, beta=decoding_config.beta,
@@ -335,10 +363,15 @@ def run_evaluation(
     reference = perplexity_config.reference_model
     if reference is not None:
         def cond_fp(entry, seed):
-            return _fingerprint({"generations": gen_fingerprint(entry, seed), "reference": reference, "dtype": dtype})
+            return _fingerprint({"generations": gen_fingerprint(entry, seed), "reference": weights[reference],
+                                 "dtype": dtype})
 
-        todo = [(e, s) for e in entries for s in seeds
-                if not is_done(part_dir(e) / f"conditional_ppl_seed{s}.json", cond_fp(e, s))]
+        def cond_done(entry, seed):  # a part scored on fewer rows than the plan has is scored again
+            part = read_json(part_dir(entry) / f"conditional_ppl_seed{seed}.json")
+            return (bool(part) and part.get("fingerprint") == cond_fp(entry, seed)
+                    and len(part.get("per_sample_nll") or []) == num_rows)
+
+        todo = [(e, s) for e in entries for s in seeds if not cond_done(e, s)]
         if todo:
             ref_model, ref_tokenizer = _load(reference, dtype, procs.device)
             for entry, seed in todo:
@@ -442,6 +475,28 @@ def run_evaluation(
     write_report(report, out)
     wait_for_everyone()
     return report
+
+
+def generation_rows_problem(path: Path, prompt_ids: Sequence[str], num_samples: int) -> str | None:
+    """Why the cached generations in ``path`` are not the planned ones (``None`` when they are).
+
+    The plan is one row per (prompt, sample), in prompt order and then sample order, each naming its prompt's id.
+    """
+    try:
+        records = read_jsonl(path)
+    except (OSError, ValueError) as err:
+        return f"it cannot be read ({type(err).__name__}: {err})"
+    planned = [(i, j, pid) for i, pid in enumerate(prompt_ids) for j in range(num_samples)]
+    found = [(r.get("prompt_index"), r.get("sample_index"), r.get("prompt_id")) if isinstance(r, dict) else None
+             for r in records]
+    if len(found) != len(planned):
+        return (f"it holds {len(found)} rows, but the plan has {len(planned)} ({len(prompt_ids)} prompts x "
+                f"{num_samples} samples)")
+    for row, (have, want) in enumerate(zip(found, planned, strict=True), start=1):
+        if have != want:
+            return (f"row {row} is (prompt_index, sample_index, prompt_id) {have}, but the plan's is {want}: "
+                    "it was sampled for other prompts")
+    return None
 
 
 def _count_categories(prompts) -> dict:

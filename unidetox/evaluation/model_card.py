@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult
 
 from unidetox.detox.model_card import (
@@ -82,7 +83,8 @@ def update_model_cards(report: Mapping[str, Any]) -> list[Path]:
 
     Only plainly sampled models count (a contrastive-decoding entry is the model plus an anti-expert, not the
     model), and only local directories that already hold a model card unidetox wrote (a user's own ``README.md`` is
-    left as it is).
+    left as it is). A card whose metadata header is not valid YAML is left as it is, with a warning naming it; the
+    other cards are still written.
     """
     updated = []
     for key, model in report["models"].items():
@@ -92,7 +94,14 @@ def update_model_cards(report: Mapping[str, Any]) -> list[Path]:
         if not directory.is_dir():
             continue
         card = written_model_card(directory) or directory / MODEL_CARD_FILE
-        if merge_eval_results(card, report_eval_results(report, key)):
+        try:
+            merged = merge_eval_results(card, report_eval_results(report, key))
+        except (yaml.YAMLError, ValueError) as err:
+            logger.warning("Could not write the evaluation of %s into %s: its metadata header is not valid YAML "
+                           "(%s). Fix the header between the leading `---` lines and rerun to add the results.",
+                           key, card, " ".join(str(err).split()))
+            continue
+        if merged:
             logger.info("Wrote the evaluation of %s into %s", key, card)
             updated.append(card)
         else:

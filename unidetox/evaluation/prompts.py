@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unidetox.io import read_json_file
 from unidetox.paths import default_data_dir, require_file
 
 CATEGORIES = ("gender_lgbtq", "race_nationalities", "religion", "disability")
@@ -203,6 +205,25 @@ def decode_bytes_literal(value: str) -> str:
     return value
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    """The error for a prompt file that is not UTF-8: it names the file, the first line that is not, and the fix."""
+    with path.open("rb") as fh:
+        line = next((number for number, raw in enumerate(fh, start=1) if not _is_utf8(raw)), None)
+    where = f"line {line}" if line is not None else f"byte {err.start}"
+    return ValueError(
+        f"{path} is not UTF-8 text ({where}: {err.reason}); prompt files are read as UTF-8. Convert it, e.g. "
+        f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`."
+    )
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _read_csv(path: Path, what: str):
     """``pandas.read_csv``, with an empty file (no header at all) reported as empty."""
     import pandas as pd
@@ -211,6 +232,8 @@ def _read_csv(path: Path, what: str):
         return pd.read_csv(path)
     except pd.errors.EmptyDataError as err:
         raise ValueError(f"The {what} {path} is empty: it holds no header and no prompts.") from err
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
 
 
 def _dedupe(prompts: Sequence[Prompt]) -> list[Prompt]:
@@ -261,13 +284,15 @@ def read_toxigen_fewshot(directory: str | os.PathLike, kinds: Sequence[str] = ("
             raise FileNotFoundError(f"No {kind}_<group>_1k.txt files in {directory}; is it ToxiGen's prompts/ folder?")
         for file in files:
             group = file.name[len(kind) + 1 : -len("_1k.txt")]
-            with file.open(encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if i >= per_group:
-                        break
-                    text = fewshot_prompt_text(line)
-                    if text:
-                        prompts.append(Prompt(text, GROUP_TO_CATEGORY.get(group), group, kind))
+            try:
+                with file.open(encoding="utf-8") as fh:
+                    lines = list(itertools.islice(fh, per_group))
+            except UnicodeDecodeError as err:
+                raise _not_utf8(file, err) from err
+            for line in lines:
+                text = fewshot_prompt_text(line)
+                if text:
+                    prompts.append(Prompt(text, GROUP_TO_CATEGORY.get(group), group, kind))
     return _dedupe(prompts)
 
 
@@ -302,8 +327,28 @@ def _get_dotted(record, dotted: str):
 
 
 def read_prompt_file(path: str | os.PathLike, field: str = "prompt", category_field: str | None = None) -> list[Prompt]:
-    """Prompts from a ``.txt`` (one per line), ``.jsonl`` / ``.json`` (``field`` may be dotted) or ``.csv`` file."""
+    """Prompts from a ``.txt`` (one per line), ``.jsonl`` / ``.json`` (``field`` may be dotted) or ``.csv`` file.
+
+    A file that is not UTF-8, or a line that is not JSON, raises a ``ValueError`` naming the file and the line.
+    """
     path = require_file(path, "Prompt file")
+    try:
+        return _read_prompt_file(path, field, category_field)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+
+
+def _json_line(path: Path, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}, line {number} is not valid JSON (column {err.colno}: {err.msg}); a .jsonl prompt file holds "
+            "one JSON record per line: fix or remove that line."
+        ) from err
+
+
+def _read_prompt_file(path: Path, field: str, category_field: str | None) -> list[Prompt]:
     suffix = path.suffix.lower()
     prompts = []
     if suffix == ".txt":
@@ -312,12 +357,13 @@ def read_prompt_file(path: str | os.PathLike, field: str = "prompt", category_fi
         return _dedupe(prompts)
     if suffix in (".jsonl", ".json"):
         if suffix == ".json":
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = read_json_file(path, fix="A .json prompt file holds one JSON list of records; use .jsonl for "
+                                               "one record per line.")
             if not isinstance(records, list):
                 raise ValueError(f"{path} has to hold a JSON list of records; use .jsonl for one record per line.")
         else:
             with path.open(encoding="utf-8") as fh:
-                records = [json.loads(line) for line in fh if line.strip()]
+                records = [_json_line(path, number, line) for number, line in enumerate(fh, start=1) if line.strip()]
         for i, record in enumerate(records):
             text = _get_dotted(record, field) if isinstance(record, dict) else record
             if not isinstance(text, str):
