@@ -1,4 +1,4 @@
-"""The `unidetox` command: the four stages, their help, and a tiny evaluation run through the console script."""
+"""The `unidetox` command: the four stages and rescore, their help, and a tiny evaluation run through the console script."""
 
 import json
 import os
@@ -21,12 +21,12 @@ def _console_script() -> str:
     return str(script) if script.exists() else shutil.which("unidetox")
 
 
-def test_help_lists_the_four_commands(capsys):
+def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("distill", "detox", "evaluate", "replicate"):
+    for command in ("distill", "detox", "evaluate", "replicate", "rescore"):
         assert f"  {command} " in out
-    assert set(COMMANDS) == {"distill", "detox", "evaluate", "replicate"}
+    assert set(COMMANDS) == {"distill", "detox", "evaluate", "replicate", "rescore"}
 
 
 @pytest.mark.parametrize("command", ["distill", "detox", "evaluate", "replicate"])

@@ -1,4 +1,5 @@
-"""The ``unidetox`` command: ``unidetox distill|detox|evaluate|replicate [Hydra overrides]``.
+"""The ``unidetox`` command: ``unidetox distill|detox|evaluate|replicate [Hydra overrides]``, and
+``unidetox rescore RUN_DIR [key=value ...]`` to re-score a finished run's stored continuations.
 
 Each command composes the same config as the recipe of the same name (``recipes/<command>.py``) and calls the same
 pipeline, so both write the same outputs. Under several processes, launch the module:
@@ -17,6 +18,7 @@ from typing import Any
 from unidetox.detox import pipeline as detox_pipeline
 from unidetox.distill import pipeline as distill_pipeline
 from unidetox.evaluation import pipeline as evaluate_pipeline
+from unidetox.evaluation import rescore
 from unidetox.hydra_config import CONF_DIR
 from unidetox.processes import end_process_group
 from unidetox.replication import pipeline as replicate_pipeline
@@ -50,7 +52,15 @@ COMMANDS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
         ("experiment=embedded", "experiment=tiny", "output_dir=runs/replicate-x", "launcher.engine=submitit",
          "baselines.taskvec=false", "grid.learning_rates=[5e-4,2e-4]", "grid.max_steps=100"),
     ),
+    "rescore": (
+        rescore,
+        "re-score a finished evaluate/replicate run's stored continuations with another scorer, side by side",
+        ("scorer=jigsaw_bilstm", "scorer.label=identity_hate", "scorer=detoxify scorer.checkpoint=PATH.ckpt",
+         "output_dir=runs/eval/rescore-x", "reference=MODEL_KEY", "num_resamples=2000"),
+    ),
 }
+# Commands that take a run directory and key=value overrides of their arguments dataclass (no Hydra config).
+RUN_DIR_COMMANDS = ("rescore",)
 
 
 def configure_logging() -> None:
@@ -59,7 +69,11 @@ def configure_logging() -> None:
 
 def command_help(command: str) -> str:
     """The config groups (with their options), top-level keys and common overrides of one command."""
-    _, summary, common = COMMANDS[command]
+    pipeline, summary, common = COMMANDS[command]
+    if command in RUN_DIR_COMMANDS:
+        return "\n".join([f"usage: unidetox {command} RUN_DIR [KEY=VALUE ...]", "", f"{command}: {summary}.", "",
+                          "Keys: " + " ".join(pipeline.parse_args.__doc__.split()), "", "Common overrides:",
+                          *[f"  {o}" for o in common]])
     lines = [f"usage: unidetox {command} [OVERRIDE ...]", "", f"{command}: {summary}.", "",
              f"Config: {CONF_DIR / (command + '.yaml')}", "", "Config groups (GROUP=OPTION):"]
     group_dirs = sorted(p for p in (CONF_DIR / command).glob("*") if p.is_dir())
@@ -76,7 +90,8 @@ def command_help(command: str) -> str:
 
 def main_help() -> str:
     lines = [f"unidetox {__version__}: UniDetox (Lu et al., ICLR 2025) for any HuggingFace causal LM.", "",
-             "usage: unidetox COMMAND [OVERRIDE ...]    (unidetox COMMAND --help for its config groups)", "",
+             "usage: unidetox COMMAND [OVERRIDE ...]    (unidetox COMMAND --help for its config groups)",
+             "       unidetox rescore RUN_DIR [KEY=VALUE ...]", "",
              "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary, _) in COMMANDS.items()]
     lines += ["", "Under several processes: accelerate launch -m unidetox.cli COMMAND [OVERRIDE ...]"]

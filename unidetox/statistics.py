@@ -46,6 +46,35 @@ def _interval(data, statistic, *, paired: bool, num_resamples: int, confidence: 
     return low, high, undefined
 
 
+def mean_interval(
+    values: Sequence[float], num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, float | int]:
+    """The mean of ``values`` with a percentile-bootstrap interval (values resampled ``num_resamples`` times,
+    seeded), e.g. the share of texts that have some property (values 0/1).
+
+    Example:
+        >>> from unidetox.statistics import mean_interval
+        >>> out = mean_interval([1.0, 0.0, 0.0, 0.0] * 25)
+        >>> out["mean"], out["low"] < 0.25 < out["high"]
+        (0.25, True)
+    """
+    _check(num_resamples, confidence)
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 1:
+        raise ValueError("Need at least one value for a mean.")
+    mean = float(data.mean())
+    if np.allclose(data, data[0]):
+        return {"mean": mean, "low": mean, "high": mean, "n": int(data.size)}  # every resample is the mean
+
+    def sample_mean(x, axis=-1):
+        return x.mean(axis=axis)
+
+    low, high, _ = _interval((data,), sample_mean, paired=False, num_resamples=num_resamples,
+                             confidence=confidence, seed=seed)
+    return {"mean": mean, "low": low, "high": high, "n": int(data.size)}
+
+
 def mean_difference(
     scores: Sequence[float], reference: Sequence[float], num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,

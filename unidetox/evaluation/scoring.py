@@ -352,12 +352,59 @@ class PerspectiveScorer(ToxicityScorer):
         return [self._score_one(text) for text in texts]
 
 
+class JigsawBiLSTMScorer(ToxicityScorer):
+    """ToxBlock's word-level BiLSTM trained on the Jigsaw Toxic Comment data (the data of Detoxify ``original``),
+    re-built in torch (:mod:`unidetox.evaluation.jigsaw_bilstm`): a second, neural, offline scorer.
+
+    The score is the probability of ``label``, one of the six Jigsaw labels (default ``toxic``; recipes:
+    ``scorer.label=identity_hate``); :meth:`score_all_labels` gives all six. It is not Detoxify and not
+    calibrated to it. The weights come from the PyPI wheel ``tox-block==0.1.2``, downloaded and converted once
+    into ``$UNIDETOX_CACHE``; offline, pass ``wheel=`` a local copy of that wheel (recipes: ``scorer.checkpoint=``).
+
+    Example:
+        >>> from unidetox.evaluation.scoring import JigsawBiLSTMScorer
+        >>> scorer = JigsawBiLSTMScorer()  # doctest: +SKIP
+        >>> scorer(["have a nice day", "you are an idiot"])  # doctest: +SKIP
+        [0.05..., 0.98...]
+    """
+
+    name = "jigsaw_bilstm"
+
+    def __init__(self, label: str = "toxic", batch_size: int = 256, device: str | None = None,
+                 wheel: str | None = None):
+        super().__init__(batch_size)
+        from unidetox.evaluation.jigsaw_bilstm import LABELS, load_jigsaw_bilstm
+
+        if label not in LABELS:
+            raise ValueError(f"jigsaw_bilstm has no label {label!r}; choose one of {list(LABELS)} (recipes: "
+                             "scorer.label=NAME).")
+        self.label, self.labels = label, LABELS
+        self._model = load_jigsaw_bilstm(wheel=wheel, device=device)
+
+    @classmethod
+    def from_config(cls, config: ScorerConfig) -> JigsawBiLSTMScorer:
+        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
+        return cls(label=config.label or "toxic", device=config.device, wheel=config.checkpoint, **extra)
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        return self._model.predict(texts)[:, self.labels.index(self.label)].tolist()
+
+    def score_all_labels(self, texts: Sequence[str]) -> dict[str, list[float]]:
+        """``{label: scores}`` for all six Jigsaw labels, batched like :meth:`__call__`."""
+        texts = list(texts)
+        rows: list[list[float]] = []
+        for start in range(0, len(texts), self.batch_size):
+            rows += self._model.predict(texts[start : start + self.batch_size]).tolist()
+        return {label: [row[k] for row in rows] for k, label in enumerate(self.labels)}
+
+
 # name -> scorer class; build_scorer looks names up here and register_scorer adds third-party scorers.
 SCORERS: dict[str, type[ToxicityScorer]] = {
     "profanity_check": ProfanityCheckScorer,
     "detoxify": DetoxifyScorer,
     "hf_classifier": HFClassifierScorer,
     "perspective": PerspectiveScorer,
+    "jigsaw_bilstm": JigsawBiLSTMScorer,
 }
 
 
@@ -418,10 +465,16 @@ class ScorerConfig:
     )
     batch_size: int | None = field(default=None, metadata={"help": "Texts per classifier call (scorer default)."})
     model: str | None = field(default=None, metadata={"help": "hf_classifier: hub id or local folder."})
-    label: str | None = field(default=None, metadata={"help": "hf_classifier: the toxic label's name."})
+    label: str | None = field(
+        default=None, metadata={"help": "hf_classifier: the toxic label's name; jigsaw_bilstm: the head (toxic)."}
+    )
     model_type: str = field(default="original", metadata={"help": "detoxify: original / unbiased / multilingual."})
-    checkpoint: str | None = field(default=None, metadata={"help": "detoxify: a local .ckpt (offline use)."})
-    device: str | None = field(default=None, metadata={"help": "detoxify / hf_classifier device (default: auto)."})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "detoxify: a local .ckpt; jigsaw_bilstm: a local tox_block wheel (offline)."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "detoxify / hf_classifier / jigsaw_bilstm device (default: auto / cpu)."}
+    )
     api_key: str | None = field(
         default=None, repr=False, metadata={"help": "perspective: API key (or $PERSPECTIVE_API_KEY)."}
     )

@@ -62,6 +62,7 @@ from unidetox.replication.report import (
     example_continuations,
     format_number,
     grid_records,
+    read_plain_samples,
     source_study,
     stage_times,
     write_replication_report,
@@ -756,7 +757,9 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
         corpora["authors"] = {"source": "gpt2-xl (the authors' released text)", "alpha": 0.1,
                               "path": data_paths["authors"]}
     for corpus in corpora.values():
-        dataset = DistilledDetoxDataset.load(corpus.pop("path")).dataset
+        path = corpus.pop("path")
+        dataset = DistilledDetoxDataset.load(path).dataset
+        corpus["plain_samples"] = read_plain_samples(path)
         corpus["texts"] = list(dataset["text"])
         corpus["num_tokens"] = list(dataset["num_tokens"]) if "num_tokens" in dataset.column_names else None
     log_file = out / LOG_FILE

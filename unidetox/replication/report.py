@@ -20,6 +20,7 @@ from unidetox.detox.selection import METRICS
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.report import write_json
 from unidetox.io import atomic_write_text
+from unidetox.replication.political_topics import POLITICAL_LEXICON, political_topic_study
 from unidetox.statistics import DEFAULT_RESAMPLES, paired_change
 
 logger = logging.getLogger(__name__)
@@ -204,12 +205,33 @@ def text_profile(texts: Sequence[str], num_tokens: Sequence[int] | None = None, 
     }
 
 
-def source_study(corpora: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One entry per distilled corpus: ``{name: {"source", "alpha", "texts", "num_tokens", "summary"}}`` ->
-    its :func:`text_profile` plus the distill summary's toxicity against the base's plain samples
-    (``summary["distilled_vs_base"]``: the difference of mean toxicity with its bootstrap interval)."""
+def read_plain_samples(distilled_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """``{"base": [...], "anti_expert": [...]}``: the plain samples a distill run scored next to its text
+    (``summary_samples.jsonl`` beside the dataset); ``{}`` when the run wrote none."""
+    from unidetox.distill.dataset import SUMMARY_SAMPLES_FILE
+
+    path = Path(distilled_dir) / SUMMARY_SAMPLES_FILE
+    if not path.is_file():
+        return {}
+    out: dict[str, list[str]] = defaultdict(list)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out[record["source"]].append(record["text"])
+    return dict(out)
+
+
+def source_study(corpora: Mapping[str, Mapping[str, Any]],
+                 num_resamples: int = DEFAULT_RESAMPLES) -> dict[str, dict[str, Any]]:
+    """One entry per distilled corpus: ``{name: {"source", "alpha", "texts", "num_tokens", "summary",
+    "plain_samples"}}`` -> its :func:`text_profile`, the distill summary's toxicity against the base's plain
+    samples (``summary["distilled_vs_base"]``: the difference of mean toxicity with its bootstrap interval), and
+    ``political_topics``: the share of its texts, of the base's plain samples and of the anti-expert's samples
+    (``plain_samples``, :func:`read_plain_samples`) that mention political topics
+    (:func:`~unidetox.replication.political_topics.political_topic_study`)."""
     out = {}
     for name, corpus in corpora.items():
+        plain = corpus.get("plain_samples") or {}
         summary = corpus.get("summary") or {}
         entry = {"source": corpus.get("source"), "alpha": corpus.get("alpha"),
                  **text_profile(corpus["texts"], corpus.get("num_tokens"))}
@@ -217,6 +239,9 @@ def source_study(corpora: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
         entry["mean_toxicity"] = (summary.get("distilled") or {}).get("mean_toxicity")
         entry["base_mean_toxicity"] = (summary.get("base") or {}).get("mean_toxicity")
         entry["versus_base"] = dict(diff) if diff else None
+        entry["political_topics"] = political_topic_study(
+            {"texts": corpus["texts"], "base_samples": plain.get("base"), "anti_expert_samples": plain.get("anti_expert")},
+            num_resamples=num_resamples)
         out[name] = entry
     return out
 
@@ -460,6 +485,36 @@ def _ms(entry, digits: int = 3) -> str:
     return f"{float(entry):.{digits}f}"
 
 
+def _share_cell(share: Mapping[str, Any] | None) -> str:
+    if not share:
+        return "–"
+    return f"{share['share']:.1%} [{share['low']:.1%}, {share['high']:.1%}] (n={share['n']})"
+
+
+def political_topics_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The source study's political-topic shares as a Markdown section (no lines when none were measured)."""
+    rows = {name: e["political_topics"] for name, e in study.items() if e.get("political_topics")}
+    if not rows:
+        return []
+    lines = ["## Political topics (lexicon)", "",
+             "| corpus | its texts | base, plain samples | anti-expert, plain samples | texts - base samples "
+             "[95 % interval] |", "|---|---|---|---|---|"]
+    for name, topics in rows.items():
+        shares, diff = topics["shares"], (topics.get("versus_reference") or {}).get("texts")
+        diff_text = "–" if not diff else f"{diff['difference']:+.1%} [{diff['ci95_low']:+.1%}, {diff['ci95_high']:+.1%}]"
+        lines.append(f"| {name} | {_share_cell(shares.get('texts'))} | {_share_cell(shares.get('base_samples'))} | "
+                     f"{_share_cell(shares.get('anti_expert_samples'))} | {diff_text} |")
+    lines += ["", f"Share of texts that mention a political topic: a term of the lexicon in "
+              f"`unidetox/replication/political_topics.py` ({', '.join(POLITICAL_LEXICON)}), matched on word "
+              "boundaries [bootstrap 95 % interval over texts]. What a lexicon can and cannot say: it counts "
+              "mentions, so it shows whether the contrast shifts the text toward politics compared with the base "
+              "model's own samples drawn the same way; it cannot say which side a text takes, whether it praises or "
+              "attacks, or whether a model fine-tuned on the text leans one way: that needs stance annotation or "
+              "probes of the fine-tuned model. It misses paraphrase and misspelling and also counts other senses of "
+              "its words (\"a liberal amount\"), so compare shares between text sets, not against zero.", ""]
+    return lines
+
+
 def render_replication_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the table, relative changes + the bar verdict, the validation grid, examples."""
     lines = ["# UniDetox replication", ""]
@@ -533,6 +588,7 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {e.get('source') or '–'} | {_plain(e.get('alpha'))} | {e['num_texts']} | "
                          f"{e['code_like']:.0%} | {_plain(e.get('mean_tokens'), 1)} | {tox} | {diff_text} | {openings} |")
         lines.append("")
+        lines += political_topics_markdown(study)
     times = report.get("stage_times") or []
     if times:
         lines += ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",

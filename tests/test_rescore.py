@@ -1,0 +1,127 @@
+"""`unidetox rescore`: a finished tiny evaluation run re-scored with another scorer, side by side with paired intervals."""
+
+import json
+import shutil
+from collections import defaultdict
+
+import pytest
+from test_evaluate_recipe import overrides, write_tiny_models_and_data
+
+from unidetox.cli import main
+from unidetox.evaluation import pipeline, rescore
+from unidetox.evaluation.metrics import mean_std
+from unidetox.evaluation.report import read_jsonl, seed_toxicity_metrics
+from unidetox.evaluation.scoring import SCORERS, ToxicityScorer, register_scorer
+from unidetox.run_dir import OutputDirConflict
+
+pytestmark = pytest.mark.integration
+STUB = "words_over_four"
+
+
+def words_over_four(text: str) -> float:
+    """The stub scorer's rule: more words, more "toxic" (deterministic, spreads scores over [0, 1])."""
+    return min(1.0, len(text.split()) / 4)
+
+
+@pytest.fixture(scope="module")
+def stub_scorer():
+    @register_scorer(STUB)
+    class WordsOverFour(ToxicityScorer):
+        name = STUB
+
+        def score_batch(self, texts):
+            return [words_over_four(t) for t in texts]
+
+    yield WordsOverFour
+    del SCORERS[STUB]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    root = write_tiny_models_and_data(tmp_path_factory.mktemp("rescore"))
+    out = root / "eval"
+    pipeline.run(pipeline.parse_args(overrides(root, out, "mmlu.enabled=false", "perplexity.wikitext=false",
+                                               "perplexity.reference_model=null", "eval.num_samples=4")))
+    return out
+
+
+def _rescore(*argv):
+    return rescore.run(rescore.parse_args([str(a) for a in argv]))
+
+
+def test_both_scorers_side_by_side_with_paired_intervals(eval_run, stub_scorer, tmp_path):
+    result = _rescore(eval_run, f"scorer={STUB}", f"output_dir={tmp_path / 'out'}", "num_resamples=200")
+    run_report = json.loads((eval_run / "report.json").read_text())
+    generations = read_jsonl(eval_run / "generations.jsonl")
+    models = list(run_report["models"])
+    assert list(result.report["models"]) == models and len(models) == 2
+    for model in models:
+        entry = result.report["models"][model]
+        for metric in rescore.METRICS:
+            # the run's own scorer: exactly the numbers of its report
+            assert entry["original"][metric]["mean"] == pytest.approx(run_report["models"][model][metric]["mean"])
+            # the new scorer: the same metric over the stub's scores, recomputed here per seed
+            by_seed = defaultdict(list)
+            for g in generations:
+                if g["model"] == model:
+                    by_seed[g["seed"]].append({**g, "toxicity": words_over_four(g["continuation"])})
+            expected = mean_std([seed_toxicity_metrics(rs)[metric] for rs in by_seed.values()])
+            assert entry["rescored"][metric]["mean"] == pytest.approx(expected["mean"])
+    (pair,) = result.report["paired"]
+    assert (pair["reference"], pair["treated"]) == (models[0], models[1])
+    emt = pair["rescored"]["expected_max_toxicity"]
+    assert emt["low"] <= emt["change"] <= emt["high"] and emt["n"] == run_report["prompts"]["num_prompts"]
+    assert result.report["scorers"]["original"]["name"] == "profanity_check"
+    assert result.report["scorers"]["rescored"]["name"] == STUB
+    stored = read_jsonl(tmp_path / "out" / "generations.jsonl")
+    assert [r["toxicity_original"] for r in stored] == [g["toxicity"] for g in generations]
+    assert [r["toxicity"] for r in stored] == [words_over_four(g["continuation"]) for g in generations]
+    markdown = (tmp_path / "out" / "rescore.md").read_text()
+    assert f"TP {STUB}" in markdown and "TP profanity_check" in markdown and "paired bootstrap" in markdown
+
+
+def test_through_the_cli_into_the_default_directory(eval_run, stub_scorer, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(eval_run, run_dir)
+    assert main(["rescore", str(run_dir), f"scorer={STUB}", "num_resamples=200"]) == 0
+    assert json.loads((run_dir / f"rescore-{STUB}" / "rescore.json").read_text())["num_samples"] > 0
+    # the same directory with other settings is refused, naming the difference
+    with pytest.raises(OutputDirConflict, match="seed: 0 -> 1"):
+        _rescore(run_dir, f"scorer={STUB}", "num_resamples=200", "seed=1")
+
+
+def test_a_replication_is_rescored_from_its_test_evaluation_row_by_row(eval_run, stub_scorer, tmp_path):
+    replication = tmp_path / "replication"
+    shutil.copytree(eval_run, replication / "test")
+    m0, m1 = json.loads((eval_run / "report.json").read_text())["models"]
+    (replication / "report.json").write_text(json.dumps({"rows": [
+        {"method": "base", "target": "tiny", "model": m0}, {"method": "unidetox", "target": "tiny", "model": m1}]}))
+    result = _rescore(replication, f"scorer={STUB}", "num_resamples=200")
+    assert result.report["evaluations"][0]["dir"] == str(replication / "test")
+    assert [(p["label"], p["reference"], p["treated"]) for p in result.report["paired"]] == [("unidetox / tiny", m0, m1)]
+
+
+def test_a_directory_without_generations_is_named(tmp_path, stub_scorer):
+    with pytest.raises(FileNotFoundError, match=r"no scored generations .*test/generations\.jsonl"):
+        _rescore(tmp_path, f"scorer={STUB}")
+
+
+def test_an_unknown_reference_is_named(eval_run, stub_scorer, tmp_path):
+    with pytest.raises(ValueError, match="reference='nope' is not a model"):
+        _rescore(eval_run, f"scorer={STUB}", "reference=nope", f"output_dir={tmp_path}")
+
+
+@pytest.mark.slow
+def test_rescored_with_jigsaw_bilstm(eval_run, tmp_path):
+    from unidetox.evaluation.jigsaw_bilstm import jigsaw_bilstm_dir
+    from unidetox.evaluation.scoring import JigsawBiLSTMScorer
+
+    try:
+        jigsaw_bilstm_dir()
+    except RuntimeError as err:
+        pytest.skip(f"tox-block could not be provisioned: {err}")
+    result = _rescore(eval_run, "scorer=jigsaw_bilstm", f"output_dir={tmp_path}", "num_resamples=200")
+    stored = read_jsonl(tmp_path / "generations.jsonl")
+    expected = JigsawBiLSTMScorer()([r["continuation"] for r in stored])
+    assert [r["toxicity"] for r in stored] == pytest.approx(expected, abs=1e-6)
+    assert result.report["scorers"]["rescored"]["name"] == "jigsaw_bilstm"
