@@ -39,7 +39,7 @@ from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
-from unidetox.run_dir import check_output_dir
+from unidetox.run_dir import check_output_dir, holds_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ def _final_model_path(out: Path, args: DetoxArguments) -> str | None:
     return str(out / MERGED_SUBDIR) if args.trainer.save_merged_model else None
 
 
+@holds_output_dir
 def run(args: DetoxArguments) -> DetoxResult:
     """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file.
 
@@ -341,7 +342,6 @@ def run(args: DetoxArguments) -> DetoxResult:
     resume_from = check_resumable(args)
     callback = build_eval_callback(args.validation)
     data_path, distilled = _load_data(args.data)
-    save_resolved_config(args.config, out)
     if args.model.dtype is not None:
         trainer_args.model_init_kwargs = {**(trainer_args.model_init_kwargs or {}), **args.model.load_kwargs()}
 
@@ -349,6 +349,7 @@ def run(args: DetoxArguments) -> DetoxResult:
         model=args.model.name_or_path, args=trainer_args, train_dataset=distilled, peft_config=args.peft,
         callbacks=[callback] if callback else None,
     )
+    save_resolved_config(args.config, out)  # the model loaded: a corrected rerun of a failed check is not refused
     if resume_from:
         logger.info("Resuming from %s", resume_from)
     start = time.perf_counter()
