@@ -1,7 +1,7 @@
 """One output directory, one run: a reused directory is the same run (resumed) or refused, never silently mixed.
 
-Every pipeline saves its resolved config as ``<output_dir>/config.json`` (secrets masked) before it writes anything
-else. A later run into the same directory compares its own config with that file: the same settings resume the
+Every pipeline saves its resolved config as ``<output_dir>/config.json`` (secrets masked) once its inputs and models
+are loaded (a run that fails those checks records nothing, so its corrected rerun is not refused). A later run into the same directory compares its own config with that file: the same settings resume the
 run; other settings raise :class:`OutputDirConflict` naming the keys that differ. Pipelines whose work is cached
 per unit with the settings that made it (the evaluation, per model and seed) accept changed settings
 (``incremental=True``) and redo only the units they change. Paths inside the run's directory are compared relative
