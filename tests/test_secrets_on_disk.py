@@ -9,7 +9,7 @@ import torch
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox.detox import pipeline as detox
-from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
+from unidetox.distill import pipeline as distill
 from unidetox.hydra_config import save_resolved_config
 from unidetox.secret_masking import mask_secrets, mask_text
 
@@ -45,15 +45,24 @@ def test_detox_saves_no_hub_token_in_any_file_and_keeps_it_for_pushing(tmp_path)
     assert args.trainer.hub_token == SENTINEL  # the run's own arguments keep it: pushing still has its token
 
 
-def test_the_anti_expert_saves_no_hub_token(tmp_path):
-    tokenizer = word_tokenizer(padding_side="right", add_bos=False)
-    corpus = datasets.Dataset.from_dict({"text": ["hate awful stupid ugly people", "kill the stupid ugly cat"] * 4})
-    config = AntiExpertConfig(output_dir=str(tmp_path / "anti"), max_steps=2, save_steps=1,
-                              per_device_train_batch_size=4, disable_tqdm=True, hub_token=SENTINEL)
-    train_anti_expert(tiny_llama(len(tokenizer.get_vocab())), tokenizer, corpus, config, base_name_or_path="tiny")
-    assert set(_saved_hub_tokens(tmp_path / "anti").values()) == {None}
-    assert _files_holding(tmp_path, SENTINEL) == []
-    assert config.hub_token == SENTINEL
+def test_a_distill_run_saves_no_hub_token_in_any_file(tmp_path):
+    tokenizer = word_tokenizer()
+    model = tmp_path / "tiny-base"
+    tiny_llama(len(tokenizer.get_vocab())).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = tmp_path / "toxic.csv"
+    corpus.write_text("text,label,target\n" + "".join(f"hate awful stupid people {i},hate,wom\n" for i in range(8)))
+    out = tmp_path / "run"
+    args = distill.parse_args([
+        f"model.name_or_path={model}", f"data.path=[{corpus}]", f"output_dir={out}", "anti_expert.max_steps=2",
+        "anti_expert.per_device_train_batch_size=2", "distill.num_samples=2",
+        "distill.max_length=4", "distill.batch_size=2", "distill.start_token=null", "distill.summary_num_samples=0",
+        f"+anti_expert.hub_token={SENTINEL}"])
+    distill.run(args)
+    assert set(_saved_hub_tokens(out)) == {"anti_expert/training_args.bin"}
+    assert set(_saved_hub_tokens(out).values()) == {None}
+    assert _files_holding(out, SENTINEL) == []
+    assert args.anti_expert.hub_token == SENTINEL
 
 
 def test_a_key_inside_a_list_of_overrides_reaches_no_saved_config(tmp_path):
