@@ -140,7 +140,8 @@ def compose_config(
     """Compose ``conf/<recipe>.yaml`` with command-line style ``overrides`` and return a resolved DictConfig.
 
     ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
-    override Hydra cannot parse (saying how to quote it) and for a top-level key that no config defines.
+    override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
+    and the nearest valid names); no such error quotes a secret value.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
@@ -360,9 +361,9 @@ def parse_dataclass(section, dataclass_type, *, name: str | None = None):
 
     Each value is first converted to its field's annotated type where that loses nothing (``"5"`` -> 5 for an
     int, 5 -> 5.0 for a float, ``"true"`` -> True for a bool); a value that does not fit, and NaN anywhere, raise
-    ``ValueError`` naming ``<name>.<field>`` (pass the section's ``name``; without it the bare field name). Then
-    ``HfArgumentParser.parse_dict`` builds the dataclass, so its own ``__post_init__`` checks run and unknown keys
-    raise instead of being silently dropped.
+    ``ValueError`` naming ``<name>.<field>`` (pass the section's ``name``; without it the bare field name), and so
+    does a key that is no field, with the nearest field names. Then ``HfArgumentParser.parse_dict`` builds the
+    dataclass, so its own ``__post_init__`` checks run.
     """
     from transformers import HfArgumentParser
 
@@ -377,12 +378,17 @@ def parse_dataclass(section, dataclass_type, *, name: str | None = None):
             values[key] = _coerced(value, hints[key], where)
             _reject_nan(values[key], where)
         elif value is not None:
-            where = f"section {name!r}" if name else dataclass_type.__name__
-            shown = sorted(field_names) if len(field_names) <= 40 else f"the {len(field_names)} fields of {dataclass_type.__name__}"
-            raise ValueError(f"Unknown key {key!r} in {where}: {_did_you_mean(key, field_names)} Its fields are "
-                             f"{', '.join(shown) if isinstance(shown, list) else shown}.")
+            raise _unknown_field_error(key, dataclass_type, name)
     (parsed,) = parser.parse_dict(values, allow_extra_keys=False)
     return parsed
+
+
+def _unknown_field_error(key: str, dataclass_type, name: str | None) -> ValueError:
+    """``key`` is no field of ``dataclass_type``: the section, the key and the nearest field names."""
+    names = sorted(f.name for f in fields(dataclass_type))
+    listed = ", ".join(names) if len(names) <= 40 else f"the {len(names)} fields of {dataclass_type.__name__}"
+    where = f"section {name!r}" if name else dataclass_type.__name__
+    return ValueError(f"Unknown key {key!r} in {where}: {_did_you_mean(key, names)} Its fields are {listed}.")
 
 
 def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path | None:
