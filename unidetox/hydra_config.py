@@ -164,8 +164,8 @@ def compose_config(
             cfg = compose(config_name=recipe, overrides=extra + overrides)
         except ConfigCompositionException as err:
             def compose_without(culprit):
-                return compose(config_name=recipe,
-                               overrides=extra + [o for o, p in zip(overrides, parsed, strict=True) if p is not culprit])
+                kept = [o for o, p in zip(overrides, parsed, strict=True) if p is not culprit]
+                return compose(config_name=recipe, overrides=extra + kept)
             raise (_unknown_key_error(err, parsed, compose_without) or ValueError(mask_text(str(err)))) from None
         if additions:  # the top-level keys the configs define: the same composition without those additions
             known = set(compose(config_name=recipe,

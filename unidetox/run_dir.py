@@ -1,11 +1,12 @@
 """One output directory, one run: a reused directory is the same run (resumed) or refused, never silently mixed.
 
 Every pipeline saves its resolved config as ``<output_dir>/config.json`` (secrets masked) once its inputs and models
-are loaded (a run that fails those checks records nothing, so its corrected rerun is not refused). A later run into the same directory compares its own config with that file: the same settings resume the
-run; other settings raise :class:`OutputDirConflict` naming the keys that differ. Pipelines whose work is cached
-per unit with the settings that made it (the evaluation, per model and seed) accept changed settings
-(``incremental=True``) and redo only the units they change. Paths inside the run's directory are compared relative
-to it, so the same run named by a relative and an absolute path, or moved elsewhere, is still the same run.
+are loaded (a run that fails those checks records nothing, so its corrected rerun is not refused). A later run into
+the same directory compares its own config with that file: the same settings resume the run; other settings raise
+:class:`OutputDirConflict` naming the keys that differ. Pipelines whose work is cached per unit with the settings
+that made it (the evaluation, per model and seed) accept changed settings (``incremental=True``) and redo only the
+units they change. Paths inside the run's directory are compared relative to it, so the same run named by a relative
+and an absolute path, or moved elsewhere, is still the same run.
 
 One run at a time: a stage's ``run`` holds ``<output_dir>/_unidetox_run.lock`` (:func:`holds_output_dir`) for its
 whole lifetime, so a second run on the same directory is refused with :class:`OutputDirBusy` naming the holder's pid
