@@ -139,6 +139,25 @@ def test_only_the_main_process_locks_and_a_refusal_reaches_every_process(tmp_pat
         pytest.fail("a rank went on although its main process was refused")
 
 
+def _launch_two_ranks(out: Path, report: Path, port: int) -> list[dict]:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
+                           str(Path(__file__).parent / "scripts" / "run_lock_ranks.py"), str(out), str(report)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_the_ranks_of_one_launch_share_the_lock_and_share_a_refusal(tmp_path, children):
+    out = tmp_path / "run"
+    assert _launch_two_ranks(out, tmp_path / "free", 29741) == [{"world": 2, "outcome": "held"}] * 2
+    holder = children(_holding(out))
+    refused = _launch_two_ranks(out, tmp_path / "held", 29742)
+    assert all(r["world"] == 2 and f"pid {holder.pid}" in r["outcome"] for r in refused), refused
+
+
 def _report_lock_holder(args):
     record = json.loads((Path(args.output_dir) / LOCK_FILE).read_text())
     return {"holder": record["pid"], "pid": os.getpid()}
