@@ -6,15 +6,17 @@ primary config ``conf/<recipe>.yaml``; groups shared by all recipes live in ``co
 that belong to one recipe in ``conf/<recipe>/`` (added to the search path), so ``experiment=embedded_smollm2``
 means the distill experiment in the distill recipe and the detox experiment in the detox recipe.
 
-The hand-off is strict, so that a typo fails at once with the key in the message: a top-level key that no config
-defines is rejected (nested keys are checked by the dataclass of their section), and every value is converted to
-its field's annotated type where that loses nothing, or rejected.
+The hand-off is strict, so that a typo fails at once with the key in the message: a key that no config defines is
+rejected naming its section and the nearest valid names (a key added with ``+`` is checked by the dataclass of its
+section, the same way), and every value is converted to its field's annotated type where that loses nothing, or
+rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
 
 Hydra is imported lazily: the rest of the library works without it.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import math
@@ -28,7 +30,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
 from unidetox.run_dir import CONFIG_FILE
-from unidetox.secret_masking import mask_secrets
+from unidetox.secret_masking import MASK, is_secret_key, mask_secrets, mask_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -53,6 +55,51 @@ def _hydra_quoted(value) -> str:
     return '"' + str(value).replace('"', '\\"') + '"'
 
 
+def _list_items(inner: str) -> list[str]:
+    """The items of a list value's text between its brackets, split at the commas outside quotes and brackets."""
+    items, depth, quote, current = [], 0, None, ""
+    for char in inner:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+            continue
+        current += char
+    return [*items, current.strip()] if current.strip() or items else items
+
+
+def quoting_advice(override: str) -> str:
+    """How to write ``override`` so that Hydra parses it: the value, or each item of a list value, double-quoted
+    inside shell single quotes.
+
+    >>> print(quoting_advice("test.overrides=[scorer=perspective,eval.num_samples=2]"))
+    'test.overrides=["scorer=perspective","eval.num_samples=2"]'
+    """
+    key, _, value = override.partition("=")
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        items = [item if item[:1] in "'\"" and item[-1:] == item[:1] else _hydra_quoted(item)
+                 for item in _list_items(value[1:-1])]
+        return f"'{key}=[{','.join(items)}]'"
+    return f"'{key}={_hydra_quoted(value)}'"
+
+
+def _override_is_secret(override: str) -> bool:
+    return is_secret_key(override.partition("=")[0].lstrip("+~").split(".")[-1])
+
+
+def _shown(override: str) -> str:
+    """``override`` as an error may quote it: the whole value of a secret key masked, and secrets inside a value."""
+    return f"{override.partition('=')[0]}={MASK}" if _override_is_secret(override) else mask_text(override)
+
+
 def _parse_overrides(overrides: Sequence[str]):
     """Hydra's parsed overrides; a ``ValueError`` naming the one Hydra's grammar rejects and how to quote it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -61,11 +108,16 @@ def _parse_overrides(overrides: Sequence[str]):
     try:
         return OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as err:
-        key, sep, value = err.override.partition("=")
+        secret = _override_is_secret(err.override)
+        advice = (quoting_advice(f"{err.override.partition('=')[0]}=<the value>") if secret
+                  else mask_text(quoting_advice(err.override)))
         fix = ("a value holding '=', spaces, brackets or commas has to be quoted: pass "
-               f"'{key}={_hydra_quoted(value)}' (shell single quotes around, double quotes inside)"
-               if sep else "overrides are key=value")
-        raise ValueError(f"Cannot parse the override {err.override!r}: {fix}.\nHydra says: {err}") from err
+               f"{advice} (shell single quotes around, double quotes inside)"
+               if "=" in err.override else "overrides are key=value")
+        # Hydra's message quotes pieces of the value: none of a secret's.
+        hydra_says = "(left out: it may quote the secret)" if secret else mask_text(str(err))
+        raise ValueError(f"Cannot parse the override {_shown(err.override)!r}: {fix}.\nHydra says: {hydra_says}"
+                         ) from None
 
 
 def _top_key(override) -> str:
@@ -89,9 +141,11 @@ def compose_config(
     """Compose ``conf/<recipe>.yaml`` with command-line style ``overrides`` and return a resolved DictConfig.
 
     ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
-    override Hydra cannot parse (saying how to quote it) and for a top-level key that no config defines.
+    override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
+    and the nearest valid names); no such error quotes a secret value.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     conf_dir = Path(conf_dir) if conf_dir is not None else CONF_DIR
@@ -107,11 +161,17 @@ def compose_config(
         extra.append(f"++data_dir={_hydra_quoted(default_data_dir())}")
     additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, (conf_dir / recipe, conf_dir))}
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=recipe):
-        cfg = compose(config_name=recipe, overrides=extra + overrides)
+        try:
+            cfg = compose(config_name=recipe, overrides=extra + overrides)
+        except ConfigCompositionException as err:
+            def compose_without(culprit):
+                kept = [o for o, p in zip(overrides, parsed, strict=True) if p is not culprit]
+                return compose(config_name=recipe, overrides=extra + kept)
+            raise (_unknown_key_error(err, parsed, compose_without) or ValueError(mask_text(str(err)))) from None
         if additions:  # the top-level keys the configs define: the same composition without those additions
             known = set(compose(config_name=recipe,
                                 overrides=extra + [o for i, o in enumerate(overrides) if i not in additions]))
-            unknown = [f"{_top_key(parsed[i])!r} (from {parsed[i].input_line!r})" for i in sorted(additions)
+            unknown = [f"{_top_key(parsed[i])!r} (from {_shown(parsed[i].input_line)!r})" for i in sorted(additions)
                        if _top_key(parsed[i]) not in known]
             if unknown:
                 raise ValueError(
@@ -121,6 +181,38 @@ def compose_config(
                 )
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _did_you_mean(key: str, names) -> str:
+    close = difflib.get_close_matches(key, [str(n) for n in names], n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else "no known key is close."
+
+
+def _unknown_key_error(err, parsed, compose_without) -> ValueError | None:
+    """Hydra's "Could not override" for a key that is not in the config, as one error naming the section, the key
+    and the nearest valid names (None for Hydra's other errors)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not getattr(cause, "full_key", None):
+        return None
+    full_key = str(cause.full_key)
+    culprit = next((o for o in parsed if o.key_or_group == full_key), None)
+    if culprit is None:
+        return None
+    section_name, _, key = full_key.rpartition(".")
+    section = OmegaConf.select(compose_without(culprit), section_name) if section_name else compose_without(culprit)
+    names = sorted(str(k) for k in section) if OmegaConf.is_dict(section) else []
+    where, keys = (f"in section {section_name!r}", f"the keys of {section_name}") if section_name else (
+        "at the top level", "the top-level keys")
+    shown = _shown(culprit.input_line)
+    adding = (f" A field of the section's dataclass that the config does not list is set with a leading '+' "
+              f"(+{shown.lstrip('+')})." if section_name else "")
+    return ValueError(
+        f"Unknown config key {key!r} {where} (from {shown!r}): {_did_you_mean(key, names)} "
+        f"{keys.capitalize()} are {', '.join(names) or 'none'}.{adding}"
+    )
 
 
 def to_container(section) -> dict[str, Any]:
@@ -146,7 +238,8 @@ def _type_name(annotation) -> str:
 
 
 def _mismatch(key: str, value, annotation) -> ValueError:
-    return ValueError(f"{key}={value!r}: expected {_type_name(annotation)}, got {type(value).__name__}. Set {key} "
+    shown = MASK if is_secret_key(key.split(".")[-1].split("[")[0]) else repr(value)
+    return ValueError(f"{key}={shown}: expected {_type_name(annotation)}, got {type(value).__name__}. Set {key} "
                       "to a value of that type (a string that looks like a number or a bool: quote it).")
 
 
@@ -269,9 +362,9 @@ def parse_dataclass(section, dataclass_type, *, name: str | None = None):
 
     Each value is first converted to its field's annotated type where that loses nothing (``"5"`` -> 5 for an
     int, 5 -> 5.0 for a float, ``"true"`` -> True for a bool); a value that does not fit, and NaN anywhere, raise
-    ``ValueError`` naming ``<name>.<field>`` (pass the section's ``name``; without it the bare field name). Then
-    ``HfArgumentParser.parse_dict`` builds the dataclass, so its own ``__post_init__`` checks run and unknown keys
-    raise instead of being silently dropped.
+    ``ValueError`` naming ``<name>.<field>`` (pass the section's ``name``; without it the bare field name), and so
+    does a key that is no field, with the nearest field names. Then ``HfArgumentParser.parse_dict`` builds the
+    dataclass, so its own ``__post_init__`` checks run.
     """
     from transformers import HfArgumentParser
 
@@ -285,10 +378,18 @@ def parse_dataclass(section, dataclass_type, *, name: str | None = None):
             where = f"{name}.{key}" if name else key
             values[key] = _coerced(value, hints[key], where)
             _reject_nan(values[key], where)
-        elif value is not None:  # parse_dict names it as an unknown key
-            values[key] = value
+        elif value is not None:
+            raise _unknown_field_error(key, dataclass_type, name)
     (parsed,) = parser.parse_dict(values, allow_extra_keys=False)
     return parsed
+
+
+def _unknown_field_error(key: str, dataclass_type, name: str | None) -> ValueError:
+    """``key`` is no field of ``dataclass_type``: the section, the key and the nearest field names."""
+    names = sorted(f.name for f in fields(dataclass_type))
+    listed = ", ".join(names) if len(names) <= 40 else f"the {len(names)} fields of {dataclass_type.__name__}"
+    where = f"section {name!r}" if name else dataclass_type.__name__
+    return ValueError(f"Unknown key {key!r} in {where}: {_did_you_mean(key, names)} Its fields are {listed}.")
 
 
 def save_resolved_config(cfg, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path | None:

@@ -1,8 +1,11 @@
 """Secrets never reach a file or a log: one place that knows which config values are secret and hides them.
 
 A config key is secret when its last part names a credential (``api_key``, ``token``, ``password``...). Every
-config that is saved, logged or put into a report goes through :func:`mask_secrets`; error text that may quote a
-secret (an HTTP library's message with the request URL in it) goes through :func:`redact`.
+config that is saved, logged or put into a report goes through :func:`mask_secrets`, which also hides the value of a
+secret ``key=value`` written inside a string (an override in a list of overrides); error text that echoes an
+override goes through :func:`mask_text`, and text that may quote a known secret (an HTTP library's message with the
+request URL in it) through :func:`redact`. A trainer with :class:`SavesArgsWithoutSecrets` writes its arguments
+(``training_args.bin``) with every secret field emptied, while its own arguments keep them for pushing.
 
 Example:
     >>> from unidetox.secret_masking import mask_secrets, redact
@@ -10,12 +13,16 @@ Example:
     {'scorer': {'name': 'perspective', 'api_key': '***'}}
     >>> redact("GET https://x/analyze?key=abc123 failed", ["abc123"])
     'GET https://x/analyze?key=*** failed'
+    >>> mask_secrets({"overrides": ["scorer=perspective", "scorer.api_key=abc123"]})
+    {'overrides': ['scorer=perspective', 'scorer.api_key=***']}
 """
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 MASK = "***"
@@ -25,6 +32,10 @@ SECRET_KEY_PATTERN = re.compile(
     r"(^|_)(hub|hf|auth|access|api|bearer)_token$",
     re.IGNORECASE,
 )
+
+# ``key=value`` inside text: the value runs to a quote, comma, bracket, brace, ``&`` or space (``=`` included, so
+# all of ``api_key=a=b`` is hidden); a quoted value to its closing quote.
+KEY_VALUE_PATTERN = re.compile(r"""\b(?P<key>[A-Za-z_]\w*)=(?P<value>"[^"]*"|'[^']*'|[^\s,'"\]}&]+)""")
 
 
 def is_secret_key(key: Any) -> bool:
@@ -48,7 +59,19 @@ def mask_secrets(obj: Any) -> Any:
         return {k: (MASK if is_secret_key(k) and v not in (None, "") else mask_secrets(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(mask_secrets(v) for v in obj)
+    if isinstance(obj, str):
+        return mask_text(obj)
     return obj
+
+
+def mask_text(text: str) -> str:
+    """``text`` with the value of every secret ``key=value`` in it replaced by ``***`` (overrides, URL queries).
+
+    >>> mask_text("Cannot parse the override 'scorer.api_key=a=b'")
+    "Cannot parse the override 'scorer.api_key=***'"
+    """
+    return KEY_VALUE_PATTERN.sub(
+        lambda m: f"{m['key']}={MASK}" if is_secret_key(m["key"]) else m[0], text)
 
 
 def secret_values(obj: Any) -> list[str]:
@@ -71,3 +94,48 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def _without_secret_fields(state: Any) -> Any:
+    """An object's pickled state with every secret attribute emptied (None) and secrets in its dicts masked."""
+    if not isinstance(state, dict):
+        return state
+    return {k: (None if is_secret_key(k) and v else mask_secrets(v) if isinstance(v, Mapping) else v)
+            for k, v in state.items()}
+
+
+def _reduce_without_secrets(obj: Any):
+    func, args, state, *rest = obj.__reduce_ex__(2)
+    return (func, args, _without_secret_fields(state), *rest)
+
+
+@contextlib.contextmanager
+def pickled_without_secrets(obj: Any) -> Iterator[None]:
+    """While the block runs, every pickle of an object of ``type(obj)`` (``torch.save`` included) holds no secret
+    attribute; the objects themselves keep theirs. Not for blocks where other threads pickle such objects."""
+    kind = type(obj)
+    before = copyreg.dispatch_table.get(kind)
+    copyreg.dispatch_table[kind] = _reduce_without_secrets
+    try:
+        yield
+    finally:
+        if before is None:
+            del copyreg.dispatch_table[kind]
+        else:
+            copyreg.dispatch_table[kind] = before
+
+
+class SavesArgsWithoutSecrets:
+    """A ``transformers.Trainer`` mixin: the ``training_args.bin`` it writes (every checkpoint, the final save, a
+    hub push's copy) holds no secret (``hub_token`` is None there); ``self.args`` keeps them, so pushing works.
+
+    Put it before the trainer class: ``class MyTrainer(SavesArgsWithoutSecrets, SFTTrainer)``.
+    """
+
+    def _save(self, *args, **kwargs):
+        with pickled_without_secrets(self.args):
+            return super()._save(*args, **kwargs)
+
+    def _push_from_checkpoint(self, *args, **kwargs):
+        with pickled_without_secrets(self.args):
+            return super()._push_from_checkpoint(*args, **kwargs)

@@ -46,7 +46,7 @@ from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
-from unidetox.run_dir import CONFIG_FILE, check_output_dir, read_run_config
+from unidetox.run_dir import CONFIG_FILE, check_output_dir, holds_output_dir, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +355,7 @@ def _train(trainer: UniversalDetoxTrainer, resume_from: str | None, callback: De
     return trainer.train(resume_from_checkpoint=resume_from).metrics
 
 
+@holds_output_dir
 def run(args: DetoxArguments) -> DetoxResult:
     """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file.
 
@@ -371,7 +372,6 @@ def run(args: DetoxArguments) -> DetoxResult:
         return done
     callback = build_eval_callback(args.validation)
     data_path, distilled = _load_data(args.data)
-    save_resolved_config(args.config, out)
     if args.model.dtype is not None:
         trainer_args.model_init_kwargs = {**(trainer_args.model_init_kwargs or {}), **args.model.load_kwargs()}
 
@@ -379,6 +379,7 @@ def run(args: DetoxArguments) -> DetoxResult:
         model=args.model.name_or_path, args=trainer_args, train_dataset=distilled, peft_config=args.peft,
         callbacks=[callback] if callback else None,
     )
+    save_resolved_config(args.config, out)  # the model loaded: a corrected rerun of a failed check is not refused
     start = time.perf_counter()
     train_metrics = _train(trainer, resume_from, callback)
     wall = time.perf_counter() - start

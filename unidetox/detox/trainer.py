@@ -27,11 +27,12 @@ from unidetox.detox.model_card import MODEL_CARD_FILE, model_card_path, render_m
 from unidetox.detox.tokenization import as_distilled_dataset, tokenize_for_target
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.models import load_tokenizer, resolve_model_path
+from unidetox.secret_masking import SavesArgsWithoutSecrets
 
 logger = logging.getLogger(__name__)
 
 
-class UniversalDetoxTrainer(SFTTrainer):
+class UniversalDetoxTrainer(SavesArgsWithoutSecrets, SFTTrainer):
     r"""Fine-tune any causal LM on distilled detoxifying text (UniDetox step 3), as a :class:`trl.SFTTrainer`.
 
     Args:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from trl import SFTConfig
+from trl import SFTConfig, SFTTrainer
 
 from unidetox.checkpoints import (
     checkpoint_dirs,
@@ -41,6 +41,7 @@ from unidetox.models import (
     read_adapter_config,
 )
 from unidetox.processes import has_accelerator, is_main_process, uses_deepspeed, wait_for_everyone
+from unidetox.secret_masking import SavesArgsWithoutSecrets
 from unidetox.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -236,13 +237,15 @@ def _with_start_token(corpus: datasets.Dataset, tokenizer, start_token: str | No
     return corpus.map(lambda row: {TEXT_COLUMN: start_token + row[TEXT_COLUMN]})
 
 
+class AntiExpertTrainer(SavesArgsWithoutSecrets, SFTTrainer):
+    """The anti-expert's ``SFTTrainer``; its saved ``training_args.bin`` holds no secret."""
+
+
 def build_anti_expert_trainer(model, tokenizer, corpus: datasets.Dataset, config: AntiExpertConfig, callbacks=None):
     """The ``SFTTrainer`` that :func:`train_anti_expert` runs: causal-LM loss on every text token (plus the appended
     EOS), right padding whose labels are ``-100``, LoRA when ``config.use_peft``."""
-    from trl import SFTTrainer
-
     train_dataset = _with_start_token(corpus.select_columns([TEXT_COLUMN]), tokenizer, config.start_token)
-    return SFTTrainer(
+    return AntiExpertTrainer(
         model=model,
         args=config,
         train_dataset=train_dataset,

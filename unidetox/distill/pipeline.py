@@ -32,7 +32,7 @@ from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import ModelArguments, load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
-from unidetox.run_dir import check_output_dir
+from unidetox.run_dir import check_output_dir, holds_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def run_markdown(result: DistillResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+@holds_output_dir
 def run(args: DistillArguments) -> DistillResult:
     """Train (or reuse) the anti-expert, distill the text, and write ``distill_run.{json,md}``.
 
@@ -150,7 +151,6 @@ def run(args: DistillArguments) -> DistillResult:
     state = process_state()
     out = Path(args.output_dir)
     check_output_dir(out, args.config, ignore=RUN_INDEPENDENT_KEYS)
-    save_resolved_config(args.config, out)
     load_kwargs = args.model.load_kwargs()
 
     start = time.perf_counter()
@@ -165,6 +165,7 @@ def run(args: DistillArguments) -> DistillResult:
     base, tokenizer = load_model_and_tokenizer(args.model.name_or_path, **load_kwargs)
     # A LoRA anti-expert stays an adapter (merge=False): the build then fuses base and adapter into one forward.
     anti_expert = load_anti_expert(ae_path, base_name_or_path=args.model.name_or_path, merge=False, **load_kwargs)
+    save_resolved_config(args.config, out)  # the inputs loaded: a corrected rerun of a failed check is not refused
     sampling, distill = args.sampler, args.distill
     distilled = DistilledDetoxDataset.build(
         base, anti_expert, tokenizer,

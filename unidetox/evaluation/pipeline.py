@@ -29,7 +29,7 @@ from unidetox.evaluation.scoring import ScorerConfig
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import read_json
 from unidetox.processes import is_main_process
-from unidetox.run_dir import check_output_dir
+from unidetox.run_dir import check_output_dir, holds_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def finished(args: EvaluateArguments) -> EvaluateResult | None:
     return EvaluateResult.load(args.output_dir)
 
 
+@holds_output_dir
 def run(args: EvaluateArguments) -> EvaluateResult:
     """Evaluate every model for every seed; returns the same result on every process."""
     out = Path(args.output_dir)

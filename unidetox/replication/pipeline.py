@@ -68,6 +68,7 @@ from unidetox.replication.report import (
     write_replication_report,
 )
 from unidetox.replication.stages import LOG_FILE, Stages
+from unidetox.run_dir import holds_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -512,6 +513,7 @@ class ReplicateResult:
 # ----------------------------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------------------------
+@holds_output_dir
 def run(args: ReplicateArguments) -> ReplicateResult:
     """Run (or resume) the whole replication and write ``report.{json,md}`` and the plot under ``output_dir``."""
     state = process_state()

@@ -17,7 +17,8 @@ as stages:``), it cancels its jobs when the block ends by an exception, Ctrl-C, 
 ``SystemExit(143)`` while the block runs, since a process killed by the default handler cancels nothing). The
 finished-output checks stay in the driver: a finished stage is never submitted.
 
-There are no lock files between copies of the command: one mechanism schedules the stages, the engine, and
+Copies of the command do not share work: each stage's run, and the driver, hold their output directory's lock
+(:mod:`unidetox.run_dir`), so a second copy is refused. One mechanism schedules the stages, the engine, and
 ``launcher.cluster=local`` does on one machine what several copies would (``launcher.max_concurrent_jobs=2`` for two),
 with the concurrency, the logs and the failures in one place.
 """

@@ -1,0 +1,83 @@
+"""No secret in any file a run writes: the saved training arguments of every checkpoint and of the anti-expert, and
+a key inside a list of overrides in a saved config."""
+
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from tiny import CORPUS, tiny_llama, word_tokenizer
+
+from unidetox.detox import pipeline as detox
+from unidetox.distill import pipeline as distill
+from unidetox.hydra_config import save_resolved_config
+from unidetox.run_dir import CONFIG_FILE
+from unidetox.secret_masking import mask_secrets, mask_text
+
+SENTINEL = "hf_SENTINEL7c1d0a"
+
+
+def _files_holding(root: Path, secret: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def _saved_hub_tokens(root: Path) -> dict[str, object]:
+    # Only the test unpickles them; the library never loads a pickle.
+    return {str(p.relative_to(root)): torch.load(p, weights_only=False).hub_token
+            for p in sorted(root.rglob("training_args.bin"))}
+
+
+def test_detox_saves_no_hub_token_in_any_file_and_keeps_it_for_pushing(tmp_path):
+    model = tmp_path / "tiny-model"
+    tokenizer = word_tokenizer(padding_side="right")
+    tiny_llama(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    csv = tmp_path / "distilled.csv"
+    datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
+    out = tmp_path / "out"
+    args = detox.parse_args([f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer.max_steps=2",
+                             "trainer.save_steps=1", "trainer.per_device_train_batch_size=4", "peft.r=4",
+                             "+trainer.disable_tqdm=true", "eval.enabled=false", f"+trainer.hub_token={SENTINEL}"])
+    detox.run(args)
+    tokens = _saved_hub_tokens(out)
+    assert set(tokens) >= {"training_args.bin", "checkpoint-1/training_args.bin", "checkpoint-2/training_args.bin"}
+    assert set(tokens.values()) == {None}
+    assert _files_holding(out, SENTINEL) == []
+    assert args.trainer.hub_token == SENTINEL  # the run's own arguments keep it: pushing still has its token
+
+
+def test_a_distill_run_saves_no_hub_token_in_any_file(tmp_path):
+    tokenizer = word_tokenizer()
+    model = tmp_path / "tiny-base"
+    tiny_llama(len(tokenizer.get_vocab())).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = tmp_path / "toxic.csv"
+    corpus.write_text("text,label,target\n" + "".join(f"hate awful stupid people {i},hate,wom\n" for i in range(8)))
+    out = tmp_path / "run"
+    args = distill.parse_args([
+        f"model.name_or_path={model}", f"data.path=[{corpus}]", f"output_dir={out}", "anti_expert.max_steps=2",
+        "anti_expert.per_device_train_batch_size=2", "distill.num_samples=2",
+        "distill.max_length=4", "distill.batch_size=2", "distill.start_token=null", "distill.summary_num_samples=0",
+        f"+anti_expert.hub_token={SENTINEL}"])
+    distill.run(args)
+    assert set(_saved_hub_tokens(out)) == {"anti_expert/training_args.bin"}
+    assert set(_saved_hub_tokens(out).values()) == {None}
+    assert _files_holding(out, SENTINEL) == []
+    assert args.anti_expert.hub_token == SENTINEL
+
+
+def test_a_key_inside_a_list_of_overrides_reaches_no_saved_config(tmp_path):
+    key = "AIzaSENTINEL42"
+    config = {"test": {"overrides": ["scorer=perspective", f"scorer.api_key={key}"]},
+              "overrides": [f"test.overrides=['scorer=perspective','scorer.api_key={key}']", "+hf_token=x=y"]}
+    save_resolved_config(config, tmp_path)
+    assert _files_holding(tmp_path, key) == [] and _files_holding(tmp_path, "x=y") == []
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert saved["test"]["overrides"] == ["scorer=perspective", "scorer.api_key=***"]
+    assert saved["overrides"] == ["test.overrides=['scorer=perspective','scorer.api_key=***']", "+hf_token=***"]
+    assert mask_secrets(config) != config and config["test"]["overrides"][1].endswith(key)  # input left as it was
+
+
+def test_mask_text_hides_only_secret_values():
+    assert mask_text("scorer.apikey=abc model=x url?key=k&n=2") == "scorer.apikey=*** model=x url?key=***&n=2"
+    assert mask_text('scorer.api_key="a b" pad_token=<pad>') == "scorer.api_key=*** pad_token=<pad>"
