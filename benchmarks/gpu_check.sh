@@ -20,7 +20,7 @@
 #   PYTHON=python3 bash benchmarks/gpu_check.sh --bundle .whl --out "$OUT/gpu_check.json"
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/x.json   # the same steps on CPU, tiny shapes, float32
 #
-# Every step runs under `timeout` (all of them within --budget-s seconds, default 450); its status, exit
+# Every step runs under `timeout` (all within --budget-s seconds, default 450, dry run 900); its status, exit
 # code and wall time are recorded even when it fails, and the next step still runs. Logs go to <out>_logs/
 # beside the JSON, run outputs (the installed bundle, models, checkpoints) to a temporary folder removed at the
 # end. Exit status 0 when every step is ok. PYTHON (default: .venv/bin/python of this checkout, else python3)
@@ -31,7 +31,7 @@ usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 OUT=gpu_check.json
 DRY_RUN=0
-BUDGET_S=450
+BUDGET_S=
 BUNDLE=
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -55,13 +55,19 @@ RUNS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 trap 'rm -rf "$RUNS"' EXIT
 mkdir -p "$(dirname "$OUT")" "$LOGS"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# transformers >= 5.24 swaps in kernels from the hub when it loads a checkpoint; they would need a download (and
+# the `kernels` package), so the layers run as torch implements them.
+export USE_HUB_KERNELS=0
 export PYTHONPATH="$REPO${BUNDLE:+:$RUNS/site}${PYTHONPATH:+:$PYTHONPATH}"
 MIN_STEP_S=20  # a step given less than this is skipped rather than started to be killed
 START=$(date +%s)
 PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
 
 if (( DRY_RUN )); then
-  MODE=dry-run DEVICE=cpu DTYPE=float32
+  MODE=dry-run DEVICE=cpu DTYPE=float32 BUDGET_S="${BUDGET_S:-900}"
+  # DeepSpeed's CPU accelerator compiles its shared-memory op in the first detox run of a fresh install (minutes
+  # on a busy CPU, cached in ~/.cache/torch_extensions); its CUDA accelerator has no such op.
+  DETOX_TIMEOUT_S=400
   # One thread: on a shared CPU, OpenMP threads spinning against other processes make tiny runs 10x slower.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   # The shipped shapes shrunk to 2 layers of width 288 (divisible by every shape's head count), 8k tokens.
@@ -76,7 +82,7 @@ if (( DRY_RUN )); then
               trainer.per_device_train_batch_size=2 data.max_samples=8)
   DETOX_NOTE="launcher=zero2.yaml with 1 process and float32 on DeepSpeed's CPU accelerator (no CUDA here)"
 else
-  MODE=gpu DEVICE=cuda DTYPE=bfloat16
+  MODE=gpu DEVICE=cuda DTYPE=bfloat16 BUDGET_S="${BUDGET_S:-450}" DETOX_TIMEOUT_S=200
   SHAPE=()
   SAMPLER_ARGS=(--batch-size 64 --new-tokens 64 --repeats 3)
   EVAL_ARGS=(--num-prompts 32 --num-samples 25 --repeats 2)
@@ -90,7 +96,7 @@ GPU_MEMORY=0
 
 "${REPORT[@]}" init --out "$OUT" --mode "$MODE" --budget-s "$BUDGET_S" --logs "$LOGS" \
   --note "device=$DEVICE" --note "dtype=$DTYPE" --note "python=$PYTHON" --note "bundle=${BUNDLE:-none}" \
-  --note "omp_num_threads=${OMP_NUM_THREADS:-default}"
+  --note "omp_num_threads=${OMP_NUM_THREADS:-default}" --note "use_hub_kernels=$USE_HUB_KERNELS"
 
 # record_missing NAME REASON: a step that cannot run here, recorded as such.
 record_missing() {
@@ -118,7 +124,7 @@ run_step() {
   echo "== $name (timeout ${limit}s): $*"
   local started ended rc=0 watcher=
   if (( GPU_MEMORY )); then
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$LOGS/$name.gpu_memory" 2>&1 &
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$LOGS/$name.gpu_memory" 2>/dev/null &
     watcher=$!
     options+=(--memory-log "$LOGS/$name.gpu_memory")
   fi
@@ -182,7 +188,7 @@ run_step detox_model 90 "" --expect "$RUNS/model/config.json" -- "$PYTHON" bench
 
 # ZeRO optimizer states in the checkpoint prove that DeepSpeed, not plain accelerate, ran the training.
 if "$PYTHON" -c 'import deepspeed' >"$LOGS/deepspeed_import.log" 2>&1; then
-  run_step detox 200 "$RUNS/detox/train_summary.json" --note "$DETOX_NOTE" \
+  run_step detox "$DETOX_TIMEOUT_S" "$RUNS/detox/train_summary.json" --note "$DETOX_NOTE" \
     --expect "$RUNS/detox/checkpoint-*/global_step*/zero_pp_rank_0_*optim_states.pt" -- \
     "$PYTHON" -m accelerate.commands.launch "${DETOX_LAUNCH[@]}" --main_process_port "$PORT" recipes/detox.py \
     model.name_or_path="$RUNS/model" data=authors_reference data.path="$RUNS/texts.csv" eval.enabled=false \

@@ -102,8 +102,8 @@ def cmd_step(args) -> None:
     if args.result and Path(args.result).is_file():
         step["result"] = read(Path(args.result))
     if args.memory_log and Path(args.memory_log).is_file():
-        readings = [float(line) for line in Path(args.memory_log).read_text().split() if line.strip()]
-        step["gpu_memory_peak_mib"] = max(readings, default=None)
+        words = Path(args.memory_log).read_text(errors="replace").split()
+        step["gpu_memory_peak_mib"] = max((float(w) for w in words if w.isdigit()), default=None)
     if step["status"] not in OK_STATUSES and args.log and Path(args.log).is_file():
         step["log_tail"] = Path(args.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     report["steps"][args.name] = step

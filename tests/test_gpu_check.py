@@ -93,3 +93,14 @@ def test_summary_has_the_fused_ratio_of_each_sampler_step_and_the_shared_ratio_o
     assert summary["fused_vs_plain"] == {"smollm2-135m": {"ratio": 0.9, "goal": 0.85, "met": True},
                                          "llama2-7b": {"ratio": 0.5, "goal": 0.85, "met": False}}
     assert summary["shared_vs_mixed"] == {"smollm2-135m": 2.5} and summary["all_ok"]
+
+
+def test_step_records_the_peak_of_its_gpu_memory_readings(tmp_path):
+    out, readings = tmp_path / "x.json", tmp_path / "step.gpu_memory"
+    readings.write_text("812\n30544\nNo devices were found\n1290\n")
+    report = [sys.executable, str(REPO / "benchmarks" / "gpu_check_report.py")]
+    subprocess.run([*report, "init", "--out", str(out), "--mode", "gpu", "--budget-s", "450", "--logs", "logs"],
+                   check=True)
+    subprocess.run([*report, "step", "--out", str(out), "--name", "sampler_7b", "--exit-code", "0",
+                    "--memory-log", str(readings)], check=True)
+    assert json.loads(out.read_text())["steps"]["sampler_7b"]["gpu_memory_peak_mib"] == 30544
