@@ -40,8 +40,13 @@ if ! unshare -n true 2>/dev/null; then
   finish 1 "unshare -n is refused: a network namespace needs root (or CAP_SYS_ADMIN)"
 fi
 
+# The folder is replaced whole: only one that a dry run made (it holds .gpu_dry_run) or an empty one.
+if [[ -n "$(ls -A "$WORK" 2>/dev/null)" && ! -e $WORK/.gpu_dry_run ]]; then
+  finish 1 "$WORK holds files of something else: set GPU_DRY_RUN_DIR to a new or empty folder"
+fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
+touch "$WORK/.gpu_dry_run"
 echo "== venv of the GPU machine's packages in $WORK/venv"
 "$BASE_PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
