@@ -72,4 +72,6 @@ if (( bytes > LIMIT_MIB * 1048576 )); then
   echo "error: the bundle is over its ${LIMIT_MIB} MiB limit" >&2
   exit 1
 fi
-echo "install there: python3 -m pip install --no-index --no-deps --target DIR $DEST/*.whl && export PYTHONPATH=DIR"
+shown="${DEST#"$REPO"/}"  # relative to the checkout, as it lies on the GPU machine
+echo "install there: python3 -m pip install --no-index --no-deps --target DIR $shown/*.whl && export PYTHONPATH=DIR"
+echo "or run the check, which does so first: PYTHON=python3 bash benchmarks/gpu_check.sh --bundle $shown --out \$OUT/gpu_check.json"
