@@ -3,6 +3,8 @@
     python benchmarks/eval_throughput.py                                      # 64 ToxiGen test prompts x 25 x 20
     python benchmarks/eval_throughput.py --models smollm2-135m --num-prompts 8 --repeats 1
     python benchmarks/eval_throughput.py --device cuda --dtype bfloat16 --batch-size 400
+    # no download, no data: random models of the shipped shapes, synthetic prompts of ToxiGen's 3-30 words
+    python benchmarks/eval_throughput.py --random-init --models smollm2-135m,gemma3-270m --device cuda --dtype bfloat16
 
 Modes (the same prompts, K samples of ``--max-new-tokens`` tokens each, top-p 0.9, top-k off):
 - ``authors``: the authors' pattern, one ``generate(num_return_sequences=K)`` per prompt (K rows, K prefills).
@@ -17,7 +19,8 @@ Tokens/s counts every row's ``--max-new-tokens`` (the same work in each mode). M
 and the median is reported, so machine noise hits all modes alike; ``identical_samples`` is the share of
 ``shared`` samples equal to the ``mixed`` ones drawn with the same seed (the layouts differ only in the rounding of
 the prefill); ``padding_tokens`` counts the left pads in the prompts of each mode's batches. The last lines are
-``ratio <model> <mode> <x>``, relative to ``mixed``.
+``ratio <model> <mode> <x>``, relative to ``mixed``. On CUDA, ``peak_memory_gib`` is each mode's peak allocation
+(the model's weights included).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import statistics
 import time
 
 import torch
+from random_models import benchmark_model, synthetic_texts
 
-from unidetox import load_model_and_tokenizer
 from unidetox.decoding.sampling import (
     ToxicityEvalConfig,
     count_padding_tokens,
@@ -40,6 +43,7 @@ from unidetox.decoding.sampling import (
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 MODES = ("authors", "mixed", "shared", "bucketed")
+SYNTHETIC_PROMPT_WORDS = (3, 30)  # the range of the ToxiGen test prompts' word counts
 
 
 def authors_generate(model, tokenizer, prompts, num_samples, max_new_tokens, top_p, seed):
@@ -60,7 +64,12 @@ def main():
     protocol = ToxicityEvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"],
-                        help="model names or paths (space- or comma-separated)")
+                        help="model names or paths (space- or comma-separated); with --random-init, shapes in "
+                        "benchmarks/model_configs/ or config JSON files")
+    parser.add_argument("--random-init", action="store_true", help="random models of the --models' shapes with an "
+                        "in-process tokenizer, on synthetic prompts: nothing downloaded, no data read")
+    parser.add_argument("--override", action="append", default=[],
+                        help="with --random-init: KEY=VALUE (JSON) set in every config, e.g. num_hidden_layers=2")
     parser.add_argument("--num-prompts", type=int, default=64, help="ToxiGen test prompts")
     parser.add_argument("--num-samples", type=int, default=protocol.num_samples, help="continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=protocol.max_new_tokens)
@@ -82,17 +91,23 @@ def main():
         modes.insert(0, "mixed")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    prompts = [p.text for p in load_prompts(PromptsConfig(split="test", num_prompts=args.num_prompts,
-                                                          data_dir=args.data_dir))]
+    if args.random_init:
+        prompts = synthetic_texts(args.num_prompts, *SYNTHETIC_PROMPT_WORDS, seed=1)
+    else:
+        prompts = [p.text for p in load_prompts(PromptsConfig(split="test", num_prompts=args.num_prompts,
+                                                              data_dir=args.data_dir))]
     tokens = len(prompts) * args.num_samples * args.max_new_tokens
+    cuda = args.device.startswith("cuda")
     reports = []
     for name in [n for group in args.models for n in group.split(",") if n]:
-        model, tokenizer = load_model_and_tokenizer(name, dtype=getattr(torch, args.dtype))
-        model.to(args.device).eval()
+        model, tokenizer = benchmark_model(name, args.random_init, args.override, getattr(torch, args.dtype),
+                                           args.device)
         sampling = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
 
         def run(mode, seed, prompts=prompts, model=model, tokenizer=tokenizer, sampling=sampling):
             synchronize(args.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             samples = None
             if mode == "authors":
@@ -113,19 +128,23 @@ def main():
                for m in ("mixed", "shared", "bucketed")},
         }
         seconds = {m: [] for m in modes}
+        peak_memory = dict.fromkeys(modes, 0.0)
         identical = []
         for repeat in range(args.repeats):
             drawn = {}
             for mode in modes:
                 elapsed, drawn[mode] = run(mode, seed=repeat)
                 seconds[mode].append(elapsed)
+                if cuda:
+                    peak_memory[mode] = max(peak_memory[mode], torch.cuda.max_memory_allocated() / 2**30)
                 print(f"{name} repeat {repeat}: {mode:8s} {elapsed:8.2f} s {tokens / elapsed:9.1f} tok/s", flush=True)
             if "shared" in drawn:
                 same = [a.token_ids == b.token_ids for a, b in zip(drawn["mixed"], drawn["shared"], strict=True)]
                 identical.append(sum(same) / len(same))
         median = {m: statistics.median(v) for m, v in seconds.items()}
         reports.append({
-            "model": name, "num_prompts": len(prompts), "num_samples": args.num_samples,
+            "model": name, "random_init": args.random_init, "config_overrides": args.override,
+            "num_prompts": len(prompts), "num_samples": args.num_samples,
             "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "batch_size": args.batch_size,
             "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
             "repeats": args.repeats, "seconds": median,
@@ -133,6 +152,7 @@ def main():
             "ratio_to_mixed": {m: median["mixed"] / s for m, s in median.items()},
             "identical_samples": identical,
             "padding_tokens": {m: padding[m] for m in modes},
+            "peak_memory_gib": peak_memory if cuda else None,
         })
         del model
     if args.json:

@@ -1,17 +1,20 @@
 """The JSON file of ``benchmarks/gpu_check.sh``: one record per step, rewritten after every step.
 
     python benchmarks/gpu_check_report.py init --out gpu_check.json --mode gpu --budget-s 450 --logs DIR
-    python benchmarks/gpu_check_report.py step --out gpu_check.json --name sampler --exit-code 0 \\
-        --started 1700000000.1 --ended 1700000042.7 --timeout-s 150 --log DIR/sampler.log \\
-        --result sampler.json
+    python benchmarks/gpu_check_report.py step --out gpu_check.json --name sampler_135m --exit-code 0 \\
+        --started 1700000000.1 --ended 1700000042.7 --timeout-s 150 --log DIR/sampler_135m.log \\
+        --result sampler.json --memory-log DIR/sampler_135m.gpu_memory
     python benchmarks/gpu_check_report.py step --out gpu_check.json --name eval_throughput --status missing
     python benchmarks/gpu_check_report.py summary --out gpu_check.json   # prints it; exit 1 unless all ok
 
 A step's status is ``ok`` (exit 0, the ``--result`` JSON file exists and every ``--expect`` glob matches a
 file), ``timeout``
-(exit 124/137: killed by ``timeout``), ``failed``, or what ``--status`` says (``missing``: the benchmark is
-not in this checkout; ``skipped``: the time budget was spent). The file is complete after every step, so a
-check cut short still reports what it measured.
+(exit 124/137: killed by ``timeout``), ``failed``, or what ``--status`` says (``missing``: the benchmark or
+what it needs is not here, a note says which; ``skipped``: the time budget was spent). ``--memory-log`` is a file of
+``nvidia-smi`` readings of the used GPU memory in MiB, one a line, taken while the step ran: its largest becomes the
+step's ``gpu_memory_peak_mib`` (the whole device's, CUDA contexts included). The file is complete after every step,
+so a check cut short still reports what it measured. Steps named ``sampler*`` (benchmarks/sampler_throughput.py)
+and ``eval_throughput`` have their speed-ups summarized.
 """
 
 from __future__ import annotations
@@ -49,10 +52,18 @@ def summarize(report: dict) -> dict:
     summary = {"all_ok": all(s["status"] in OK_STATUSES for s in steps.values()),
                "statuses": {name: s["status"] for name, s in steps.items()},
                "seconds": round(sum(s.get("seconds") or 0.0 for s in steps.values()), 1)}
-    sampler = (steps.get("sampler") or {}).get("result") or {}
-    ratio = sampler.get("ratio_to_plain", {}).get("fused")
-    if ratio is not None:
-        summary["fused_vs_plain"] = {"ratio": ratio, "goal": FUSED_GOAL, "met": ratio >= FUSED_GOAL}
+    fused = {}
+    for name, step in steps.items():
+        result = step.get("result") if name.startswith("sampler") else None
+        ratio = (result or {}).get("ratio_to_plain", {}).get("fused")
+        if ratio is not None:
+            fused[result["model"]] = {"ratio": ratio, "goal": FUSED_GOAL, "met": ratio >= FUSED_GOAL}
+    if fused:
+        summary["fused_vs_plain"] = fused
+    evaluation = (steps.get("eval_throughput") or {}).get("result") or []
+    shared = {r["model"]: r["ratio_to_mixed"]["shared"] for r in evaluation if "shared" in r["ratio_to_mixed"]}
+    if shared:
+        summary["shared_vs_mixed"] = shared
     detox = ((steps.get("detox") or {}).get("result") or {}).get("train") or {}
     if detox:
         summary["detox"] = {k: detox.get(k) for k in ("global_step", "wall_time_s", "tokens_per_second",
@@ -90,6 +101,9 @@ def cmd_step(args) -> None:
         step["missing_outputs"] = missing_outputs(args)
     if args.result and Path(args.result).is_file():
         step["result"] = read(Path(args.result))
+    if args.memory_log and Path(args.memory_log).is_file():
+        words = Path(args.memory_log).read_text(errors="replace").split()
+        step["gpu_memory_peak_mib"] = max((float(w) for w in words if w.isdigit()), default=None)
     if step["status"] not in OK_STATUSES and args.log and Path(args.log).is_file():
         step["log_tail"] = Path(args.log).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
     report["steps"][args.name] = step
@@ -102,12 +116,11 @@ def cmd_summary(args) -> int:
     for name, step in report["steps"].items():
         seconds = "" if step["seconds"] is None else f" ({step['seconds']:.1f} s)"
         print(f"step {name:16s} {step['status']}{seconds}")
-    fused = summary.get("fused_vs_plain")
-    if fused:
-        speeds = report["steps"]["sampler"]["result"]["tokens_per_s"]
-        print("sampler tokens/s: " + ", ".join(f"{m} {v:.1f}" for m, v in speeds.items()))
+    for model, fused in summary.get("fused_vs_plain", {}).items():
         verdict = "met" if fused["met"] else "NOT met"
-        print(f"fused / plain = {fused['ratio']:.3f} (goal >= {FUSED_GOAL}: {verdict})")
+        print(f"{model}: fused / plain = {fused['ratio']:.3f} (goal >= {FUSED_GOAL}: {verdict})")
+    for model, ratio in summary.get("shared_vs_mixed", {}).items():
+        print(f"{model}: prefix-shared / mixed evaluation sampling = {ratio:.2f}x")
     if "detox" in summary:
         d = summary["detox"]
         print(f"detox: {d['global_step']} steps in {d['wall_time_s']} s, {d['tokens_per_second']} tokens/s, "
@@ -133,6 +146,7 @@ def main() -> int:
     step.add_argument("--timeout-s", type=int)
     step.add_argument("--command")
     step.add_argument("--log")
+    step.add_argument("--memory-log", help="nvidia-smi readings of the used GPU memory (MiB), one a line")
     step.add_argument("--result", help="the JSON file the step writes; its content goes into the record")
     step.add_argument("--expect", action="append", default=[], metavar="GLOB",
                       help="a file the step must have written (else it failed)")

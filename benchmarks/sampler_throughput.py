@@ -5,6 +5,8 @@
     # a separate anti-expert (perturbed full copy): plain vs sampler (own KV cache) vs naive (no cache)
     python benchmarks/sampler_throughput.py --anti-expert perturbed --modes plain,sampler,naive
     python benchmarks/sampler_throughput.py --batch-size 64 --device cuda --dtype bfloat16
+    # no download: a random-initialised model of a shape in benchmarks/model_configs/ (speed needs no weights)
+    python benchmarks/sampler_throughput.py --random-init --model llama2-7b --device cuda --dtype bfloat16
 
 Modes:
 - ``plain``: ``generate`` of the base alone.
@@ -14,7 +16,8 @@ Modes:
 - ``fused``: :func:`unidetox.decoding.fused.fused_contrastive_generate`, base and LoRA anti-expert in one doubled forward.
 
 Modes are interleaved over repeats and the median is reported, so machine noise hits all modes alike; the ratios to
-plain ``generate`` are printed last.
+plain ``generate`` are printed last. On CUDA, ``peak_memory_gib`` is each mode's peak allocation, every model the
+modes use (base, LoRA copy, merged anti-expert) included.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import statistics
 import time
 
 import torch
+from random_models import benchmark_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from unidetox import ContrastiveDetoxSampler, contrastive_scores, load_model_and_tokenizer
+from unidetox import ContrastiveDetoxSampler, contrastive_scores
 from unidetox.decoding.fused import fused_contrastive_generate
 
 
@@ -58,7 +62,12 @@ def perturbed_copy(model, scale, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded model or a path; with --random-init, "
+                        "a shape in benchmarks/model_configs/ or a config JSON")
+    parser.add_argument("--random-init", action="store_true", help="a random model of --model's shape with an "
+                        "in-process tokenizer: nothing downloaded")
+    parser.add_argument("--override", action="append", default=[],
+                        help="with --random-init: KEY=VALUE (JSON) set in the config, e.g. num_hidden_layers=2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -73,8 +82,7 @@ def main():
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    base, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
-    base.to(args.device).eval()
+    base, tokenizer = benchmark_model(args.model, args.random_init, args.override, dtype, args.device)
     lora_model = None
     if args.anti_expert == "perturbed":
         anti = perturbed_copy(base, scale=0.05, seed=0).eval()
@@ -131,17 +139,25 @@ def main():
         parser.error("the fused mode needs --anti-expert lora")
     if "plain" not in modes:
         modes.insert(0, "plain")
+    cuda = args.device.startswith("cuda")
     run("plain")  # warm-up (allocator, kernels)
     results = {m: [] for m in modes}
+    peak_memory = dict.fromkeys(modes, 0.0)
     for r in range(args.repeats):
         for m in modes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             results[m].append(run(m))
+            if cuda:
+                peak_memory[m] = max(peak_memory[m], torch.cuda.max_memory_allocated() / 2**30)
             print(f"repeat {r}: {m:8s} {results[m][-1]:9.1f} tok/s", flush=True)
     median = {m: statistics.median(v) for m, v in results.items()}
     ratios = {m: median[m] / median["plain"] for m in modes}
     report = {
-        "model": args.model, "anti_expert": args.anti_expert, "batch_size": args.batch_size, "new_tokens": args.new_tokens, "device": args.device,
+        "model": args.model, "random_init": args.random_init, "config_overrides": args.override,
+        "anti_expert": args.anti_expert, "batch_size": args.batch_size, "new_tokens": args.new_tokens, "device": args.device,
         "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "tokens_per_s": median, "ratio_to_plain": ratios,
+        "peak_memory_gib": peak_memory if cuda else None,
     }
     if args.json:
         with open(args.json, "w") as fh:
