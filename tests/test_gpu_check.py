@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("environment", "sampler", "eval_throughput", "detox", "distill")
@@ -18,8 +18,8 @@ STEPS = ("environment", "sampler", "eval_throughput", "detox", "distill")
 def test_dry_run_records_every_step_ok(tmp_path, shared_data):
     out = tmp_path / "x.json"
     env = {**os.environ, "PYTHON": sys.executable, "UNIDETOX_DATA_DIR": str(shared_data)}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocesses.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     report = json.loads(out.read_text())
     expected = dict.fromkeys(STEPS, "ok")
     if not (REPO / "benchmarks" / "eval_throughput.py").is_file():
