@@ -68,6 +68,12 @@ def lock_holders(lock: Path) -> list[int]:
     return holders
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Tells one lock file from a later one at the same path (an inode number alone may be reused)."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+
 def clear_stale_build_locks(root: str | os.PathLike | None = None) -> list[Path]:
     """Remove the build locks under ``root`` (default :func:`extensions_root`) that no live process holds.
 
@@ -82,13 +88,13 @@ def clear_stale_build_locks(root: str | os.PathLike | None = None) -> list[Path]
     removed = []
     for lock in sorted(root.glob("*/lock")):
         try:
-            seen = lock.stat().st_ino
+            seen = _identity(lock)
             holders = lock_holders(lock)
             if holders:
                 logger.info("A build of %s is running (process %s holds %s); waiting for it.",
                             lock.parent.name, ", ".join(map(str, holders)), lock)
                 continue
-            if lock.stat().st_ino != seen:  # released and taken again by a new build meanwhile
+            if _identity(lock) != seen:  # released and taken again by a new build meanwhile
                 continue
             lock.unlink()
         except FileNotFoundError:  # its build ended meanwhile
