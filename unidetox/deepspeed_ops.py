@@ -9,6 +9,7 @@ twice, an out-of-memory kill) leaves the file behind, and every later run that n
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -112,8 +113,8 @@ def prepare_deepspeed() -> None:
     DeepSpeed reads op compatibility from ``deepspeed.ops.__compatible_ops__``, probed once per process; its own
     comment says edits to that dict persist, and ``build_shm_op`` then falls back to plain torch.distributed."""
     clear_stale_build_locks()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or importlib.util.find_spec("deepspeed") is None:
+        return  # several processes: DeepSpeed decides; not installed: transformers/accelerate say so
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
