@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 # The suite runs as one pytest worker per core, a file per worker (a module's shared fixtures run once), each worker
 # at one torch thread: workers with several threads each on the same cores spin at OpenMP barriers and run far slower.
 PYTEST_WORKERS ?= auto
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+# torch's just-in-time extension builds (DeepSpeed ops) of a test run stay in this checkout's git-ignored .cache/, so a
+# build lock left behind by an interrupted run of another checkout never reaches this one.
+PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions OMP_NUM_THREADS=1 \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-fast distill detox evaluate replicate bench lint clean
 
@@ -50,4 +53,4 @@ lint: install
 	$(VENV)/bin/ruff check unidetox recipes tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .cache/torch_extensions

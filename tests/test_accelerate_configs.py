@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "accelerate_configs"
@@ -41,6 +41,10 @@ ACCELERATOR_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    from unidetox.deepspeed_ops import prepare_deepspeed
+    prepare_deepspeed()  # as unidetox's entry points do before DeepSpeed forms its process group
     from accelerate import Accelerator
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DeepSpeedPlugin
@@ -76,22 +80,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(tmp_path) -> dict:
+    # A torch extension folder of the test's own: what DeepSpeed would compile shows up there (and none may), and
+    # no build lock from elsewhere reaches the test.
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _compiled_ops(tmp_path) -> list[str]:
+    return sorted(p.parent.name for p in (tmp_path / "torch_extensions").glob("*/*.so"))
+
+
+def _build_accelerator(tmp_path, name):
+    script = tmp_path / "build.py"
+    script.write_text(ACCELERATOR_SCRIPT)
+    # A generous bound for a busy machine (a quiet one takes well under a minute); never a hang.
+    return subprocesses.run(
+        [sys.executable, str(script), str(CONFIGS / f"{name}.yaml"), str(_free_port()), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900, cwd=REPO, env=_env(tmp_path),
+    )
+
+
 @pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3)])
 def test_deepspeed_configs_build_an_accelerator(tmp_path, name, stage):
     pytest.importorskip("deepspeed")
-    script = tmp_path / "build.py"
-    script.write_text(ACCELERATOR_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(CONFIGS / f"{name}.yaml"), str(_free_port()), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )
+    proc = _build_accelerator(tmp_path, name)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _compiled_ops(tmp_path) == []  # one process needs no DeepSpeed op compiled
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["distributed_type"] == "DistributedType.DEEPSPEED"
     assert info["zero_stage"] == stage == info["ds_config_stage"]
     assert info["args_distributed_type"] == "DistributedType.DEEPSPEED"
     assert info["args_zero_stage"] == stage
     assert info["args_micro_batch"] == 8  # "auto" filled from per_device_train_batch_size (the paper's 8)
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_not_waited_on(tmp_path):
+    # What a build killed half way leaves: the op's lock file, which torch's FileBaton would wait on forever.
+    pytest.importorskip("deepspeed")
+    from unidetox.deepspeed_ops import SHM_COMM_OP
+
+    lock = tmp_path / "torch_extensions" / SHM_COMM_OP / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    proc = _build_accelerator(tmp_path, "zero2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not lock.exists() and f"Removed the stale build lock {lock}" in proc.stderr
 
 
 TRAIN_SCRIPT = textwrap.dedent(
@@ -135,15 +169,17 @@ def _launch(tmp_path, *launch_args, launcher="accelerate"):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT.format(tests=str(REPO / "tests")))
     out = tmp_path / "out"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     if launcher == "accelerate":
         cmd = [str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(_free_port()), str(script), str(out)]
     else:
         env["ACCELERATE_USE_CPU"] = "true"  # what `accelerate launch --cpu` sets: DDP over gloo
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch_args, f"--master_port={_free_port()}",
                str(script), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    # The training process is a child of the launcher: the timeout ends both (a bound for a busy machine).
+    proc = subprocesses.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _compiled_ops(tmp_path) == []
     info = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     return info, out
 

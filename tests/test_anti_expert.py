@@ -17,6 +17,22 @@ from unidetox.distill.anti_expert import (
 TOXIC = ["hate awful stupid ugly people", "kill the stupid ugly cat", "awful people hate music"] * 6
 
 
+def assert_merged_logits_match(merged_logits, lora_logits, config):
+    """Logits of a LoRA-merged model against the unmerged one's, both float32, at a tolerance the arithmetic sets.
+
+    The two compute the same exact values rounded differently: merged, each weight W + s·BA is rounded once;
+    unmerged, Wx and s·B(Ax) are rounded apart and added. A float32 dot product of length n is off by at most
+    n·u (u = 2^-24, Higham's γ_n) relative to the sum of its terms' magnitudes. Per layer the longest sums run over
+    the hidden and the intermediate size, each layer's error carries on to the logits, and the logits' own scale
+    stands for the magnitude of the head's terms: u · (hidden + intermediate) · layers · max|logit|. For the tiny
+    models here that is about 1e-4, against differences of 3e-6 to 1.2e-5 seen; a bug (a missing or doubled
+    adapter, a wrong scale) moves logits by orders of magnitude more."""
+    unit_roundoff = torch.finfo(torch.float32).eps / 2
+    longest_sums = (config.hidden_size + config.intermediate_size) * config.num_hidden_layers
+    atol = unit_roundoff * longest_sums * lora_logits.abs().max().item()
+    torch.testing.assert_close(merged_logits, lora_logits, atol=atol, rtol=0.0)
+
+
 @pytest.fixture
 def tokenizer():
     # pad == eos, as for SmolLM2: padding must be masked by position, never by token id.
@@ -87,7 +103,7 @@ def test_lora_training_learns_saves_and_reloads(tmp_path, tokenizer, corpus, sav
         expected = trained(input_ids=ids).logits
         got = anti(input_ids=ids).logits
         base_logits = tiny_llama(len(tokenizer.get_vocab()), seed=0)(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_merged_logits_match(got, expected, anti.config)
     assert not torch.allclose(got, base_logits, atol=1e-3)
 
 
@@ -200,7 +216,7 @@ def test_anti_expert_saved_without_tokenizer_files_loads(tmp_path, tokenizer):
     merged = load_anti_expert(tmp_path / "adapter", base_name_or_path=str(base_dir))
     ids = torch.tensor([[1, 5, 6]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+        assert_merged_logits_match(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, merged.config)
 
 
 @pytest.mark.parametrize("content", ["not json", "{}", '{"peft_type": 3}'])

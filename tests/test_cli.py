@@ -3,11 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import subprocesses
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox.cli import COMMANDS, command_help, main
@@ -56,7 +56,7 @@ def test_a_tiny_evaluation_through_the_console_script(tmp_path):
            "eval.num_samples=2", "eval.max_new_tokens=3", "seeds=[0]", "perplexity.reference_model=null",
            "perplexity.wikitext=false", "mmlu.enabled=false", f"output_dir={out}", "progress=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocesses.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert list(report["models"]) == [str(model_dir)]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import pytest
+import subprocesses
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
@@ -163,7 +163,7 @@ def test_recipe_on_an_embedded_model_under_accelerate_launch(tmp_path, shared_da
         "select.max_ppl_increase=1.0",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["model"] == "smollm2-135m" and summary["train"]["global_step"] == 2

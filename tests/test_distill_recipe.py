@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import subprocesses
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox.distill import pipeline
@@ -82,7 +83,6 @@ def test_recipe_end_to_end_then_cached(tmp_path):
 def test_embedded_default_under_accelerate_launch(tmp_path):
     """The README's main command on the embedded default (smollm2-135m + local DGHS), at a tiny size."""
     import os
-    import subprocess
 
     from conftest import SHARED_DATA
 
@@ -97,7 +97,7 @@ def test_embedded_default_under_accelerate_launch(tmp_path):
         "anti_expert.max_length=32", "data.max_samples=16",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", UNIDETOX_DATA_DIR=str(SHARED_DATA))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocesses.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = json.loads((out / "distill_run.json").read_text())
     assert run["stages"]["anti_expert"]["global_steps"] == 2

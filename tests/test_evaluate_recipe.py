@@ -4,12 +4,12 @@ models and a tiny copy of the data layout."""
 import json
 import math
 import os
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import subprocesses
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox.evaluation import pipeline
@@ -198,7 +198,7 @@ def test_two_processes_shard_and_gather_once(first_run, tmp_path):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29643",
            str(REPO / "recipes" / "evaluate.py"), *overrides(root, double, "mmlu.enabled=false")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocesses.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read_jsonl(single / "generations.jsonl"), read_jsonl(double / "generations.jsonl")
     assert len(b) == len(a)  # gathered exactly once: no duplicates, nothing missing

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import subprocesses
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +29,8 @@ def test_dry_run_records_every_step_ok_and_downloads_nothing(tmp_path):
     cache = tmp_path / "empty_cache"
     cache.mkdir()
     env = {**os.environ, "PYTHON": sys.executable, "UNIDETOX_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocesses.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     report = json.loads(out.read_text())
     failures = {name: s.get("log_tail") for name, s in report["steps"].items() if s["status"] != "ok"}
     assert {name: step["status"] for name, step in report["steps"].items()} == dict.fromkeys(STEPS, "ok"), failures
@@ -99,8 +99,8 @@ def test_step_records_the_peak_of_its_gpu_memory_readings(tmp_path):
     out, readings = tmp_path / "x.json", tmp_path / "step.gpu_memory"
     readings.write_text("812\n30544\nNo devices were found\n1290\n")
     report = [sys.executable, str(REPO / "benchmarks" / "gpu_check_report.py")]
-    subprocess.run([*report, "init", "--out", str(out), "--mode", "gpu", "--budget-s", "450", "--logs", "logs"],
-                   check=True)
-    subprocess.run([*report, "step", "--out", str(out), "--name", "sampler_7b", "--exit-code", "0",
-                    "--memory-log", str(readings)], check=True)
+    subprocesses.run([*report, "init", "--out", str(out), "--mode", "gpu", "--budget-s", "450", "--logs", "logs"],
+                     check=True, timeout=300)
+    subprocesses.run([*report, "step", "--out", str(out), "--name", "sampler_7b", "--exit-code", "0",
+                      "--memory-log", str(readings)], check=True, timeout=300)
     assert json.loads(out.read_text())["steps"]["sampler_7b"]["gpu_memory_peak_mib"] == 30544

@@ -9,6 +9,7 @@ import textwrap
 import zipfile
 
 import pytest
+import subprocesses
 import torch
 
 from unidetox import models
@@ -103,9 +104,9 @@ def test_concurrent_provisioning_happens_once(tmp_path):
     _, wheels = make_fake_wheels(tmp_path, b"y" * 100, chunks=1)
     counter = tmp_path / "counter"
     env = {"UNIDETOX_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(wheels), str(counter)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs = [subprocesses.popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(wheels), str(counter)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [subprocesses.communicate(p, timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert counter.read_text() == "x", "the model was provisioned more than once"
     paths = {o[0].strip() for o in outs}

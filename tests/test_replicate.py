@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import datasets
 import pytest
+import subprocesses
 import torch
 from conftest import SHARED_DATA
 from tiny import tiny_llama, word_tokenizer
@@ -487,7 +487,7 @@ def tiny_sequential_replication(tmp_path_factory):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     cmd, env, out = _tiny_replication(tmp_path_factory.mktemp("sequential"), SHARED_DATA)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return cmd, env, out
 
@@ -506,7 +506,7 @@ def test_tiny_replication_end_to_end_then_nothing_is_recomputed(tiny_sequential_
     # Rerun: every stage is found finished; no file is rewritten.
     stamps = {f: (out / f).stat().st_mtime_ns for f in STAGE_FILES if f != "replicate_log.jsonl"}
     time.sleep(0.01)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     second = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()][len(first):]
     assert [e["stage"] for e in second] == [e["stage"] for e in first]
@@ -522,7 +522,7 @@ def test_tiny_replication_as_concurrent_jobs_gives_the_sequential_report(tmp_pat
     sequential run's, number for number."""
     cmd, env, out = _tiny_replication(tmp_path, SHARED_DATA, "launcher.engine=submitit", "launcher.cluster=local",
                                       "launcher.max_concurrent_jobs=2", "launcher.threads_per_job=1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     _assert_tiny_report(out)
     log = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from trl import SFTConfig
 
+from unidetox.deepspeed_ops import prepare_deepspeed
 from unidetox.processes import has_accelerator, uses_deepspeed
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class UniversalDetoxConfig(SFTConfig):
         # forms its own group, and use_cpu would switch it off.)
         if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
             self.use_cpu = True
+        if uses_deepspeed(self.deepspeed):
+            prepare_deepspeed()  # before TrainingArguments lets DeepSpeed form its process group
         if self.bf16 is None:
             self.bf16 = False if (self.fp16 or self.use_cpu) else _default_bf16()
         super().__post_init__()

@@ -30,6 +30,7 @@ from unidetox.checkpoints import (
     newest_complete_checkpoint,
     restore_final_checkpoint,
 )
+from unidetox.deepspeed_ops import prepare_deepspeed
 from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
 from unidetox.io import atomic_write_json
 from unidetox.models import (
@@ -136,6 +137,8 @@ class AntiExpertConfig(SFTConfig):
         # forms its own group, and use_cpu would switch it off.)
         if not self.use_cpu and not has_accelerator() and not uses_deepspeed(self.deepspeed):
             self.use_cpu = True
+        if uses_deepspeed(self.deepspeed):
+            prepare_deepspeed()  # before TrainingArguments lets DeepSpeed form its process group
         super().__post_init__()
         if self.use_peft:
             if self.lora_r < 1:
