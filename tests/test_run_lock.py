@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import cloudpickle
 import datasets
 import pytest
+import subprocesses
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
 from unidetox import run_dir
@@ -35,7 +36,7 @@ READY = "READY"
 def _start(code: str) -> subprocess.Popen:
     """A Python child that prints READY once it holds what ``code`` takes, then waits to be killed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocesses.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     said = []
     for line in child.stdout:  # libraries may print first
         said.append(line)
@@ -50,7 +51,7 @@ def children():
     started: list[subprocess.Popen] = []
     yield lambda code: started.append(_start(code)) or started[-1]
     for child in started:  # no process is left behind
-        child.kill()
+        subprocesses.end_group(child, grace_s=0.0)
         child.wait()
         child.stdout.close()
 
@@ -142,9 +143,9 @@ def test_only_the_main_process_locks_and_a_refusal_reaches_every_process(tmp_pat
 def _launch_two_ranks(out: Path, report: Path, port: int) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
-                           str(Path(__file__).parent / "scripts" / "run_lock_ranks.py"), str(out), str(report)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocesses.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
+                             str(Path(__file__).parent / "scripts" / "run_lock_ranks.py"), str(out), str(report)],
+                            capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in (0, 1)]
 
