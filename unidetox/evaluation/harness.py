@@ -166,10 +166,10 @@ def run_evaluation(
     perplexity per (model, seed), WikiText perplexity and MMLU (or, with ``capabilities.backend=lm_eval``, the
     lm-eval capability tasks, which replace them) per model. Each part records a fingerprint of the
     settings that produced it, so an interrupted run resumes where it stopped and a changed setting redoes only
-    the parts it affects. Each scorer of ``also_scorer_configs`` scores every stored continuation too (cached per
-    (model, seed) part beside its generations); the report gives TP/EMT under each in ``models[key]["scorers"]``
-    and ``generations.jsonl`` their scores in ``also_toxicity``. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
-    the main process writes the files. Returns the report on the main process (``None`` on the others).
+    the parts it affects. Each scorer of ``also_scorer_configs`` scores every stored continuation too, on the main
+    process (cached per (model, seed) part beside its generations); the report gives TP/EMT under each in
+    ``models[key]["scorers"]`` and ``generations.jsonl`` their scores in ``also_toxicity``. Under ``accelerate
+    launch`` every step is sharded over the processes and gathered once; the main process writes the files. Returns the report on the main process (``None`` on the others).
     """
     started = time.perf_counter()
     eval_config = eval_config or ToxicityEvalConfig()

@@ -497,14 +497,19 @@ def _compare_and_judge(rows: Sequence[dict[str, Any]], targets: Sequence[str],
     return versus_control, judge_success(rows, targets, **dict(bar or {}), versus_control=versus_control)
 
 
+# What a row under a further scorer keeps of the table's row, next to its own TP and EMT.
+_SCORER_ROW_KEYS = ("method", "target", "model", "label", "wikitext_perplexity", "conditional_perplexity",
+                    "mmlu_accuracy", "mmlu_num_questions")
+
+
 def scorer_rows(rows: Sequence[Mapping[str, Any]], test_models: Mapping[str, Mapping[str, Any]],
                 key: str) -> list[dict[str, Any]]:
-    """The table's rows with TP and EMT under the further scorer ``key`` (``None`` where a model lacks it) and
-    everything else (perplexity, MMLU) as measured."""
+    """The table's rows with TP and EMT under the further scorer ``key`` (``None`` where a model lacks it), and
+    the perplexity and MMLU numbers the bar also reads."""
     out = []
     for r in rows:
         under = (test_models[r["model"]].get("scorers") or {}).get(key) or {}
-        out.append({**{k: v for k, v in r.items() if k not in ("relative_to_base", "paired_vs_base", "per_seed")},
+        out.append({**{k: r.get(k) for k in _SCORER_ROW_KEYS},
                     "toxicity_probability": under.get("toxicity_probability"),
                     "expected_max_toxicity": under.get("expected_max_toxicity")})
     return out
