@@ -36,7 +36,7 @@ from unidetox.replication.report import (
     write_replication_report,
 )
 from unidetox.replication.stages import Stages
-from unidetox.run_dir import OutputDirConflict
+from unidetox.run_dir import CONFIG_FILE, OutputDirConflict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -606,7 +606,7 @@ def _assert_tiny_report(out):
     # The chosen configuration applied to the other target is the chosen checkpoint's: the grid's schedule (2 steps)
     # stopped at the chosen step.
     step = selection["choice"]["step"]
-    applied = json.loads((out / "apply" / "gemma3-unidetox" / "config.json").read_text())
+    applied = json.loads((out / "apply" / "gemma3-unidetox" / CONFIG_FILE).read_text())
     assert applied["trainer"]["max_steps"] == 2
     assert applied["trainer"].get("stop_at_step") == (step if step < 2 else None)
     summary = json.loads((out / "apply" / "gemma3-unidetox" / "train_summary.json").read_text())
