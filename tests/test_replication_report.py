@@ -185,6 +185,7 @@ def test_the_bar_is_met_only_when_met_under_every_scorer(tmp_path):
     write_replication_report(report, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## Under `other`" in md and "| UniDetox (distilled text, chosen config) | t |" in md
+    assert "Under `other`: Bar NOT met: t: TP" in md and "UniDetox against the control, t: TP" in md
     assert "Bar NOT met: it must be met under every scorer" in md
     assert json.loads((tmp_path / "report.json").read_text())["scorers"]["other"]["bar"]["met"] is False
 

@@ -590,10 +590,10 @@ def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> li
             lines.append(f"| {r['label']} | {r['target']} | {_ms(r['toxicity_probability'])} | "
                          f"{_ms(r['expected_max_toxicity'])} | " + " | ".join(changes) + " |")
         for target, changes in (under.get("unidetox_vs_control") or {}).items():
-            lines.append(f"\nUniDetox against the control, {target}: TP "
-                         f"{_pct_interval(changes.get('toxicity_probability'))}, EMT "
-                         f"{_pct_interval(changes.get('expected_max_toxicity'))} (paired).")
-        lines += ["", f"{under['bar']['verdict']}"]
+            lines += ["", f"UniDetox against the control, {target}: TP "
+                      f"{_pct_interval(changes.get('toxicity_probability'))}, EMT "
+                      f"{_pct_interval(changes.get('expected_max_toxicity'))} (paired)."]
+        lines += ["", f"Under `{name}`: {under['bar']['verdict']}"]
     return lines
 
 
