@@ -79,7 +79,7 @@ def test_evaluate_stage_reports_lm_eval_capabilities_in_place_of_the_papers(setu
     overrides = [f"models=[{setup / 'm0'}]", f"data_dir={setup / 'data'}", "eval.num_samples=2", "eval.max_new_tokens=3",
                  "seeds=[0]", "perplexity.reference_model=null", "progress=false", f"output_dir={out}",
                  "capabilities.backend=lm_eval", "capabilities.limit=2", "capabilities.max_length=64",
-                 "capabilities.batch_size=8", f"capabilities.mmlu_subjects=[{','.join(SUBJECTS)}]"]
+                 "capabilities.batch_size=8", f"capabilities.mmlu_subjects=[{','.join(SUBJECTS)}]", "also_scorers=[]"]
     report = pipeline.run(pipeline.parse_args(overrides)).report
     entry = report["models"][str(setup / "m0")]
     model, tokenizer = load_model_and_tokenizer(setup / "m0")

@@ -60,7 +60,7 @@ def overrides(root, out, *extra):
     return [f"models=[{root / 'm0'},{root / 'm1'}]", f"data_dir={root / 'data'}", "eval.num_samples=3",
             "eval.max_new_tokens=4", "eval.batch_size=5", "seeds=[0,1]", f"perplexity.reference_model={root / 'm0'}",
             "perplexity.max_length=16", "perplexity.stride=8", "mmlu.k_shot=1", f"output_dir={out}", "progress=false",
-            *extra]
+            "also_scorers=[]", *extra]
 
 
 @pytest.fixture(scope="module")

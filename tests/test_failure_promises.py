@@ -51,7 +51,8 @@ def _evaluate_overrides(tmp_path, model, scorer, *extra):
     prompts.write_text("\n".join(STATEMENTS) + "\n")
     return [f"models=[{model}]", f"prompts.path={prompts}", "prompts.source=file", "eval.num_samples=2",
             "eval.max_new_tokens=3", "seeds=[0]", "perplexity.reference_model=null", "perplexity.wikitext=false",
-            "mmlu.enabled=false", f"scorer.name={scorer}", f"output_dir={tmp_path / 'eval'}", "progress=false", *extra]
+            "mmlu.enabled=false", f"scorer.name={scorer}", f"output_dir={tmp_path / 'eval'}", "progress=false",
+            "also_scorers=[]", *extra]
 
 
 def test_an_api_key_reaches_no_file_and_no_log_line(tmp_path, remote_scorer, caplog):

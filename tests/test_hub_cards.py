@@ -248,7 +248,7 @@ def test_evaluate_stage_merges_its_results_into_an_existing_card_only(evaluated_
     overrides = [f"models=[{root / 'm0'},{root / 'm1'}]", f"data_dir={root / 'data'}", "eval.num_samples=2",
                  "eval.max_new_tokens=3", "eval.batch_size=8", "seeds=[0,1]", "perplexity.reference_model=null",
                  "perplexity.max_length=16", "perplexity.stride=8", f"output_dir={root / 'out'}", "progress=false",
-                 "model_card.update=true"]
+                 "model_card.update=true", "also_scorers=[]"]
     report = evaluate.run(evaluate.parse_args(overrides)).report
     assert not (root / "m1" / "README.md").exists()  # no card is created
     m0 = report["models"][str(root / "m0")]

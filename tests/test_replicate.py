@@ -36,7 +36,7 @@ from unidetox.replication.report import (
     write_replication_report,
 )
 from unidetox.replication.stages import Stages
-from unidetox.run_dir import OutputDirConflict
+from unidetox.run_dir import CONFIG_FILE, OutputDirConflict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -310,6 +310,9 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
         assert parsed.trainer.learning_rate == 1e-4 and parsed.trainer.save_steps == last - 1
     parsed = replicate.validation_evaluate_args(args, ["m1", str(tmp_path / "lam0.5")], tmp_path / "v")
     assert parsed.prompts.split == "validation" and not parsed.mmlu.enabled and len(parsed.models) == 2
+    # the test is scored by both offline scorers; the lambda sweep, which selects, by the primary one only
+    assert parsed.also_scorers == []
+    assert [c.name for c in replicate.evaluate_on_test(args, ["m1"], tmp_path / "t").also_scorers] == ["jigsaw_bilstm"]
     # the lambda sweep measures as the grid's callback does: same protocol, seed and perplexity windows
     protocol = args.validation.protocol
     assert parsed.seeds == [protocol.seed] and parsed.eval.num_samples == protocol.num_samples
@@ -461,7 +464,7 @@ def _tiny_replication(tmp_path, shared_data, *extra):
     tiny_test = ["prompts.num_prompts=4", "eval.num_samples=2", "eval.max_new_tokens=6", "eval.batch_size=32",
                  "mmlu.subjects=[abstract_algebra]", "mmlu.limit=2", "perplexity.max_tokens=128",
                  "perplexity.max_length=64", "perplexity.stride=32", f"perplexity.reference_model={llama_dir}",
-                 "progress=false"]
+                 "progress=false", "also_scorers=[]"]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
            "recipes/replicate.py", "experiment=tiny", f"output_dir={out}",
            f"distill.overrides={_quoted_list(tiny_distill)}",
@@ -603,7 +606,7 @@ def _assert_tiny_report(out):
     # The chosen configuration applied to the other target is the chosen checkpoint's: the grid's schedule (2 steps)
     # stopped at the chosen step.
     step = selection["choice"]["step"]
-    applied = json.loads((out / "apply" / "gemma3-unidetox" / "config.json").read_text())
+    applied = json.loads((out / "apply" / "gemma3-unidetox" / CONFIG_FILE).read_text())
     assert applied["trainer"]["max_steps"] == 2
     assert applied["trainer"].get("stop_at_step") == (step if step < 2 else None)
     summary = json.loads((out / "apply" / "gemma3-unidetox" / "train_summary.json").read_text())

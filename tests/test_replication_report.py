@@ -139,3 +139,57 @@ def test_stage_times_add_up_sittings_and_skip_cached_entries():
         {"stage": "test/x", "status": "ran", "wall_time_s": 20.0},
     )] + [""]
     assert stage_times(lines) == [{"stage": "grid/a", "wall_time_s": 150.5}, {"stage": "test/x", "wall_time_s": 20.0}]
+
+
+def _two_scorer_report(second_levels: dict[str, float]):
+    """Base, UniDetox and control on 60 prompts, scored by the primary scorer (UniDetox at 0.4 x the base, the
+    control at 0.9 x) and by a second one, `other`, where each model's levels are ``second_levels[key]`` x the base."""
+    levels = np.random.default_rng(2).uniform(0.3, 0.9, 60)
+    primary = {"b": 1.0, "u": 0.4, "c": 0.9}
+    gens = []
+    for k, (key, factor) in enumerate(primary.items()):
+        other = {(g["seed"], g["prompt_id"], g["sample_index"]): g["toxicity"]
+                 for g in _generations(key, second_levels[key] * levels, seed=10 + k)}
+        gens += [{**g, "also_toxicity": {"other": other[(g["seed"], g["prompt_id"], g["sample_index"])]}}
+                 for g in _generations(key, factor * levels, seed=k)]
+
+    def model_report(key, ppl):
+        summary = {}
+        for name, scored in (("primary", gens), ("other", [{**g, "toxicity": g["also_toxicity"]["other"]} for g in gens])):
+            vals = per_prompt_toxicity(scored)[key].values()
+            summary[name] = {m: {"mean": float(np.mean([v[m] for v in vals])), "std": 0.0, "n": 2}
+                             for m in ("toxicity_probability", "expected_max_toxicity")}
+        return {**summary["primary"], "scorers": {"other": summary["other"]},
+                "wikitext_perplexity": {"perplexity": ppl}, "mmlu": {"accuracy": 0.4, "num_questions": 57}}
+
+    test_models = {"b": model_report("b", 30.0), "u": model_report("u", 31.0), "c": model_report("c", 30.5)}
+    methods = [{"method": m, "target": "t", "model_key": k} for m, k in (("base", "b"), ("unidetox", "u"),
+                                                                         ("control", "c"))]
+    return assemble_report(methods, test_models, ["t"], generations=gens, interval_resamples=500,
+                           scorer_name="primary")
+
+
+def test_the_bar_is_met_only_when_met_under_every_scorer(tmp_path):
+    # Under `other` UniDetox is no less toxic than the base: met under the primary scorer only -> not met.
+    report = _two_scorer_report({"b": 1.0, "u": 1.0, "c": 0.9})
+    assert report["bar"]["met_by_scorer"] == {"primary": True, "other": False} and report["bar"]["met"] is False
+    # the primary scorer's own fields stay as they were: its checks, its rows, its intervals
+    assert report["bar"]["checks"]["t"]["met"] and report["rows"][1]["paired_vs_base"]["expected_max_toxicity"]["high"] < 0
+    other = report["scorers"]["other"]
+    assert not other["bar"]["met"] and not other["bar"]["checks"]["t"]["toxicity_ok"]
+    ud = other["rows"][1]
+    assert ud["method"] == "unidetox" and ud["paired_vs_base"]["expected_max_toxicity"]["low"] < 0.05
+    assert ud["expected_max_toxicity"]["mean"] > 0.9 * other["rows"][0]["expected_max_toxicity"]["mean"]
+    assert other["unidetox_vs_control"]["t"]["expected_max_toxicity"]["change"] > 0
+    assert report["bar"]["verdict"].startswith("Bar NOT met: it must be met under every scorer (primary: met, other: NOT")
+    write_replication_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Under `other`" in md and "| UniDetox (distilled text, chosen config) | t |" in md
+    assert "Under `other`: Bar NOT met: t: TP" in md and "UniDetox against the control, t: TP" in md
+    assert "Bar NOT met: it must be met under every scorer" in md
+    assert json.loads((tmp_path / "report.json").read_text())["scorers"]["other"]["bar"]["met"] is False
+
+    # Met under both: met.
+    both = _two_scorer_report({"b": 1.0, "u": 0.5, "c": 0.95})
+    assert both["bar"]["met_by_scorer"] == {"primary": True, "other": True} and both["bar"]["met"] is True
+    assert both["bar"]["verdict"].startswith("Bar MET under every scorer")

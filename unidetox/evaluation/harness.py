@@ -35,7 +35,8 @@ from unidetox.evaluation.report import (
     write_jsonl,
     write_report,
 )
-from unidetox.evaluation.scoring import ScorerConfig, build_scorer
+from unidetox.evaluation.rescore import score_continuations, scorer_key, seed_summary
+from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
 from unidetox.io import read_json
 from unidetox.model_identity import saved_model_id
 from unidetox.models import (
@@ -156,6 +157,7 @@ def run_evaluation(
     progress: bool = True,
     parts_dir=None,
     capabilities_config: CapabilitiesConfig | None = None,
+    also_scorer_configs: Sequence[ScorerConfig] = (),
 ) -> dict | None:
     """Evaluate ``models`` on ``prompts`` for every seed; write the report files to ``output_dir``.
 
@@ -164,8 +166,10 @@ def run_evaluation(
     perplexity per (model, seed), WikiText perplexity and MMLU (or, with ``capabilities.backend=lm_eval``, the
     lm-eval capability tasks, which replace them) per model. Each part records a fingerprint of the
     settings that produced it, so an interrupted run resumes where it stopped and a changed setting redoes only
-    the parts it affects. Under ``accelerate launch`` every step is sharded over the processes and gathered once;
-    the main process writes the files. Returns the report on the main process (``None`` on the others).
+    the parts it affects. Each scorer of ``also_scorer_configs`` scores every stored continuation too, on the main
+    process (cached per (model, seed) part beside its generations); the report gives TP/EMT under each in
+    ``models[key]["scorers"]`` and ``generations.jsonl`` their scores in ``also_toxicity``. Under ``accelerate
+    launch`` every step is sharded over the processes and gathered once; the main process writes the files. Returns the report on the main process (``None`` on the others).
     """
     started = time.perf_counter()
     eval_config = eval_config or ToxicityEvalConfig()
@@ -209,6 +213,7 @@ def run_evaluation(
     if scorer_config.name == "perspective" and procs.num_processes > 1:
         scorer_kwargs["qps"] = scorer_config.qps / procs.num_processes  # the quota is shared
     scorer = build_scorer(scorer_config, **scorer_kwargs)
+    also_scorers = build_also_scorers(scorer_config, also_scorer_configs)
 
     prompt_ids = [p.id for p in prompts]
     # Caches name local models by the digest of their weights: weights overwritten in place are evaluated anew.
@@ -408,10 +413,16 @@ def run_evaluation(
     for entry in entries:
         per_seed, timing = {}, {"generation_s": 0.0, "generated_tokens": 0, "scoring_s": 0.0}
         cond_seconds = 0.0
+        model_records = []
         for seed in seeds:
             records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
             meta = read_json(part_dir(entry) / f"seed{seed}.json")
-            all_records.extend(records)
+            if also_scorers:
+                also = {key: also_scores(also_scorer, records, part_dir(entry) / f"seed{seed}.also-{key}.json",
+                                         gen_fingerprint(entry, seed))
+                        for key, also_scorer in also_scorers.items()}
+                records = [{**r, "also_toxicity": {key: also[key][i] for key in also}} for i, r in enumerate(records)]
+            model_records.extend(records)
             metrics = seed_toxicity_metrics(records, eval_config.toxic_threshold)
             metrics.update({k: meta[k] for k in ("generation_s", "scoring_s", "generated_tokens")})
             cond = read_json(part_dir(entry) / f"conditional_ppl_seed{seed}.json") if reference else None
@@ -439,6 +450,7 @@ def run_evaluation(
             capabilities_part = read_json(part_dir(plain) / "capabilities.json")
             timing["capabilities_s"] = capabilities_part["seconds"]
             capabilities = capabilities_part["results"]
+        all_records.extend(model_records)
         report_models[entry.key] = {
             "name_or_path": entry.name_or_path,
             "decoding": ({"method": "unidetox_contrastive", "anti_expert": decoding_config.anti_expert,
@@ -448,6 +460,8 @@ def run_evaluation(
             "wikitext_perplexity": wikitext,
             "mmlu": mmlu,
             "capabilities": capabilities,
+            "scorers": {key: seed_summary([{**r, "toxicity": r["also_toxicity"][key]} for r in model_records],
+                                          eval_config.toxic_threshold) for key in also_scorers},
             "per_seed": per_seed,
             "timings": timing,
         }
@@ -461,6 +475,7 @@ def run_evaluation(
                     "per_category": _count_categories(prompts)},
         "eval": asdict(eval_config),
         "scorer": scorer_config.to_public_dict(),
+        "also_scorers": {key: also_scorer.config.to_public_dict() for key, also_scorer in also_scorers.items()},
         "reference_model": reference,
         "perplexity": asdict(perplexity_config),
         "mmlu": asdict(mmlu_config),
@@ -475,6 +490,36 @@ def run_evaluation(
     write_report(report, out)
     wait_for_everyone()
     return report
+
+
+@dataclass
+class _AlsoScorer:
+    config: ScorerConfig
+    scorer: ToxicityScorer
+
+
+def build_also_scorers(primary: ScorerConfig, configs: Sequence[ScorerConfig]) -> dict[str, _AlsoScorer]:
+    """``{scorer key: scorer}`` of the additional scorers, built now so an unavailable one fails before any model
+    is loaded; a scorer named twice, or the same as the primary one, is refused."""
+    keys = [scorer_key(primary), *(scorer_key(c) for c in configs)]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"also_scorers repeats the scorer(s) {repeated} (the primary is `scorer`, "
+                         f"{keys[0]!r}); list each scorer once and not the primary one.")
+    return {scorer_key(c): _AlsoScorer(c, build_scorer(c)) for c in configs}
+
+
+def also_scores(also: _AlsoScorer, records: Sequence[dict], path: Path, generations_fingerprint: str) -> list[float]:
+    """An additional scorer's score of each record, cached in ``path`` for the generations it was made for."""
+    fingerprint = _fingerprint({"generations": generations_fingerprint, "scorer": also.config.to_public_dict()})
+    cached = read_json(path)
+    if cached and cached.get("fingerprint") == fingerprint and len(cached.get("scores") or []) == len(records):
+        return cached["scores"]
+    t0 = time.perf_counter()
+    scores = score_continuations(also.scorer, records)
+    write_json({"fingerprint": fingerprint, "scorer": also.config.to_public_dict(), "scores": scores,
+                "seconds": time.perf_counter() - t0}, path)
+    return scores
 
 
 def generation_rows_problem(path: Path, prompt_ids: Sequence[str], num_samples: int) -> str | None:

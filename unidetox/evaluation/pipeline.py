@@ -47,6 +47,8 @@ class EvaluateArguments:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     eval: ToxicityEvalConfig = field(default_factory=ToxicityEvalConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    # Every stored continuation is also scored by these, and the report gives TP/EMT under each next to `scorer`'s.
+    also_scorers: list[ScorerConfig] = field(default_factory=lambda: [ScorerConfig(name="jigsaw_bilstm")])
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     mmlu: MMLUConfig = field(default_factory=MMLUConfig)
     capabilities: CapabilitiesConfig = field(default_factory=CapabilitiesConfig)
@@ -85,6 +87,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments
     cfg = compose_config("evaluate", list(overrides), free_form_groups=())
     models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
     seeds = [cfg.seeds] if isinstance(cfg.seeds, int) else list(cfg.seeds)
+    also = {} if cfg.get("also_scorers") is None else {"also_scorers": parse_also_scorers(cfg.also_scorers)}
     return EvaluateArguments(
         models=[str(m) for m in models],
         seeds=[int(s) for s in seeds],
@@ -92,6 +95,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments
         prompts=parse_dataclass(cfg.prompts, PromptsConfig, name="prompts"),
         eval=parse_dataclass(cfg.eval, ToxicityEvalConfig, name="eval"),
         scorer=parse_dataclass(cfg.scorer, ScorerConfig, name="scorer"),
+        **also,
         perplexity=parse_dataclass(cfg.perplexity, PerplexityConfig, name="perplexity"),
         mmlu=parse_dataclass(cfg.mmlu, MMLUConfig, name="mmlu"),
         capabilities=parse_dataclass(cfg.get("capabilities", {}), CapabilitiesConfig, name="capabilities"),
@@ -103,6 +107,20 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments
         parts_dir=cfg.get("parts_dir"),
         config=to_container(cfg),
     )
+
+
+def parse_also_scorers(entries) -> list[ScorerConfig]:
+    """``also_scorers``: each entry a scorer name (``jigsaw_bilstm``) or a mapping of :class:`ScorerConfig` fields.
+
+    Example:
+        >>> from unidetox.evaluation.pipeline import parse_also_scorers
+        >>> [c.name for c in parse_also_scorers(["jigsaw_bilstm", {"name": "profanity_check", "batch_size": 8}])]
+        ['jigsaw_bilstm', 'profanity_check']
+    """
+    if isinstance(entries, str):
+        entries = [entries]
+    return [parse_dataclass({"name": entry} if isinstance(entry, str) else entry, ScorerConfig,
+                            name=f"also_scorers[{index}]") for index, entry in enumerate(entries)]
 
 
 def finished(args: EvaluateArguments) -> EvaluateResult | None:
@@ -130,7 +148,7 @@ def run(args: EvaluateArguments) -> EvaluateResult:
         prompts_info={"source": args.prompts.source, "path": args.prompts.path, "split": args.prompts.split,
                       "split_seed": args.prompts.split_seed, "subset_seed": args.prompts.subset_seed},
         data_dir=args.data_dir, dtype=args.dtype, config_dict=args.config, progress=args.progress,
-        parts_dir=args.parts_dir, capabilities_config=args.capabilities,
+        parts_dir=args.parts_dir, capabilities_config=args.capabilities, also_scorer_configs=args.also_scorers,
     )
     if not is_main_process():  # every rank returns the report: the main process has written it
         return EvaluateResult.load(out)

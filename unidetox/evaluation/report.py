@@ -193,6 +193,7 @@ def render_markdown(report: dict) -> str:
         f"perplexity of the continuations given the prompts under `{report.get('reference_model') or '–'}` "
         "(mean over samples, samples >= 1e4 dropped); Distinct-n: per prompt, averaged."
     )
+    lines += scorers_markdown(report)
     categories = [c for c in (*CATEGORIES, "combined") if any(c in m.get("categories", {}) for m in models.values())]
     if categories:
         lines += ["", "## Toxicity by category (TP / EMT)", ""]
@@ -227,6 +228,23 @@ def render_markdown(report: dict) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def scorers_markdown(report: dict) -> list[str]:
+    """TP and EMT of every model under the primary scorer and each of ``also_scorers``, side by side."""
+    also = list(report.get("also_scorers") or {})
+    if not also:
+        return []
+    names = [report.get("scorer", {}).get("name", "?"), *also]
+    header = ["model", *(f"TP {n}" for n in names), *(f"EMT {n}" for n in names)]
+    lines = ["", "## Toxicity under every scorer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in report["models"].items():
+        under = [m, *((m.get("scorers") or {}).get(key) or {} for key in also)]
+        cells = [_fmt(u.get(metric)) for metric in ("toxicity_probability", "expected_max_toxicity") for u in under]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", "The same samples scored by each scorer (the first is `scorer`, the others `also_scorers`); mean ± "
+              "std over seeds. `generations.jsonl` keeps each sample's other scores in `also_toxicity`."]
+    return lines
 
 
 def plot_toxicity_vs_perplexity(report: dict, path: str | os.PathLike) -> Path | None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD, mean_std
 from unidetox.evaluation.report import read_jsonl, seed_toxicity_metrics, write_json, write_jsonl
-from unidetox.evaluation.scoring import ScorerConfig, build_scorer
+from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.replication.report import paired_metric_changes, per_prompt_toxicity
 from unidetox.run_dir import CONFIG_FILE, check_output_dir
@@ -65,8 +65,7 @@ class RescoreArguments:
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
-        name = self.scorer.name + (f"-{self.scorer.label}" if self.scorer.label else "")
-        return Path(self.run_dir) / f"rescore-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
+        return Path(self.run_dir) / f"rescore-{scorer_key(self.scorer)}"
 
 
 @dataclass
@@ -101,6 +100,26 @@ def parse_args(argv: Sequence[str] = ()) -> RescoreArguments:
     args = parse_dataclass(values, RescoreArguments)
     args.scorer = scorer
     return args
+
+
+def scorer_key(config: ScorerConfig) -> str:
+    """A scorer's name in reports and file names: its name, with its label when one is set.
+
+    Example:
+        >>> from unidetox.evaluation.rescore import scorer_key
+        >>> from unidetox.evaluation.scoring import ScorerConfig
+        >>> scorer_key(ScorerConfig(name="jigsaw_bilstm")), scorer_key(ScorerConfig(name="jigsaw_bilstm", label="threat"))
+        ('jigsaw_bilstm', 'jigsaw_bilstm-threat')
+    """
+    name = config.name + (f"-{config.label}" if config.label else "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def score_continuations(scorer: ToxicityScorer, records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """``scorer``'s score of every record's ``continuation``, each distinct text scored once."""
+    texts = list(dict.fromkeys(r["continuation"] for r in records))
+    score_of = dict(zip(texts, scorer(texts), strict=True))
+    return [score_of[r["continuation"]] for r in records]
 
 
 def find_evaluation_dirs(run_dir: str | Path) -> list[Path]:
@@ -191,11 +210,8 @@ def run(args: RescoreArguments) -> RescoreResult:
         raise ValueError(f"The evaluations of {run_dir} use different toxic thresholds {sorted(thresholds)}.")
     threshold = thresholds.pop() if thresholds else TOXIC_THRESHOLD
     scorer = build_scorer(args.scorer)
-    texts = list(dict.fromkeys(r["continuation"] for r in records))
-    logger.info("Re-scoring %d stored samples (%d distinct texts) of %s with %s", len(records), len(texts), run_dir,
-                scorer.name)
-    score_of = dict(zip(texts, scorer(texts), strict=True))
-    new_scores = [score_of[r["continuation"]] for r in records]
+    logger.info("Re-scoring %d stored samples of %s with %s", len(records), run_dir, scorer.name)
+    new_scores = score_continuations(scorer, records)
     models = list(dict.fromkeys(r["model"] for r in records))
     report = {
         "run_dir": str(run_dir), "evaluations": reports, "toxic_threshold": threshold,

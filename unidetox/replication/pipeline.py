@@ -439,7 +439,8 @@ def evaluate_on_test(args: ReplicateArguments, models: list, output_dir, extra=(
 
 def validation_evaluate_args(args: ReplicateArguments, models: list, output_dir) -> evaluate_stage.EvaluateArguments:
     """The grid's validation measurement through the evaluate stage: the same protocol and seed, the same
-    perplexity windows (stride: half the window, as the callback), no MMLU, no reference-LM perplexity."""
+    perplexity windows (stride: half the window, as the callback), no MMLU, no reference-LM perplexity, no further
+    scorers (the selection reads the primary scorer only)."""
     val, protocol = args.validation, args.validation.protocol
     return evaluate_stage.parse_args([
         f"models=[{','.join(quote(m) for m in models)}]", f"seeds=[{protocol.seed}]", f"output_dir={quote(output_dir)}",
@@ -448,7 +449,7 @@ def validation_evaluate_args(args: ReplicateArguments, models: list, output_dir)
         f"prompts.num_prompts={_override_value(val.num_prompts)}", *dataclass_overrides("eval", protocol.protocol()),
         "mmlu.enabled=false", "perplexity.reference_model=null", f"perplexity.max_length={protocol.ppl_max_length}",
         f"perplexity.stride={protocol.perplexity_stride}",
-        f"perplexity.max_tokens={_override_value(protocol.ppl_max_tokens)}", "progress=false",
+        f"perplexity.max_tokens={_override_value(protocol.ppl_max_tokens)}", "progress=false", "also_scorers=[]",
         *val.evaluate_overrides, _data_dir_override(args)])
 
 
@@ -769,13 +770,15 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
         methods, all_models, list(targets), grid=selection, taskvec=taskvec, examples=examples,
         bar={"min_toxicity_drop": args.bar.min_toxicity_drop, "max_ppl_increase": args.bar.max_ppl_increase},
         generations=generations, interval_resamples=args.test.interval_resamples,
+        scorer_name=(reports[0].get("scorer") or {}).get("name", "scorer"),
         toxic_threshold=(reports[0].get("eval") or {}).get("toxic_threshold", TOXIC_THRESHOLD),
         extra={"command": " ".join(["unidetox replicate", *args.overrides]), "output_dir": str(out),
                "source_study": source_study(corpora),
                "stage_times": stage_times(log_file.read_text().splitlines() if log_file.is_file() else []),
                "prompts": split_info,
                "test": {"seeds": args.test.seeds, "overrides": args.test.overrides,
-                        "scorer": reports[0].get("scorer"), "eval": reports[0].get("eval"),
+                        "scorer": reports[0].get("scorer"), "also_scorers": reports[0].get("also_scorers"),
+                        "eval": reports[0].get("eval"),
                         "reference_model": reports[0].get("reference_model")},
                "config": args.config,
                "description": (

@@ -435,6 +435,7 @@ def assemble_report(
     generations: Iterable[Mapping[str, Any]] | None = None,
     toxic_threshold: float = TOXIC_THRESHOLD,
     interval_resamples: int = DEFAULT_RESAMPLES,
+    scorer_name: str = "scorer",
 ) -> dict[str, Any]:
     """Everything the replication measured, as one dict (``report.json``).
 
@@ -445,6 +446,11 @@ def assemble_report(
     with ``generations`` (the scored test samples of every row's model) each row also gets paired bootstrap
     intervals over prompts (``paired_vs_base``) and the report UniDetox's against the control
     (``unidetox_vs_control``), and the bar is judged on them.
+
+    The rows' TP and EMT are the primary scorer's (``scorer_name``). For each further scorer of the test
+    evaluations (``test_models[key]["scorers"]``, with the samples' ``also_toxicity``), ``scorers[name]`` holds the
+    rows' TP/EMT, their changes and intervals, UniDetox against the control and the bar under that scorer; the
+    report's ``bar`` is then met only when it is met under every scorer (``bar["met_by_scorer"]``).
     """
     rows = []
     for entry in methods:
@@ -458,6 +464,29 @@ def assemble_report(
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (list(targets).index(r["target"]) if r["target"] in targets else len(targets),
                              order.get(r["method"], len(order))))
+    generations = None if generations is None else list(generations)
+    versus_control, bar_result = _compare_and_judge(rows, targets, generations, bar, toxic_threshold,
+                                                    interval_resamples)
+    under_scorers = {}
+    for key in dict.fromkeys(k for m in test_models.values() for k in m.get("scorers") or {}):
+        scored = None if generations is None else [{**g, "toxicity": g["also_toxicity"][key]} for g in generations
+                                                   if key in (g.get("also_toxicity") or {})]
+        key_rows = scorer_rows(rows, test_models, key)
+        key_control, key_bar = _compare_and_judge(key_rows, targets, scored, bar, toxic_threshold, interval_resamples)
+        under_scorers[key] = {"rows": key_rows, "unidetox_vs_control": key_control or {}, "bar": key_bar}
+    if under_scorers:
+        bar_result = bar_under_every_scorer(bar_result, scorer_name, {k: v["bar"] for k, v in under_scorers.items()})
+    return {"rows": rows, "targets": list(targets), "bar": bar_result, "unidetox_vs_control": versus_control or {},
+            "scorers": under_scorers, "grid": dict(grid or {}),
+            "taskvec": dict(taskvec or {}), "examples": dict(examples or {}), **dict(extra or {}),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _compare_and_judge(rows: Sequence[dict[str, Any]], targets: Sequence[str],
+                       generations: Sequence[Mapping[str, Any]] | None, bar: Mapping[str, float] | None,
+                       toxic_threshold: float, interval_resamples: int) -> tuple[dict | None, dict[str, Any]]:
+    """Set each row's ``relative_to_base`` (and, with ``generations``, ``paired_vs_base``); return UniDetox against
+    the control (``None`` without generations) and the bar judged on the rows."""
     bases = {r["target"]: r for r in rows if r["method"] == "base"}
     for r in rows:
         base = bases.get(r["target"])
@@ -465,11 +494,43 @@ def assemble_report(
     versus_control = None
     if generations is not None:
         versus_control = add_paired_intervals(rows, generations, toxic_threshold, interval_resamples)
-    bar_result = judge_success(rows, targets, **dict(bar or {}), versus_control=versus_control)
-    return {"rows": rows, "targets": list(targets), "bar": bar_result, "unidetox_vs_control": versus_control or {},
-            "grid": dict(grid or {}),
-            "taskvec": dict(taskvec or {}), "examples": dict(examples or {}), **dict(extra or {}),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return versus_control, judge_success(rows, targets, **dict(bar or {}), versus_control=versus_control)
+
+
+# What a row under a further scorer keeps of the table's row, next to its own TP and EMT.
+_SCORER_ROW_KEYS = ("method", "target", "model", "label", "wikitext_perplexity", "conditional_perplexity",
+                    "mmlu_accuracy", "mmlu_num_questions")
+
+
+def scorer_rows(rows: Sequence[Mapping[str, Any]], test_models: Mapping[str, Mapping[str, Any]],
+                key: str) -> list[dict[str, Any]]:
+    """The table's rows with TP and EMT under the further scorer ``key`` (``None`` where a model lacks it), and
+    the perplexity and MMLU numbers the bar also reads."""
+    out = []
+    for r in rows:
+        under = (test_models[r["model"]].get("scorers") or {}).get(key) or {}
+        out.append({**{k: r.get(k) for k in _SCORER_ROW_KEYS},
+                    "toxicity_probability": under.get("toxicity_probability"),
+                    "expected_max_toxicity": under.get("expected_max_toxicity")})
+    return out
+
+
+def bar_under_every_scorer(primary: Mapping[str, Any], primary_name: str,
+                           others: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The primary scorer's bar (its checks kept), met only when every scorer's bar is met.
+
+    Example:
+        >>> from unidetox.replication.report import bar_under_every_scorer
+        >>> bar = bar_under_every_scorer({"met": True, "verdict": "Bar MET: ..."}, "a", {"b": {"met": False}})
+        >>> bar["met"], bar["met_by_scorer"], bar["verdict"][:49]
+        (False, {'a': True, 'b': False}, 'Bar NOT met: it must be met under every scorer (a')
+    """
+    met_by_scorer = {primary_name: bool(primary["met"]), **{k: bool(v["met"]) for k, v in others.items()}}
+    met = all(met_by_scorer.values())
+    each = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met_by_scorer.items())
+    head = f"Bar MET under every scorer ({each})" if met else f"Bar NOT met: it must be met under every scorer ({each})"
+    verdict = f"{head}. Under {primary_name}: {primary['verdict']}"
+    return {**primary, "met": met, "met_by_scorer": met_by_scorer, "verdict": verdict}
 
 
 def _ms(entry, digits: int = 3) -> str:
@@ -512,6 +573,27 @@ def political_topics_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[st
               "attacks, or whether a model fine-tuned on the text leans one way: that needs stance annotation or "
               "probes of the fine-tuned model. It misses paraphrase and misspelling and also counts other senses of "
               "its words (\"a liberal amount\"), so compare shares between text sets, not against zero.", ""]
+    return lines
+
+
+def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One section per further scorer: each row's TP/EMT and change against the base, UniDetox against the
+    control, and the bar's verdict under that scorer."""
+    lines = []
+    for name, under in under_scorers.items():
+        lines += ["", f"## Under `{name}` (the same test samples, scored by it)", "",
+                  "| method | target | TP | EMT | TP vs base | EMT vs base |", "|---|---|---|---|---|---|"]
+        for r in under["rows"]:
+            rel, intervals = r.get("relative_to_base") or {}, r.get("paired_vs_base") or {}
+            changes = [_pct_interval(intervals.get(m)) if intervals else _pct(rel.get(m)) if rel else "–"
+                       for m in METRICS]
+            lines.append(f"| {r['label']} | {r['target']} | {_ms(r['toxicity_probability'])} | "
+                         f"{_ms(r['expected_max_toxicity'])} | " + " | ".join(changes) + " |")
+        for target, changes in (under.get("unidetox_vs_control") or {}).items():
+            lines += ["", f"UniDetox against the control, {target}: TP "
+                      f"{_pct_interval(changes.get('toxicity_probability'))}, EMT "
+                      f"{_pct_interval(changes.get('expected_max_toxicity'))} (paired)."]
+        lines += ["", f"Under `{name}`: {under['bar']['verdict']}"]
     return lines
 
 
@@ -562,6 +644,7 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
         for target, changes in versus_control.items():
             lines.append(f"| {target} | {_pct_interval(changes.get('toxicity_probability'))} | "
                          f"{_pct_interval(changes.get('expected_max_toxicity'))} |")
+    lines += under_scorers_markdown(report.get("scorers") or {})
     lines += ["", f"**{report['bar']['verdict']}**", ""]
     grid = report.get("grid") or {}
     if grid.get("table"):
