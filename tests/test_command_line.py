@@ -88,6 +88,7 @@ def test_an_unknown_command_names_the_nearest(capsys):
     (["detox", "traner.max_steps=1"], "'traner' at the top level (from 'traner.max_steps=1'): did you mean trainer?"),
     (["detox", "trainer.learning_rate=fast"], "trainer.learning_rate='fast': expected float"),
     (["detox", "--cfg", "hydra"], "--cfg job"),
+    (["detox", "--help", "trainr"], "no config section 'trainr'; did you mean trainer?"),
 ])
 def test_a_mistake_is_one_line_naming_the_fix(args, expected, capsys):
     assert main(args) == 2

@@ -82,8 +82,13 @@ def _wrapped(text: str, indent: int) -> list[str]:
 def keys_help(command: str, only: Sequence[str] = ()) -> list[str]:
     """Every field of each config section of ``command`` (those in ``only``, when given): its type, default and help
     text, from the dataclass that parses the section (:mod:`unidetox.config_keys`)."""
+    sections = section_fields(command)
+    for name in only:
+        if name not in sections:
+            raise ValueError(f"--help {name}: {command} has no config section {name!r};{_nearest(name, list(sections))}"
+                             f" Its sections are {', '.join(s or '(top level)' for s in sections)}.")
     lines = []
-    for section, keys in section_fields(command).items():
+    for section, keys in sections.items():
         if only and section not in only:
             continue
         dataclass_name = SECTION_DATACLASSES[command][section].partition(":")[2]
@@ -111,11 +116,11 @@ def command_help(command: str, only: Sequence[str] = ()) -> str:
             options = sorted(p.stem for p in group.glob("*.yaml"))
             lines.append(f"  {group.name:<12} {', '.join(options)}")
     lines += ["", "Common overrides:", *[f"  {o}" for o in common], ""]
-    lines += _wrapped(
-        "Keys (section.key: type = the dataclass default; the config's own values: --cfg job). Each is set as "
-        "section.key=value, listed in the config or not, lists as key=[a,b]; quote values that contain '=' or "
-        "spaces: 'data.path=\"a=b.csv\"'. `--help SECTION` lists one section's keys. Errors are one line; "
-        f"{TRACEBACK_ENV}=1 shows the traceback.", 0)
+    how = ("" if command in RUN_DIR_COMMANDS else
+           "; the config's own values: --cfg job). Each is set as section.key=value, listed in the config or not, "
+           "lists as key=[a,b]; quote values that contain '=' or spaces: 'data.path=\"a=b.csv\"'")
+    lines += _wrapped(f"Keys (section.key: type = the dataclass default{how or ')'}. `--help SECTION` lists one "
+                      f"section's keys. Errors are one line; {TRACEBACK_ENV}=1 shows the traceback.", 0)
     return "\n".join(lines + keys_help(command, only))
 
 
@@ -242,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return dispatch(command, args)
+    except BrokenPipeError:  # the reader left (unidetox detox --help | head): no traceback, and none at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as err:
         if wants_traceback():
             raise
