@@ -19,7 +19,8 @@ import textwrap
 from collections.abc import Sequence
 
 from unidetox.config_keys import SECTION_DATACLASSES, section_fields
-from unidetox.hydra_config import CONF_DIR
+from unidetox.hydra_config import CONF_DIR, FREE_FORM_GROUPS
+from unidetox.processes import end_process_group
 from unidetox.version import __version__
 
 # The pipelines import torch, transformers and trl: they are imported only to run a command, so that --help,
@@ -110,17 +111,16 @@ def command_help(command: str, only: Sequence[str] = ()) -> str:
                  "", f"{command}: {summary}.", "", f"Config: {CONF_DIR / (command + '.yaml')}", "",
                  "Config groups (GROUP=OPTION):"]
         group_dirs = sorted(p for p in (CONF_DIR / command).glob("*") if p.is_dir())
-        if command in ("distill", "detox"):
-            group_dirs.append(CONF_DIR / "model")
+        group_dirs += [CONF_DIR / group for group in FREE_FORM_GROUPS.get(command, ())]  # shared by the recipes
         for group in group_dirs:
             options = sorted(p.stem for p in group.glob("*.yaml"))
             lines.append(f"  {group.name:<12} {', '.join(options)}")
     lines += ["", "Common overrides:", *[f"  {o}" for o in common], ""]
-    how = ("" if command in RUN_DIR_COMMANDS else
+    how = (")" if command in RUN_DIR_COMMANDS else
            "; the config's own values: --cfg job). Each is set as section.key=value, listed in the config or not, "
            "lists as key=[a,b]; quote values that contain '=' or spaces: 'data.path=\"a=b.csv\"'")
-    lines += _wrapped(f"Keys (section.key: type = the dataclass default{how or ')'}. `--help SECTION` lists one "
-                      f"section's keys. Errors are one line; {TRACEBACK_ENV}=1 shows the traceback.", 0)
+    lines += _wrapped(f"Keys (section.key: type = the dataclass default{how}. `--help SECTION` lists one section's "
+                      f"keys. Errors are one line; {TRACEBACK_ENV}=1 shows the traceback.", 0)
     return "\n".join(lines + keys_help(command, only))
 
 
@@ -227,8 +227,6 @@ def dispatch(command: str, args: list[str]) -> int:
         return 0
     configure_logging()
     run_command(command, overrides)
-    from unidetox.processes import end_process_group
-
     end_process_group()
     return 0
 

@@ -6,10 +6,11 @@ primary config ``conf/<recipe>.yaml``; groups shared by all recipes live in ``co
 that belong to one recipe in ``conf/<recipe>/`` (added to the search path), so ``experiment=embedded_smollm2``
 means the distill experiment in the distill recipe and the detox experiment in the detox recipe.
 
-The hand-off is strict, so that a typo fails at once with the key in the message: a key that no config defines is
-rejected naming its section and the nearest valid names (a key added with ``+`` is checked by the dataclass of its
-section, the same way), and every value is converted to its field's annotated type where that loses nothing, or
-rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
+The hand-off is strict, so that a typo fails at once with the key in the message: every field of a section's
+dataclass (:mod:`unidetox.config_keys`) is set as ``section.field=value`` whether the YAML lists it or not, any other
+key that no config defines is rejected naming its section and the nearest valid names (a key added with ``+`` is
+checked by the dataclass of its section, the same way), an unknown group option names the nearest options, and every
+value is converted to its field's annotated type where that loses nothing, or rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
 
 Hydra is imported lazily: the rest of the library works without it.
 """
