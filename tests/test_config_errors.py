@@ -6,6 +6,7 @@ import re
 import pytest
 
 from unidetox.distill import pipeline as distill
+from unidetox.evaluation import pipeline as evaluate
 from unidetox.evaluation.scoring import ScorerConfig
 from unidetox.hydra_config import compose_config, parse_dataclass
 
@@ -40,13 +41,19 @@ def test_the_quoting_advice_for_a_list_of_overrides_parses_to_that_list():
     ("evaluate", f"++scorer.api_key=[{SECRET}=x"),
     ("evaluate", f"+hf_token={SECRET}"),  # an unknown top-level key
     ("evaluate", f"scorer.apikey={SECRET}"),  # a typo of the key
-    ("evaluate", f"scorer.api_key=[a {SECRET}]"),
     ("replicate", f"test.overrides=[scorer=perspective,scorer.api_key={SECRET}]"),  # inside a list
 ])
 def test_no_config_error_echoes_a_secret(recipe, override):
     with pytest.raises(ValueError) as err:
         compose_config(recipe, [override])
     assert SECRET not in str(err.value) and "***" in str(err.value)
+
+
+def test_a_secret_list_set_without_a_plus_is_refused_by_type_unechoed():
+    # api_key is a ScorerConfig field, so it composes without '+'; its dataclass refuses the list.
+    with pytest.raises(ValueError, match=r"scorer\.api_key=\*\*\*: expected") as err:
+        evaluate.parse_args([f"scorer.api_key=[a {SECRET}]"])
+    assert SECRET not in str(err.value)
 
 
 def test_a_secret_of_the_wrong_type_is_not_echoed():

@@ -2,32 +2,59 @@
 
 The stages live in packages (``unidetox.distill``, ``unidetox.detox``, ``unidetox.evaluation``, with
 ``unidetox.decoding`` beneath them and ``unidetox.replication`` above); their public names are importable from here.
+
+The names are imported on first use, so that ``import unidetox`` (and the ``unidetox`` command's help) does not
+import torch.
 """
 
-from unidetox.decoding.fused import contrastive_generate, fused_contrastive_generate
-from unidetox.decoding.sampler import ContrastiveDetoxSampler, contrastive_scores
-from unidetox.decoding.sampling import ToxicityEvalConfig, generate_continuations, generate_samples
-from unidetox.decoding.warpers import FastTopPLogitsWarper
-from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig, StopAtStepCallback
-from unidetox.detox.config import UniversalDetoxConfig
-from unidetox.detox.merge import merge_lora_checkpoint
-from unidetox.detox.selection import CheckpointSelection, choose_configuration, select_checkpoint
-from unidetox.detox.trainer import UniversalDetoxTrainer
-from unidetox.distill.anti_expert import AntiExpertConfig, load_anti_expert, train_anti_expert
-from unidetox.distill.corpus import ToxicCorpusConfig, load_toxic_corpus
-from unidetox.distill.dataset import DistillConfig, DistilledDetoxDataset, SamplingConfig
-from unidetox.evaluation.harness import run_evaluation
-from unidetox.evaluation.metrics import expected_max_toxicity, toxicity_probability
-from unidetox.evaluation.prompts import PromptsConfig, load_prompts
-from unidetox.evaluation.scoring import (
-    ProfanityCheckScorer,
-    ScorerConfig,
-    ToxicityScorer,
-    build_scorer,
-    register_scorer,
-)
-from unidetox.models import EMBEDDED_MODELS, embedded_model_path, load_model_and_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from unidetox.version import __version__
+
+# public name -> the module that defines it
+_LAZY_NAMES = {
+    "contrastive_generate": "unidetox.decoding.fused",
+    "fused_contrastive_generate": "unidetox.decoding.fused",
+    "ContrastiveDetoxSampler": "unidetox.decoding.sampler",
+    "contrastive_scores": "unidetox.decoding.sampler",
+    "ToxicityEvalConfig": "unidetox.decoding.sampling",
+    "generate_continuations": "unidetox.decoding.sampling",
+    "generate_samples": "unidetox.decoding.sampling",
+    "FastTopPLogitsWarper": "unidetox.decoding.warpers",
+    "DetoxEvalCallback": "unidetox.detox.callbacks",
+    "DetoxEvalConfig": "unidetox.detox.callbacks",
+    "StopAtStepCallback": "unidetox.detox.callbacks",
+    "UniversalDetoxConfig": "unidetox.detox.config",
+    "merge_lora_checkpoint": "unidetox.detox.merge",
+    "CheckpointSelection": "unidetox.detox.selection",
+    "choose_configuration": "unidetox.detox.selection",
+    "select_checkpoint": "unidetox.detox.selection",
+    "UniversalDetoxTrainer": "unidetox.detox.trainer",
+    "AntiExpertConfig": "unidetox.distill.anti_expert",
+    "load_anti_expert": "unidetox.distill.anti_expert",
+    "train_anti_expert": "unidetox.distill.anti_expert",
+    "ToxicCorpusConfig": "unidetox.distill.corpus",
+    "load_toxic_corpus": "unidetox.distill.corpus",
+    "DistillConfig": "unidetox.distill.dataset",
+    "DistilledDetoxDataset": "unidetox.distill.dataset",
+    "SamplingConfig": "unidetox.distill.dataset",
+    "run_evaluation": "unidetox.evaluation.harness",
+    "expected_max_toxicity": "unidetox.evaluation.metrics",
+    "toxicity_probability": "unidetox.evaluation.metrics",
+    "PromptsConfig": "unidetox.evaluation.prompts",
+    "load_prompts": "unidetox.evaluation.prompts",
+    "ProfanityCheckScorer": "unidetox.evaluation.scoring",
+    "ScorerConfig": "unidetox.evaluation.scoring",
+    "ToxicityScorer": "unidetox.evaluation.scoring",
+    "build_scorer": "unidetox.evaluation.scoring",
+    "register_scorer": "unidetox.evaluation.scoring",
+    "EMBEDDED_MODELS": "unidetox.models",
+    "embedded_model_path": "unidetox.models",
+    "load_model_and_tokenizer": "unidetox.models",
+}
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -70,3 +97,16 @@ __all__ = [
     "toxicity_probability",
     "train_anti_expert",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unidetox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})

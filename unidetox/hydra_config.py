@@ -6,10 +6,11 @@ primary config ``conf/<recipe>.yaml``; groups shared by all recipes live in ``co
 that belong to one recipe in ``conf/<recipe>/`` (added to the search path), so ``experiment=embedded_smollm2``
 means the distill experiment in the distill recipe and the detox experiment in the detox recipe.
 
-The hand-off is strict, so that a typo fails at once with the key in the message: a key that no config defines is
-rejected naming its section and the nearest valid names (a key added with ``+`` is checked by the dataclass of its
-section, the same way), and every value is converted to its field's annotated type where that loses nothing, or
-rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
+The hand-off is strict, so that a typo fails at once with the key in the message: every field of a section's
+dataclass (:mod:`unidetox.config_keys`) is set as ``section.field=value`` whether the YAML lists it or not, any other
+key that no config defines is rejected naming its section and the nearest valid names (a key added with ``+`` is
+checked by the dataclass of its section, the same way), an unknown group option names the nearest options, and every
+value is converted to its field's annotated type where that loses nothing, or rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
 
 Hydra is imported lazily: the rest of the library works without it.
 """
@@ -27,6 +28,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from unidetox.config_keys import section_fields
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
 from unidetox.run_dir import CONFIG_FILE
@@ -34,6 +36,8 @@ from unidetox.secret_masking import MASK, is_secret_key, mask_secrets, mask_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# recipe -> its groups whose value may be any hub id, path or embedded name besides a preset (model=...)
+FREE_FORM_GROUPS = {"distill": ("model",), "detox": ("model",)}
 
 
 def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_form_groups: Sequence[str]) -> list[str]:
@@ -46,6 +50,23 @@ def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_
         key, sep, value = override.partition("=")
         if sep and key in free_form_groups and value and not (conf_dir / key / f"{value}.yaml").is_file():
             override = f"{key}.name_or_path={value}"
+        rewritten.append(override)
+    return rewritten
+
+
+def _rewrite_dataclass_field_overrides(overrides: Sequence[str], parsed, known_fields: Mapping[str, Any]) -> list[str]:
+    """``trainer.report_to=[x]`` -> ``++trainer.report_to=[x]`` when ``report_to`` is a field of the ``trainer``
+    section's dataclass: every field can be set as ``section.field=value``, listed in the YAML or not, while a key
+    that is no field (a typo) still fails as unknown. ``known_fields`` maps each section to its fields
+    (:func:`unidetox.config_keys.section_fields`); ``parsed`` are Hydra's parses of ``overrides``, in order.
+    """
+    from hydra.core.override_parser.types import OverrideType
+
+    rewritten = []
+    for override, parse in zip(overrides, parsed, strict=True):
+        section, _, key = parse.key_or_group.rpartition(".")
+        if parse.type is OverrideType.CHANGE and parse.package is None and key in known_fields.get(section, ()):
+            override = f"++{override}"
         rewritten.append(override)
     return rewritten
 
@@ -136,13 +157,14 @@ def compose_config(
     recipe: str,
     overrides: Sequence[str] = (),
     conf_dir: str | os.PathLike | None = None,
-    free_form_groups: Sequence[str] = ("model",),
+    free_form_groups: Sequence[str] | None = None,
 ):
     """Compose ``conf/<recipe>.yaml`` with command-line style ``overrides`` and return a resolved DictConfig.
 
     ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
     override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
-    and the nearest valid names); no such error quotes a secret value.
+    and the nearest valid names); no such error quotes a secret value. ``free_form_groups`` (default: the recipe's
+    :data:`FREE_FORM_GROUPS`) take any value besides their presets.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
@@ -153,7 +175,11 @@ def compose_config(
     if not (conf_dir / f"{recipe}.yaml").is_file():
         raise FileNotFoundError(f"No primary config {conf_dir / (recipe + '.yaml')}; pass conf_dir=...")
     parsed = _parse_overrides(overrides)
+    if free_form_groups is None:
+        free_form_groups = FREE_FORM_GROUPS.get(recipe, ())
     overrides = _rewrite_free_form_overrides(list(overrides), conf_dir, free_form_groups)
+    known_fields = section_fields(recipe)
+    overrides = _rewrite_dataclass_field_overrides(overrides, parsed, known_fields)
     extra = []
     if (conf_dir / recipe).is_dir():
         extra.append(f"hydra.searchpath=[file://{conf_dir / recipe}]")
@@ -167,7 +193,8 @@ def compose_config(
             def compose_without(culprit):
                 kept = [o for o, p in zip(overrides, parsed, strict=True) if p is not culprit]
                 return compose(config_name=recipe, overrides=extra + kept)
-            raise (_unknown_key_error(err, parsed, compose_without) or ValueError(mask_text(str(err)))) from None
+            raise (_unknown_key_error(err, parsed, compose_without, known_fields, recipe)
+                   or _missing_option_error(err) or ValueError(mask_text(str(err)))) from None
         if additions:  # the top-level keys the configs define: the same composition without those additions
             known = set(compose(config_name=recipe,
                                 overrides=extra + [o for i, o in enumerate(overrides) if i not in additions]))
@@ -188,9 +215,22 @@ def _did_you_mean(key: str, names) -> str:
     return f"did you mean {' or '.join(close)}?" if close else "no known key is close."
 
 
-def _unknown_key_error(err, parsed, compose_without) -> ValueError | None:
+def _missing_option_error(err) -> ValueError | None:
+    """Hydra's "Could not find 'trainer/papr'" (with its search path) as one line naming the group, the nearest
+    options and all of them (None for Hydra's other errors)."""
+    from hydra.errors import MissingConfigException
+
+    if not isinstance(err, MissingConfigException) or not err.options or not err.missing_cfg_file:
+        return None
+    group, _, option = str(err.missing_cfg_file).rpartition("/")
+    return ValueError(f"Unknown option {option!r} of config group {group!r}: {_did_you_mean(option, err.options)} "
+                      f"The options of {group} are {', '.join(sorted(err.options))}.")
+
+
+def _unknown_key_error(err, parsed, compose_without, known_fields: Mapping[str, Any], recipe: str) -> ValueError | None:
     """Hydra's "Could not override" for a key that is not in the config, as one error naming the section, the key
-    and the nearest valid names (None for Hydra's other errors)."""
+    and the nearest valid names: the section's keys, and the fields of its dataclass (``known_fields``) where it has
+    one (None for Hydra's other errors)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -198,7 +238,9 @@ def _unknown_key_error(err, parsed, compose_without) -> ValueError | None:
     if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not getattr(cause, "full_key", None):
         return None
     full_key = str(cause.full_key)
-    culprit = next((o for o in parsed if o.key_or_group == full_key), None)
+    # foo.bar=1 fails at foo when the config has no foo
+    culprit = next((o for o in parsed if o.key_or_group == full_key or o.key_or_group.startswith(full_key + ".")),
+                   None)
     if culprit is None:
         return None
     section_name, _, key = full_key.rpartition(".")
@@ -207,6 +249,11 @@ def _unknown_key_error(err, parsed, compose_without) -> ValueError | None:
     where, keys = (f"in section {section_name!r}", f"the keys of {section_name}") if section_name else (
         "at the top level", "the top-level keys")
     shown = _shown(culprit.input_line)
+    if section_name in known_fields:
+        names = sorted({*names, *known_fields[section_name]})
+        listed = ", ".join(names) if len(names) <= 40 else f"listed by `unidetox {recipe} --help {section_name}` ({len(names)} keys)"
+        return ValueError(f"Unknown config key {key!r} {where} (from {shown!r}): {_did_you_mean(key, names)} "
+                          f"{keys.capitalize()} are {listed}.")
     adding = (f" A field of the section's dataclass that the config does not list is set with a leading '+' "
               f"(+{shown.lstrip('+')})." if section_name else "")
     return ValueError(
@@ -223,11 +270,11 @@ def to_container(section) -> dict[str, Any]:
     return dict(section or {})
 
 
-def _type_name(annotation) -> str:
+def type_name(annotation) -> str:
     if annotation is type(None):
         return "None"
     if get_origin(annotation) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(annotation))
+        return " | ".join(type_name(a) for a in get_args(annotation))
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(annotation))
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -239,7 +286,7 @@ def _type_name(annotation) -> str:
 
 def _mismatch(key: str, value, annotation) -> ValueError:
     shown = MASK if is_secret_key(key.split(".")[-1].split("[")[0]) else repr(value)
-    return ValueError(f"{key}={shown}: expected {_type_name(annotation)}, got {type(value).__name__}. Set {key} "
+    return ValueError(f"{key}={shown}: expected {type_name(annotation)}, got {type(value).__name__}. Set {key} "
                       "to a value of that type (a string that looks like a number or a bool: quote it).")
 
 

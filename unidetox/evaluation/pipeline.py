@@ -84,7 +84,7 @@ class EvaluateResult:
 
 def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments:
     """Compose ``conf/evaluate.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
-    cfg = compose_config("evaluate", list(overrides), free_form_groups=())
+    cfg = compose_config("evaluate", list(overrides))
     models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
     seeds = [cfg.seeds] if isinstance(cfg.seeds, int) else list(cfg.seeds)
     also = {} if cfg.get("also_scorers") is None else {"also_scorers": parse_also_scorers(cfg.also_scorers)}

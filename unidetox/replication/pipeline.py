@@ -278,7 +278,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         raise ValueError("`share_stages` was replaced by the job engine: instead of several copies of the command, "
                          "run one with launcher.engine=submitit launcher.cluster=local launcher.max_concurrent_jobs=2 "
                          "(or launcher.cluster=slurm on a cluster).")
-    cfg = compose_config("replicate", list(overrides), free_form_groups=())
+    cfg = compose_config("replicate", list(overrides))
     validation = to_container(cfg.validation)
     protocol_section = validation.pop("protocol", {}) or {}
     protocol = parse_dataclass(protocol_section, DetoxEvalConfig, name="validation.protocol")
