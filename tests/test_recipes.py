@@ -106,3 +106,14 @@ def test_a_missing_config_dir_or_recipe_file_is_named_with_the_fix(tmp_path):
         detox.parse_args(["--config-dir"])
     with pytest.raises(FileNotFoundError, match="recipe=.*missing.yaml: no such config file"):
         detox.parse_args([f"recipe={tmp_path / 'missing.yaml'}"])
+
+
+def test_a_replication_target_on_the_default_preset_trains_its_grid_runs_to_the_end(tmp_path):
+    """The default trainer preset stops at step 50; the replication's grid runs train their whole schedule, and the
+    apply step stops where the choice was made."""
+    args = replicate.parse_args(["experiment=tiny", f"output_dir={tmp_path}", "targets.smollm2.overrides=[]"])
+    assert not args.grid_target.overrides  # the default trainer preset: `universal`
+    for _, parsed in replicate.plan_grid(args, {("smollm2", 0.1): "/data/distilled"}).values():
+        assert parsed.trainer.max_steps == args.grid.max_steps and parsed.trainer.stop_at_step is None
+    applied = replicate.apply_args(args, args.grid_target, "/data/distilled", tmp_path / "a", 1e-3, 1, [])
+    assert (applied.trainer.max_steps, applied.trainer.stop_at_step) == (args.grid.max_steps, 1)

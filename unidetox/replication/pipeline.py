@@ -393,10 +393,19 @@ def validation_detox_overrides(validation: ValidationArguments) -> list[str]:
 def detox_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, steps: int,
                save_steps: int, extra: list[str]) -> detox_stage.DetoxArguments:
     """One fine-tuning run: the target, the shared configuration, the data, the learning rate and the steps."""
-    return detox_stage.parse_args([
-        *target.overrides, *args.detox_overrides, f"data.path={quote(data_path)}", f"output_dir={quote(run_dir)}",
-        f"trainer.learning_rate={float(lr)!r}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
-        *extra, _data_dir_override(args)])
+    overrides = [*target.overrides, *args.detox_overrides, f"data.path={quote(data_path)}",
+                 f"output_dir={quote(run_dir)}", f"trainer.learning_rate={float(lr)!r}", f"trainer.max_steps={steps}",
+                 f"trainer.save_steps={save_steps}", _data_dir_override(args)]
+    return detox_stage.parse_args([*_training_every_step(overrides), *extra])
+
+
+def _training_every_step(overrides: list[str]) -> list[str]:
+    """``overrides``, pinned to train every one of ``max_steps`` when their trainer preset stops early (the default
+    ``universal`` stops at step 50): the grid's runs and schedules are the replication's own. A preset without a stop
+    composes as it is, so the config (and the cache of a finished run) is unchanged."""
+    if compose_config("detox", overrides).trainer.get("stop_at_step") is None:
+        return overrides
+    return [*overrides, "++trainer.stop_at_step=null"]
 
 
 def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, chosen_steps: int,
