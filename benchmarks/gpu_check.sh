@@ -78,7 +78,7 @@ if (( DRY_RUN )); then
   TEXT_ARGS=(--num-texts 16 --min-words 20 --max-words 40)
   # DeepSpeed runs ZeRO-2 on its CPU accelerator: the same launcher and config, one process, float32.
   DETOX_LAUNCH=(--config_file recipes/accelerate_configs/zero2.yaml --num_processes 1 --mixed_precision no)
-  DETOX_ARGS=(trainer.max_steps=2 trainer.save_steps=2 trainer.max_length=32 trainer.logging_steps=1
+  DETOX_ARGS=(trainer=embedded_lora trainer.max_steps=2 trainer.save_steps=2 trainer.max_length=32 trainer.logging_steps=1
               trainer.per_device_train_batch_size=2 data.max_samples=8)
   DETOX_NOTE="launcher=zero2.yaml with 1 process and float32 on DeepSpeed's CPU accelerator (no CUDA here)"
 else
@@ -88,7 +88,7 @@ else
   EVAL_ARGS=(--num-prompts 32 --num-samples 25 --repeats 2)
   TEXT_ARGS=(--num-texts 640 --min-words 150 --max-words 200)  # about the authors' 256-token distilled texts
   DETOX_LAUNCH=(--config_file recipes/accelerate_configs/zero2.yaml --num_processes 1)
-  DETOX_ARGS=(trainer.max_steps=20 trainer.save_steps=20 +trainer.bf16=true)
+  DETOX_ARGS=(trainer=embedded_lora trainer.max_steps=20 trainer.save_steps=20 +trainer.bf16=true)
   DETOX_NOTE="launcher=zero2.yaml with 1 process, bf16"
 fi
 GPU_MEMORY=0

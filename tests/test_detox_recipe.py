@@ -96,7 +96,7 @@ def _tiny_overrides(tmp_path, out, **extra) -> list[str]:
     datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
     values = {
         "model": str(_tiny_model_dir(tmp_path)), "data.path": str(csv), "output_dir": str(out),
-        "trainer.max_steps": 4, "trainer.save_steps": 2, "trainer.learning_rate": 0.01, "trainer.logging_steps": 1,
+        "trainer": "embedded_lora", "trainer.max_steps": 4, "trainer.save_steps": 2, "trainer.learning_rate": 0.01, "trainer.logging_steps": 1,
         "trainer.per_device_train_batch_size": 4, "+trainer.disable_tqdm": True, "peft.r": 4,
         "eval.prompts.source": "file", "eval.prompts.path": str(tmp_path / "prompts.txt"),
         "eval.prompts.split": "all", "eval.prompts.num_prompts": 3, "eval.perplexity_path": str(wiki),

@@ -104,7 +104,8 @@ def _detox_overrides(tmp_path, out, **extra):
         tokenizer.save_pretrained(model)
     csv = tmp_path / "distilled.csv"
     datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
-    values = {"model": str(model), "data.path": str(csv), "output_dir": str(out), "trainer.max_steps": 2,
+    values = {"model": str(model), "data.path": str(csv), "output_dir": str(out), "trainer": "embedded_lora",
+              "trainer.max_steps": 2,
               "trainer.save_steps": 1, "trainer.learning_rate": 0.01, "trainer.per_device_train_batch_size": 4,
               "+trainer.disable_tqdm": True, "peft.r": 4, "eval.enabled": "false"}
     values.update(extra)

@@ -49,7 +49,7 @@ class Example:
 
 
 def trainer_section(*overrides: str):
-    return compose_config("detox", list(overrides)).trainer
+    return compose_config("detox", ["trainer=embedded_lora", *overrides]).trainer
 
 
 # Wrong types from the command line: named, with the value and the expected type.

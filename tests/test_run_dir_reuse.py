@@ -42,7 +42,7 @@ def test_a_detox_run_with_a_bad_model_records_no_settings(tmp_path):
     csv = tmp_path / "distilled.csv"
     datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
     out = tmp_path / "run"
-    overrides = [f"data.path={csv}", f"output_dir={out}", "trainer.max_steps=2", "peft.r=4", "eval.enabled=false"]
+    overrides = [f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora", "trainer.max_steps=2", "peft.r=4", "eval.enabled=false"]
     with pytest.raises(FileNotFoundError, match="no-model"):
         detox.run(detox.parse_args([f"model={tmp_path / 'no-model'}", *overrides]))
     assert not (out / CONFIG_FILE).exists()

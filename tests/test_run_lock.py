@@ -68,7 +68,8 @@ def _detox_overrides(tmp_path: Path, out: Path) -> list[str]:
     tokenizer.save_pretrained(model)
     csv = tmp_path / "distilled.csv"
     datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
-    return [f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer.max_steps=2", "trainer.save_steps=1",
+    return [f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora", "trainer.max_steps=2",
+            "trainer.save_steps=1",
             "trainer.per_device_train_batch_size=4", "peft.r=4", "+trainer.disable_tqdm=true", "eval.enabled=false"]
 
 

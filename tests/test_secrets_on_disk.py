@@ -35,7 +35,8 @@ def test_detox_saves_no_hub_token_in_any_file_and_keeps_it_for_pushing(tmp_path)
     csv = tmp_path / "distilled.csv"
     datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
     out = tmp_path / "out"
-    args = detox.parse_args([f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer.max_steps=2",
+    args = detox.parse_args([f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora",
+                             "trainer.max_steps=2",
                              "trainer.save_steps=1", "trainer.per_device_train_batch_size=4", "peft.r=4",
                              "+trainer.disable_tqdm=true", "eval.enabled=false", f"+trainer.hub_token={SENTINEL}"])
     detox.run(args)

@@ -22,6 +22,7 @@ import enum
 import json
 import math
 import os
+import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
@@ -40,15 +41,18 @@ BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False,
 FREE_FORM_GROUPS = {"distill": ("model",), "detox": ("model",)}
 
 
-def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dir: Path, free_form_groups: Sequence[str]) -> list[str]:
-    """``model=meta-llama/Llama-2-7b-hf`` -> ``model.name_or_path=...`` when no ``conf/model/<value>.yaml`` exists.
+def _rewrite_free_form_overrides(overrides: Sequence[str], conf_dirs: Sequence[Path],
+                                 free_form_groups: Sequence[str]) -> list[str]:
+    """``model=meta-llama/Llama-2-7b-hf`` -> ``model.name_or_path=...`` when no ``<dir>/model/<value>.yaml`` exists
+    in any of ``conf_dirs``.
 
     This lets one override take a preset (``model=gemma3-270m``) or any hub id, local path or embedded name.
     """
     rewritten = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if sep and key in free_form_groups and value and not (conf_dir / key / f"{value}.yaml").is_file():
+        if (sep and key in free_form_groups and value
+                and not any((d / key / f"{value}.yaml").is_file() for d in conf_dirs)):
             override = f"{key}.name_or_path={value}"
         rewritten.append(override)
     return rewritten
@@ -67,6 +71,51 @@ def _rewrite_dataclass_field_overrides(overrides: Sequence[str], parsed, known_f
         section, _, key = parse.key_or_group.rpartition(".")
         if parse.type is OverrideType.CHANGE and parse.package is None and key in known_fields.get(section, ()):
             override = f"++{override}"
+        rewritten.append(override)
+    return rewritten
+
+
+def split_config_dirs(overrides: Sequence[str]) -> tuple[list[str], list[Path]]:
+    """The overrides without ``--config-dir DIR`` / ``--config-dir=DIR``, and those directories (each must exist).
+
+    A user's config folder holds groups like the shipped ones (``DIR/recipe/NAME.yaml``, ``DIR/trainer/NAME.yaml``,
+    ``DIR/model/NAME.yaml``); it is searched before the shipped configs, so ``recipe=NAME`` finds the user's file.
+
+    >>> split_config_dirs(["--config-dir", ".", "recipe=mine", "--config-dir=."])[0]
+    ['recipe=mine']
+    """
+    kept, dirs, items = [], [], iter(overrides)
+    for override in items:
+        if override == "--config-dir":
+            value = next(items, None)
+            if value is None:
+                raise ValueError("`--config-dir` needs a directory after it: --config-dir DIR.")
+        elif override.startswith("--config-dir="):
+            value = override.partition("=")[2]
+        else:
+            kept.append(override)
+            continue
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"--config-dir {value}: no such directory; pass a folder holding your configs "
+                                    "in group folders (e.g. DIR/recipe/NAME.yaml).")
+        dirs.append(Path(value).resolve())
+    return kept, dirs
+
+
+def _link_config_files(overrides: Sequence[str], group_dirs: Sequence[Path], link_dir: Path) -> list[str]:
+    """``recipe=PATH/NAME.yaml`` (any config group, a value ending in .yaml) -> ``recipe=NAME``, with the file linked
+    as ``link_dir/recipe/NAME.yaml`` (searched first): a config file anywhere is chosen like a shipped option."""
+    rewritten = []
+    for override in overrides:
+        group, sep, value = override.partition("=")
+        if sep and value.endswith((".yaml", ".yml")) and any((d / group).is_dir() for d in group_dirs):
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"{group}={value}: no such config file; pass the path of a YAML file or the "
+                                        f"name of a {group} option.")
+            (link_dir / group).mkdir(parents=True, exist_ok=True)
+            (link_dir / group / f"{path.stem}.yaml").symlink_to(path.resolve())
+            override = f"{group}={path.stem}"
         rewritten.append(override)
     return rewritten
 
@@ -161,31 +210,42 @@ def compose_config(
 ):
     """Compose ``conf/<recipe>.yaml`` with command-line style ``overrides`` and return a resolved DictConfig.
 
+    ``--config-dir DIR`` among the overrides adds a folder of the user's configs, searched before the shipped ones
+    (:func:`split_config_dirs`); a group given a YAML file path (``recipe=PATH.yaml``) takes that file as its option.
     ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
     override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
     and the nearest valid names); no such error quotes a secret value. ``free_form_groups`` (default: the recipe's
     :data:`FREE_FORM_GROUPS`) take any value besides their presets.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf
-
     conf_dir = Path(conf_dir) if conf_dir is not None else CONF_DIR
     conf_dir = conf_dir.resolve()
     if not (conf_dir / f"{recipe}.yaml").is_file():
         raise FileNotFoundError(f"No primary config {conf_dir / (recipe + '.yaml')}; pass conf_dir=...")
+    overrides, user_dirs = split_config_dirs(overrides)
+    with tempfile.TemporaryDirectory(prefix="unidetox-configs-") as link_dir:
+        group_dirs = [Path(link_dir), *user_dirs, conf_dir / recipe, conf_dir]
+        return _compose(recipe, overrides, conf_dir, free_form_groups, group_dirs)
+
+
+def _compose(recipe: str, overrides: Sequence[str], conf_dir: Path, free_form_groups: Sequence[str],
+             group_dirs: list[Path]):
+    """:func:`compose_config` once the search path is known: ``group_dirs``, the first searched first."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
     parsed = _parse_overrides(overrides)
     if free_form_groups is None:
         free_form_groups = FREE_FORM_GROUPS.get(recipe, ())
-    overrides = _rewrite_free_form_overrides(list(overrides), conf_dir, free_form_groups)
+    overrides = _link_config_files(overrides, group_dirs, group_dirs[0])
+    overrides = _rewrite_free_form_overrides(overrides, group_dirs, free_form_groups)
     known_fields = section_fields(recipe)
     overrides = _rewrite_dataclass_field_overrides(overrides, parsed, known_fields)
-    extra = []
-    if (conf_dir / recipe).is_dir():
-        extra.append(f"hydra.searchpath=[file://{conf_dir / recipe}]")
+    search_path = [d for d in group_dirs[:-1] if d.is_dir()]  # the last is the primary config dir itself
+    extra = [f"hydra.searchpath=[{','.join(_hydra_quoted(f'file://{d}') for d in search_path)}]"]
     if not any(o.key_or_group == "data_dir" for o in parsed):
         extra.append(f"++data_dir={_hydra_quoted(default_data_dir())}")
-    additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, (conf_dir / recipe, conf_dir))}
+    additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, group_dirs)}
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=recipe):
         try:
             cfg = compose(config_name=recipe, overrides=extra + overrides)

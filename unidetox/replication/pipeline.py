@@ -11,6 +11,7 @@ does what is missing. Layout under ``output_dir``:
                              its own anti-expert on the same toxic rows, its other alphas reuse it)
     grid/{t}-{s}-a{A}-lr{LR}/  the detox stage on the grid target, validation at step 0 and every save
     selection.json           the paper's rule over every (grid run, checkpoint): chosen (source, alpha, lr, steps)
+    chosen_recipe.yaml       that choice as a detox recipe for any model (unidetox detox recipe=PATH model=ANY)
     data/{control,nothate}/  baseline texts (plain base samples; DGHS nothate rows), as many as the distilled text
     apply/{t}-{method}/      the chosen configuration, unchanged, on every target (the grid target's UniDetox model
                              is the chosen grid checkpoint, merged; other targets train under the grid's schedule and
@@ -46,7 +47,7 @@ from unidetox.evaluation import pipeline as evaluate_stage
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
-from unidetox.io import atomic_write_json, read_json
+from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.models import load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
 from unidetox.replication.baselines import (
@@ -392,10 +393,19 @@ def validation_detox_overrides(validation: ValidationArguments) -> list[str]:
 def detox_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, steps: int,
                save_steps: int, extra: list[str]) -> detox_stage.DetoxArguments:
     """One fine-tuning run: the target, the shared configuration, the data, the learning rate and the steps."""
-    return detox_stage.parse_args([
-        *target.overrides, *args.detox_overrides, f"data.path={quote(data_path)}", f"output_dir={quote(run_dir)}",
-        f"trainer.learning_rate={float(lr)!r}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
-        *extra, _data_dir_override(args)])
+    overrides = [*target.overrides, *args.detox_overrides, f"data.path={quote(data_path)}",
+                 f"output_dir={quote(run_dir)}", f"trainer.learning_rate={float(lr)!r}", f"trainer.max_steps={steps}",
+                 f"trainer.save_steps={save_steps}", _data_dir_override(args)]
+    return detox_stage.parse_args([*_training_every_step(overrides), *extra])
+
+
+def _training_every_step(overrides: list[str]) -> list[str]:
+    """``overrides``, pinned to train every one of ``max_steps`` when their trainer preset stops early (the default
+    ``universal`` stops at step 50): the grid's runs and schedules are the replication's own. A preset without a stop
+    composes as it is, so the config (and the cache of a finished run) is unchanged."""
+    if compose_config("detox", overrides).trainer.get("stop_at_step") is None:
+        return overrides
+    return [*overrides, "++trainer.stop_at_step=null"]
 
 
 def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run_dir, lr: float, chosen_steps: int,
@@ -410,6 +420,37 @@ def apply_args(args: ReplicateArguments, target: TargetArguments, data_path, run
         return detox_args(args, target, data_path, run_dir, lr, max_steps, chosen_steps,
                           [*extra, f"++trainer.stop_at_step={chosen_steps}"])
     return detox_args(args, target, data_path, run_dir, lr, chosen_steps, chosen_steps, extra)
+
+
+CHOSEN_RECIPE_FILE = "chosen_recipe.yaml"
+RUN_SPECIFIC_TRAINER_KEYS = ("output_dir", "seed")  # where and with which seed one run trains: not the recipe
+
+
+def chosen_recipe(apply: detox_stage.DetoxArguments) -> dict[str, Any]:
+    """The apply step's configuration as a detox recipe for any model: the trainer settings (the schedule and the
+    chosen step included, ``stop_at_step: null`` when the whole schedule is the choice), the LoRA settings and the
+    distilled text (its path absolute, so the recipe works from any directory); no model, no output_dir.
+
+    ``unidetox detox recipe=FILE model=ANY`` then trains any model exactly as the replication's apply step did."""
+    trainer = {k: v for k, v in apply.config["trainer"].items() if k not in RUN_SPECIFIC_TRAINER_KEYS}
+    trainer["stop_at_step"] = apply.trainer.stop_at_step
+    data = {**apply.config["data"], "path": str(Path(apply.data.path).resolve())}
+    return {"trainer": trainer, "peft": apply.config.get("peft") or {"use_peft": False}, "data": data}
+
+
+def write_chosen_recipe(path: str | os.PathLike, recipe: dict[str, Any], choice: dict[str, Any]) -> Path:
+    """``recipe`` (:func:`chosen_recipe`) as a config file of the detox recipe group, headed by what was chosen."""
+    from omegaconf import OmegaConf
+
+    config = choice.get("config", {})
+    header = [
+        "# @package _global_",
+        "# The configuration the replication chose (the paper's rule on the validation prompts), as a recipe for",
+        f"# any model: source {config.get('source')}, alpha {config.get('alpha')}, lr {config.get('learning_rate')}, "
+        f"step {choice.get('step')} of its schedule.",
+        f"#   unidetox detox recipe={Path(path).resolve()} model=ANY output_dir=DIR",
+    ]
+    return atomic_write_text(path, "\n".join(header) + "\n" + OmegaConf.to_yaml(recipe))
 
 
 def plan_grid(args: ReplicateArguments, distilled: dict[tuple[str, float], str]) -> dict[str, tuple[dict, Any]]:
@@ -593,6 +634,11 @@ def _replicate(args: ReplicateArguments, stages: Stages, state, out: Path) -> Re
     else:
         stages.log("selection", "cached", 0.0)
     chosen_distilled = distilled[(chosen_source, chosen_alpha)]
+    if state.is_main_process:
+        recipe = chosen_recipe(apply_args(args, grid_target, chosen_distilled.distilled_path,
+                                          out / "apply" / f"{grid.target}-unidetox", float(chosen_lr), chosen_steps,
+                                          list(args.apply_overrides)))
+        write_chosen_recipe(out / CHOSEN_RECIPE_FILE, recipe, choice)
 
     # ---- 4. baseline data ------------------------------------------------------------------------------------
     data_paths = {"unidetox": chosen_distilled.distilled_path}
