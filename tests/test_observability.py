@@ -3,7 +3,11 @@ evaluation phase has its own bar label, and entry points configure logging once.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -101,3 +105,26 @@ def test_configure_logging_is_idempotent_and_respects_an_application_setup(monke
     monkeypatch.setattr(root, "level", logging.ERROR)
     configure_logging()
     assert root.handlers == [own] and root.level == logging.ERROR
+
+
+def test_importing_unidetox_configures_no_logging():
+    code = ("import logging, unidetox, unidetox.cli, unidetox.detox.pipeline, unidetox.distill.pipeline; "
+            "assert not logging.getLogger().handlers, logging.getLogger().handlers")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+class LoggingConfigured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("module", ["unidetox.detox.pipeline", "unidetox.distill.pipeline",
+                                    "unidetox.evaluation.pipeline", "unidetox.replication.pipeline"])
+def test_each_stage_run_configures_logging_first(module, monkeypatch, tmp_path):
+    pipeline = importlib.import_module(module)
+
+    def configured():
+        raise LoggingConfigured
+
+    monkeypatch.setattr(pipeline, "configure_logging", configured)
+    with pytest.raises(LoggingConfigured):
+        pipeline.run(SimpleNamespace(output_dir=str(tmp_path / "run")))

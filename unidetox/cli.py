@@ -10,7 +10,6 @@ pipeline, so both write the same outputs. Under several processes, launch the mo
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from unidetox.distill import pipeline as distill_pipeline
 from unidetox.evaluation import pipeline as evaluate_pipeline
 from unidetox.evaluation import rescore
 from unidetox.hydra_config import CONF_DIR
+from unidetox.logging_setup import configure_logging
 from unidetox.processes import end_process_group
 from unidetox.replication import pipeline as replicate_pipeline
 from unidetox.version import __version__
@@ -61,10 +61,6 @@ COMMANDS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
 }
 # Commands that take a run directory and key=value overrides of their arguments dataclass (no Hydra config).
 RUN_DIR_COMMANDS = ("rescore",)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def command_help(command: str) -> str:

@@ -43,6 +43,7 @@ from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
@@ -362,6 +363,7 @@ def run(args: DetoxArguments) -> DetoxResult:
     A finished run is returned as it is; a run whose final checkpoint exists but whose post-training work (final
     save, merge, selection, summary) was interrupted finishes that work without training. Returns the same result
     on every process."""
+    configure_logging()
     state = process_state()
     trainer_args = args.trainer
     out = Path(args.output_dir)

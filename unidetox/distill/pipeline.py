@@ -30,6 +30,7 @@ from unidetox.distill.dataset import (
 )
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments, load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
 from unidetox.run_dir import check_output_dir, holds_output_dir
@@ -148,6 +149,7 @@ def run(args: DistillArguments) -> DistillResult:
     by theirs, so an interrupted run resumes and a finished one returns at once. A directory holding a run with
     other settings is refused (:class:`unidetox.run_dir.OutputDirConflict`).
     """
+    configure_logging()
     state = process_state()
     out = Path(args.output_dir)
     check_output_dir(out, args.config, ignore=RUN_INDEPENDENT_KEYS)
