@@ -16,6 +16,7 @@ from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.merge import merge_lora_checkpoint
 from unidetox.detox.selection import select_checkpoint
 from unidetox.evaluation.prompts import load_prompts
+from unidetox.logging_setup import configure_logging
 from unidetox.paths import default_data_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,6 +28,7 @@ parser.add_argument("--output-dir", default="runs/example-detox")
 parser.add_argument("--max-steps", type=int, default=100)
 parser.add_argument("--full", action="store_true", help="full fine-tuning at the paper's lr 5e-5 instead of LoRA")
 cli = parser.parse_args()
+configure_logging()
 
 args = UniversalDetoxConfig(
     output_dir=cli.output_dir,

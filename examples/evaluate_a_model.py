@@ -24,6 +24,7 @@ from unidetox.evaluation.mmlu import MMLUConfig, evaluate_mmlu
 from unidetox.evaluation.prompts import COMBINED_CATEGORIES, load_prompts
 from unidetox.evaluation.report import seed_toxicity_metrics
 from unidetox.evaluation.scoring import build_scorer
+from unidetox.logging_setup import configure_logging
 from unidetox.paths import default_data_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +37,7 @@ parser.add_argument("--scorer", default="profanity_check", help="profanity_check
 parser.add_argument("--wikitext-tokens", type=int, default=4096)
 parser.add_argument("--mmlu-limit", type=int, default=1, help="questions per subject (57 subjects)")
 cli = parser.parse_args()
+configure_logging()
 
 model, tokenizer = load_model_and_tokenizer(cli.model)
 prompts = load_prompts(source="toxigen_local", split="validation", num_prompts=cli.num_prompts)

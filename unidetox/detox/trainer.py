@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
-from unidetox.detox.callbacks import StopAtStepCallback
+from unidetox.detox.callbacks import DetoxEvalCallback, StopAtStepCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
 from unidetox.detox.model_card import MODEL_CARD_FILE, model_card_path, render_model_card
@@ -165,6 +165,9 @@ class UniversalDetoxTrainer(SavesArgsWithoutSecrets, SFTTrainer):
             callbacks=callbacks,
             **kwargs,
         )
+        for callback in self.callback_handler.callbacks:  # validation metrics reach report_to through self.log
+            if isinstance(callback, DetoxEvalCallback):
+                callback.bind_trainer(self)
 
     # -- saving --------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,9 @@ from unidetox.checkpoints import (
     restore_final_checkpoint,
 )
 from unidetox.deepspeed_ops import prepare_deepspeed
-from unidetox.distill.corpus import TEXT_COLUMN, corpus_fingerprint
+from unidetox.distill.anti_expert_card import render_anti_expert_card
+from unidetox.distill.corpus import TEXT_COLUMN, ToxicCorpusConfig, corpus_fingerprint
+from unidetox.hub import without_trainer_push
 from unidetox.io import atomic_write_json
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
@@ -48,6 +50,7 @@ from unidetox.version import __version__
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "unidetox_anti_expert.json"
+MODEL_CARD_FILE = "README.md"
 PENDING_FILE = "unidetox_anti_expert.pending.json"
 # Settings that change the trained weights; everything else (logging, saving, output paths) does not.
 FINGERPRINT_FIELDS = (
@@ -250,7 +253,7 @@ def build_anti_expert_trainer(model, tokenizer, corpus: datasets.Dataset, config
     train_dataset = _with_start_token(corpus.select_columns([TEXT_COLUMN]), tokenizer, config.start_token)
     return AntiExpertTrainer(
         model=model,
-        args=config,
+        args=without_trainer_push(config),  # the pipeline pushes the saved anti-expert with its card
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=config.lora_config() if config.use_peft else None,
@@ -265,6 +268,7 @@ def train_anti_expert(
     config: AntiExpertConfig,
     base_name_or_path: str | None = None,
     callbacks: list | None = None,
+    corpus_config: ToxicCorpusConfig | None = None,
 ) -> AntiExpertResult:
     """Fine-tune ``model`` on ``corpus`` into an anti-expert saved at ``config.output_dir``, or reuse a saved one.
 
@@ -277,6 +281,7 @@ def train_anti_expert(
         base_name_or_path: how to reload the base (recorded, and used to rebuild a LoRA anti-expert). Defaults to
             ``model`` when it is a string, else ``model.config._name_or_path``.
         callbacks: extra ``TrainerCallback``s.
+        corpus_config: where ``corpus`` was read from, for the model card (README.md) written next to the weights.
 
     Returns:
         An :class:`AntiExpertResult` (``trained=False`` when an anti-expert with the same fingerprint was reused).
@@ -374,6 +379,8 @@ def train_anti_expert(
     }
     if is_main_process():
         tokenizer.save_pretrained(str(out))
+        # peft's template card names the local cache as base_model and warns of nothing: this card replaces it.
+        (out / MODEL_CARD_FILE).write_text(render_anti_expert_card(metadata, corpus_config), encoding="utf-8")
         for name in _checkpoint_steps(out):  # the weights are saved: this training's checkpoints are spent
             if name not in foreign:
                 shutil.rmtree(out / name, ignore_errors=True)

@@ -28,8 +28,10 @@ from unidetox.distill.dataset import (
     SamplingConfig,
     summary_markdown,
 )
+from unidetox.hub import push_if_requested
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments, load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
 from unidetox.run_dir import check_output_dir, holds_output_dir
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "distill_run.json"
 # Settings that do not change the texts: how much progress is shown, and whether finished work is rebuilt.
-RUN_INDEPENDENT_KEYS = ("progress", "distill.overwrite", "anti_expert.overwrite")
+RUN_INDEPENDENT_KEYS = ("progress", "distill.overwrite", "anti_expert.overwrite", "anti_expert.push_to_hub",
+                        "anti_expert.hub_model_id", "anti_expert.hub_private_repo")
 
 
 @dataclass
@@ -116,7 +119,8 @@ def _anti_expert_stage(args: DistillArguments, load_kwargs: dict) -> tuple[str, 
     corpus = load_toxic_corpus(args.data)
     logger.info("Toxic corpus: %d texts", len(corpus))
     model, tokenizer = load_model_and_tokenizer(args.model.name_or_path, **load_kwargs)
-    trained = train_anti_expert(model, tokenizer, corpus, args.anti_expert, base_name_or_path=args.model.name_or_path)
+    trained = train_anti_expert(model, tokenizer, corpus, args.anti_expert, base_name_or_path=args.model.name_or_path,
+                                corpus_config=args.data)
     del model
     meta = trained.metadata
     return str(trained.path), f"{trained.path}@{meta['fingerprint'][:12]}", trained.trained, meta
@@ -148,6 +152,7 @@ def run(args: DistillArguments) -> DistillResult:
     by theirs, so an interrupted run resumes and a finished one returns at once. A directory holding a run with
     other settings is refused (:class:`unidetox.run_dir.OutputDirConflict`).
     """
+    configure_logging()
     state = process_state()
     out = Path(args.output_dir)
     check_output_dir(out, args.config, ignore=RUN_INDEPENDENT_KEYS)
@@ -155,6 +160,8 @@ def run(args: DistillArguments) -> DistillResult:
 
     start = time.perf_counter()
     ae_path, ae_id, trained, ae_meta = _anti_expert_stage(args, load_kwargs)
+    if is_main_process():
+        push_if_requested(args.anti_expert, ae_path, "Upload a UniDetox anti-expert (toxic by design)")
     stages: dict[str, Any] = {"anti_expert": {
         "path": ae_path, "trained_now": trained, "wall_time_s": round(time.perf_counter() - start, 2),
         **{key: ae_meta.get(key) for key in ("train_wall_time_s", "train_loss", "first_logged_loss",

@@ -300,7 +300,8 @@ def run_evaluation(
                 max_new_tokens=eval_config.max_new_tokens, top_p=eval_config.top_p,
                 temperature=eval_config.temperature, seed=seed, batch_size=eval_config.batch_size,
                 sampler_factory=factory, process_index=procs.process_index, num_processes=procs.num_processes,
-                progress=progress and procs.is_main_process, bucket_by_length=eval_config.bucket_by_length,
+                progress=progress and procs.is_main_process and f"sampling {entry.key} (seed {seed})",
+                bucket_by_length=eval_config.bucket_by_length,
             )
             t1 = time.perf_counter()
             scores = scorer([s.continuation for s in samples])
@@ -333,7 +334,8 @@ def run_evaluation(
             nll, count = sliding_window_nll(
                 model, tokenizer, [text], max_length=perplexity_config.max_length, stride=perplexity_config.stride,
                 batch_size=perplexity_config.wikitext_batch_size, max_tokens=perplexity_config.max_tokens,
-                process_index=procs.process_index, num_processes=procs.num_processes, progress=progress and procs.is_main_process,
+                process_index=procs.process_index, num_processes=procs.num_processes,
+                progress=progress and procs.is_main_process and f"WikiText ppl {plain.key}",
             )
             sums = gather_objects([(nll, count, time.perf_counter() - t0)])
             if procs.is_main_process:
@@ -386,7 +388,7 @@ def run_evaluation(
                 per_sample = conditional_nll(
                     ref_model, ref_tokenizer, [records[i]["prompt"] for i in mine_idx],
                     [records[i]["continuation"] for i in mine_idx], batch_size=perplexity_config.batch_size,
-                    progress=progress and procs.is_main_process,
+                    progress=progress and procs.is_main_process and f"conditional ppl {entry.key} (seed {seed})",
                 )
                 gathered = gather_objects([(i, nll, n) for i, (nll, n) in zip(mine_idx, per_sample, strict=True)])
                 seconds = max(gather_objects([time.perf_counter() - t0]))

@@ -290,7 +290,7 @@ def sliding_window_nll(
     max_tokens: int | None = None,
     process_index: int = 0,
     num_processes: int = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     chunked_head: bool = True,
 ) -> tuple[float, int]:
     """Summed NLL and scored-token count of ``join.join(texts)`` with the HF guide's sliding window.
@@ -333,7 +333,8 @@ def sliding_window_nll(
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc="perplexity", unit="batch", dynamic_ncols=True)
+        chunks = tqdm(chunks, desc=progress if isinstance(progress, str) else "perplexity", unit="batch",
+                      dynamic_ncols=True)
     total_nll, total_count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -404,7 +405,7 @@ def conditional_nll(
     continuations: Sequence[str] | Sequence[Sequence[str]],
     batch_size: int = 16,
     max_length: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     chunked_head: bool = True,
 ) -> list[tuple[float, int]]:
     """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
@@ -442,7 +443,8 @@ def conditional_nll(
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc="conditional ppl", unit="batch", dynamic_ncols=True)
+        chunks = tqdm(chunks, desc=progress if isinstance(progress, str) else "conditional ppl", unit="batch",
+                      dynamic_ncols=True)
     was_training = model.training
     model.eval()
     try:

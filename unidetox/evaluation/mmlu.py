@@ -196,7 +196,8 @@ def score_mmlu_questions(
         options.append(conts)
     if not indices:
         return []
-    per_option = conditional_nll(model, tokenizer, contexts, options, batch_size=config.batch_size, progress=progress)
+    per_option = conditional_nll(model, tokenizer, contexts, options, batch_size=config.batch_size,
+                                 progress=progress and "MMLU")
     records = []
     for k, i in enumerate(indices):
         scored = per_option[4 * k : 4 * k + 4]

@@ -28,6 +28,7 @@ from unidetox.evaluation.report import read_jsonl
 from unidetox.evaluation.scoring import ScorerConfig
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.processes import is_main_process
 from unidetox.run_dir import check_output_dir, holds_output_dir
 
@@ -133,6 +134,7 @@ def finished(args: EvaluateArguments) -> EvaluateResult | None:
 @holds_output_dir
 def run(args: EvaluateArguments) -> EvaluateResult:
     """Evaluate every model for every seed; returns the same result on every process."""
+    configure_logging()
     out = Path(args.output_dir)
     changed = check_output_dir(out, args.config, incremental=True)
     if changed:

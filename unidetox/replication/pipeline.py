@@ -48,6 +48,7 @@ from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.logging_setup import configure_logging
 from unidetox.models import load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
 from unidetox.replication.baselines import (
@@ -558,6 +559,7 @@ class ReplicateResult:
 @holds_output_dir
 def run(args: ReplicateArguments) -> ReplicateResult:
     """Run (or resume) the whole replication and write ``report.{json,md}`` and the plot under ``output_dir``."""
+    configure_logging()
     state = process_state()
     out = Path(args.output_dir)
     if args.launcher.uses_jobs and state.num_processes > 1:
