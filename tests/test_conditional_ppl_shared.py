@@ -77,6 +77,24 @@ def test_each_prompt_runs_once_per_batch(name):
     assert continuations[1] <= longest + 1
 
 
+def test_lora_model_shares_prompts_with_its_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny("llama_words")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    assert metrics._shares_prefixes(model, metrics._lm_head_split(model))
+    shared = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=6)
+    unshared = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=6, share_prompts=False)
+    assert_same(shared, unshared)
+    with model.disable_adapter():
+        plain = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=6)
+    assert [x for x, _ in shared] != pytest.approx([x for x, _ in plain], rel=1e-3)
+
+
 def test_models_without_a_known_decoder_score_each_sequence(monkeypatch):
     model, tokenizer = tiny("llama_words")
     monkeypatch.setattr(metrics, "_shared_prefix_nll", None)  # would raise if called
