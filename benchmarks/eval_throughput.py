@@ -22,9 +22,10 @@ the prefill); ``padding_tokens`` counts the left pads in the prompts of each mod
 ``ratio <model> <mode> <x>``, relative to ``mixed``. On CUDA, ``peak_memory_gib`` is each mode's peak allocation
 (the model's weights included).
 
-Each repeat then scores the ``shared`` samples' conditional perplexity under the model itself, both ways (in
-alternating order): ``unshared``, every sample's prompt + continuation run whole, and ``shared``, each prompt run
-once per batch and its KV cache shared by its samples (:func:`unidetox.evaluation.metrics.conditional_nll`).
+Each repeat then scores the ``shared`` samples' conditional perplexity under ``--reference`` (default: the model
+itself), both ways (in alternating order): ``unshared``, every sample's prompt + continuation run whole, and
+``shared``, each prompt run once per batch and its KV cache shared by its samples
+(:func:`unidetox.evaluation.metrics.conditional_nll`).
 ``ratio <model> cond_ppl_shared <x>`` is the unshared scoring's time over the shared one's, and
 ``ratio <model> test_stage <x>`` that of one test stage (``shared`` sampling + scoring) scored unshared over
 scored shared; ``cond_ppl_max_rel_diff`` is the largest relative difference of a sample's NLL between the two.
@@ -103,6 +104,8 @@ def main():
     parser.add_argument("--top-p", type=float, default=protocol.top_p)
     parser.add_argument("--batch-size", type=int, default=protocol.batch_size,
                         help="rows per generate call in the mixed, shared and bucketed modes")
+    parser.add_argument("--reference", default=None, help="reference LM of the conditional perplexity, loaded "
+                        "as --models are (default: each model scores its own samples)")
     parser.add_argument("--ppl-batch-size", type=int, default=PerplexityConfig.batch_size,
                         help="samples per forward pass of the conditional perplexity")
     parser.add_argument("--repeats", type=int, default=3)
@@ -133,6 +136,8 @@ def main():
     for name in [n for group in args.models for n in group.split(",") if n]:
         model, tokenizer = benchmark_model(name, args.random_init, args.override, getattr(torch, args.dtype),
                                            args.device)
+        reference = (model, tokenizer) if args.reference is None else benchmark_model(
+            args.reference, args.random_init, args.override, getattr(torch, args.dtype), args.device)
         sampling = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
 
         def run(mode, seed, prompts=prompts, model=model, tokenizer=tokenizer, sampling=sampling):
@@ -172,7 +177,7 @@ def main():
             same = [a.token_ids == b.token_ids for a, b in zip(drawn["mixed"], drawn["shared"], strict=True)]
             identical.append(sum(same) / len(same))
             continuations = group_by_prompt(drawn["shared"], len(prompts), args.num_samples)
-            elapsed, nll = time_conditional_nll(model, tokenizer, prompts, continuations, args.ppl_batch_size,
+            elapsed, nll = time_conditional_nll(*reference, prompts, continuations, args.ppl_batch_size,
                                                 args.device, shared_first=repeat % 2 == 0)
             max_diff = max(max_diff, max_relative_difference(nll["shared"], nll["unshared"]))
             for scorer, value in elapsed.items():
@@ -192,12 +197,13 @@ def main():
             "identical_samples": identical,
             "padding_tokens": {m: padding[m] for m in modes},
             "peak_memory_gib": peak_memory if cuda else None,
-            "ppl_batch_size": args.ppl_batch_size, "cond_ppl_seconds": scoring_median,
+            "reference": args.reference or name, "ppl_batch_size": args.ppl_batch_size,
+            "cond_ppl_seconds": scoring_median,
             "cond_ppl_max_rel_diff": max_diff, "test_stage_seconds": stage,
             "ratio_cond_ppl_shared": scoring_median["unshared"] / scoring_median["shared"],
             "ratio_test_stage": stage["unshared"] / stage["shared"],
         })
-        del model
+        del model, reference
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(reports, fh, indent=2)
