@@ -28,7 +28,9 @@ itself), both ways (in alternating order): ``unshared``, every sample's prompt +
 (:func:`unidetox.evaluation.metrics.conditional_nll`).
 ``ratio <model> cond_ppl_shared <x>`` is the unshared scoring's time over the shared one's, and
 ``ratio <model> test_stage <x>`` that of one test stage (``shared`` sampling + scoring) scored unshared over
-scored shared; ``cond_ppl_max_rel_diff`` is the largest relative difference of a sample's NLL between the two.
+scored shared; ``cond_ppl_max_rel_diff`` is the largest relative difference of a sample's NLL between the two
+(samples of few, well-predicted tokens have the largest: float32 rounding over a small NLL) and
+``cond_ppl_rel_diff`` that of the conditional perplexity (mean over samples, uncapped; 0 when none is scored).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from unidetox.decoding.sampling import (
     prompt_token_lengths,
 )
 from unidetox.evaluation.harness import PerplexityConfig
-from unidetox.evaluation.metrics import conditional_nll
+from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 MODES = ("authors", "mixed", "shared", "bucketed")
@@ -84,8 +86,13 @@ def time_conditional_nll(model, tokenizer, prompts, continuations, batch_size, d
     return seconds, nll
 
 
-def max_relative_difference(a, b) -> float:
-    return max((abs(x - y) / max(abs(y), 1e-12) for (x, _), (y, _) in zip(a, b, strict=True)), default=0.0)
+def relative_differences(a, b) -> tuple[float, float]:
+    """The largest relative difference of a sample's NLL between ``a`` and ``b``, and that of their perplexity."""
+    per_sample = max((abs(x - y) / max(abs(y), 1e-12) for (x, _), (y, _) in zip(a, b, strict=True)), default=0.0)
+    if not any(n for _, n in b):
+        return per_sample, 0.0
+    ppl_a, ppl_b = (aggregate_conditional_perplexity(x, max_perplexity=float("inf")) for x in (a, b))
+    return per_sample, abs(ppl_a - ppl_b) / ppl_b
 
 
 def main():
@@ -165,7 +172,7 @@ def main():
         }
         seconds = {m: [] for m in modes}
         peak_memory = dict.fromkeys(modes, 0.0)
-        identical, scoring, max_diff = [], {"shared": [], "unshared": []}, 0.0
+        identical, scoring, max_diff, ppl_diff = [], {"shared": [], "unshared": []}, 0.0, 0.0
         for repeat in range(args.repeats):
             drawn = {}
             for mode in modes:
@@ -179,7 +186,8 @@ def main():
             continuations = group_by_prompt(drawn["shared"], len(prompts), args.num_samples)
             elapsed, nll = time_conditional_nll(*reference, prompts, continuations, args.ppl_batch_size,
                                                 args.device, shared_first=repeat % 2 == 0)
-            max_diff = max(max_diff, max_relative_difference(nll["shared"], nll["unshared"]))
+            sample_diff, repeat_ppl_diff = relative_differences(nll["shared"], nll["unshared"])
+            max_diff, ppl_diff = max(max_diff, sample_diff), max(ppl_diff, repeat_ppl_diff)
             for scorer, value in elapsed.items():
                 scoring[scorer].append(value)
                 print(f"{name} repeat {repeat}: cond_ppl {scorer:8s} {value:8.2f} s", flush=True)
@@ -199,7 +207,7 @@ def main():
             "peak_memory_gib": peak_memory if cuda else None,
             "reference": args.reference or name, "ppl_batch_size": args.ppl_batch_size,
             "cond_ppl_seconds": scoring_median,
-            "cond_ppl_max_rel_diff": max_diff, "test_stage_seconds": stage,
+            "cond_ppl_max_rel_diff": max_diff, "cond_ppl_rel_diff": ppl_diff, "test_stage_seconds": stage,
             "ratio_cond_ppl_shared": scoring_median["unshared"] / scoring_median["shared"],
             "ratio_test_stage": stage["unshared"] / stage["shared"],
         })
