@@ -21,6 +21,16 @@ and the median is reported, so machine noise hits all modes alike; ``identical_s
 the prefill); ``padding_tokens`` counts the left pads in the prompts of each mode's batches. The last lines are
 ``ratio <model> <mode> <x>``, relative to ``mixed``. On CUDA, ``peak_memory_gib`` is each mode's peak allocation
 (the model's weights included).
+
+Each repeat then scores the ``shared`` samples' conditional perplexity under ``--reference`` (default: the model
+itself), both ways (in alternating order): ``unshared``, every sample's prompt + continuation run whole, and
+``shared``, each prompt run once per batch and its KV cache shared by its samples
+(:func:`unidetox.evaluation.metrics.conditional_nll`).
+``ratio <model> cond_ppl_shared <x>`` is the unshared scoring's time over the shared one's, and
+``ratio <model> test_stage <x>`` that of one test stage (``shared`` sampling + scoring) scored unshared over
+scored shared; ``cond_ppl_max_rel_diff`` is the largest relative difference of a sample's NLL between the two
+(samples of few, well-predicted tokens have the largest: float32 rounding over a small NLL) and
+``cond_ppl_rel_diff`` that of the conditional perplexity (mean over samples, uncapped; 0 when none is scored).
 """
 
 from __future__ import annotations
@@ -37,9 +47,12 @@ from unidetox.decoding.sampling import (
     ToxicityEvalConfig,
     count_padding_tokens,
     generate_samples,
+    group_by_prompt,
     plan_batches,
     prompt_token_lengths,
 )
+from unidetox.evaluation.harness import PerplexityConfig
+from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 MODES = ("authors", "mixed", "shared", "bucketed")
@@ -60,6 +73,28 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_conditional_nll(model, tokenizer, prompts, continuations, batch_size, device, shared_first):
+    """Seconds of the ``shared`` and ``unshared`` conditional scoring of the same samples, and their NLLs."""
+    seconds, nll = {}, {}
+    for scorer in ("shared", "unshared") if shared_first else ("unshared", "shared"):
+        synchronize(device)
+        start = time.perf_counter()
+        nll[scorer] = conditional_nll(model, tokenizer, prompts, continuations, batch_size=batch_size,
+                                      share_prompts=scorer == "shared")
+        synchronize(device)
+        seconds[scorer] = time.perf_counter() - start
+    return seconds, nll
+
+
+def relative_differences(a, b) -> tuple[float, float]:
+    """The largest relative difference of a sample's NLL between ``a`` and ``b``, and that of their perplexity."""
+    per_sample = max((abs(x - y) / max(abs(y), 1e-12) for (x, _), (y, _) in zip(a, b, strict=True)), default=0.0)
+    if not any(n for _, n in b):
+        return per_sample, 0.0
+    ppl_a, ppl_b = (aggregate_conditional_perplexity(x, max_perplexity=float("inf")) for x in (a, b))
+    return per_sample, abs(ppl_a - ppl_b) / ppl_b
+
+
 def main():
     protocol = ToxicityEvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +111,10 @@ def main():
     parser.add_argument("--top-p", type=float, default=protocol.top_p)
     parser.add_argument("--batch-size", type=int, default=protocol.batch_size,
                         help="rows per generate call in the mixed, shared and bucketed modes")
+    parser.add_argument("--reference", default=None, help="reference LM of the conditional perplexity, loaded "
+                        "as --models are (default: each model scores its own samples)")
+    parser.add_argument("--ppl-batch-size", type=int, default=PerplexityConfig.batch_size,
+                        help="samples per forward pass of the conditional perplexity")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +128,8 @@ def main():
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     if "mixed" not in modes:
         modes.insert(0, "mixed")
+    if "shared" not in modes:
+        modes.append("shared")  # the protocol's sampling: its samples are the ones scored
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.random_init:
@@ -102,6 +143,8 @@ def main():
     for name in [n for group in args.models for n in group.split(",") if n]:
         model, tokenizer = benchmark_model(name, args.random_init, args.override, getattr(torch, args.dtype),
                                            args.device)
+        reference = (model, tokenizer) if args.reference is None else benchmark_model(
+            args.reference, args.random_init, args.override, getattr(torch, args.dtype), args.device)
         sampling = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size)
 
         def run(mode, seed, prompts=prompts, model=model, tokenizer=tokenizer, sampling=sampling):
@@ -129,7 +172,7 @@ def main():
         }
         seconds = {m: [] for m in modes}
         peak_memory = dict.fromkeys(modes, 0.0)
-        identical = []
+        identical, scoring, max_diff, ppl_diff = [], {"shared": [], "unshared": []}, 0.0, 0.0
         for repeat in range(args.repeats):
             drawn = {}
             for mode in modes:
@@ -138,10 +181,19 @@ def main():
                 if cuda:
                     peak_memory[mode] = max(peak_memory[mode], torch.cuda.max_memory_allocated() / 2**30)
                 print(f"{name} repeat {repeat}: {mode:8s} {elapsed:8.2f} s {tokens / elapsed:9.1f} tok/s", flush=True)
-            if "shared" in drawn:
-                same = [a.token_ids == b.token_ids for a, b in zip(drawn["mixed"], drawn["shared"], strict=True)]
-                identical.append(sum(same) / len(same))
+            same = [a.token_ids == b.token_ids for a, b in zip(drawn["mixed"], drawn["shared"], strict=True)]
+            identical.append(sum(same) / len(same))
+            continuations = group_by_prompt(drawn["shared"], len(prompts), args.num_samples)
+            elapsed, nll = time_conditional_nll(*reference, prompts, continuations, args.ppl_batch_size,
+                                                args.device, shared_first=repeat % 2 == 0)
+            sample_diff, repeat_ppl_diff = relative_differences(nll["shared"], nll["unshared"])
+            max_diff, ppl_diff = max(max_diff, sample_diff), max(ppl_diff, repeat_ppl_diff)
+            for scorer, value in elapsed.items():
+                scoring[scorer].append(value)
+                print(f"{name} repeat {repeat}: cond_ppl {scorer:8s} {value:8.2f} s", flush=True)
         median = {m: statistics.median(v) for m, v in seconds.items()}
+        scoring_median = {scorer: statistics.median(v) for scorer, v in scoring.items()}
+        stage = {scorer: median["shared"] + s for scorer, s in scoring_median.items()}
         reports.append({
             "model": name, "random_init": args.random_init, "config_overrides": args.override,
             "num_prompts": len(prompts), "num_samples": args.num_samples,
@@ -153,8 +205,13 @@ def main():
             "identical_samples": identical,
             "padding_tokens": {m: padding[m] for m in modes},
             "peak_memory_gib": peak_memory if cuda else None,
+            "reference": args.reference or name, "ppl_batch_size": args.ppl_batch_size,
+            "cond_ppl_seconds": scoring_median,
+            "cond_ppl_max_rel_diff": max_diff, "cond_ppl_rel_diff": ppl_diff, "test_stage_seconds": stage,
+            "ratio_cond_ppl_shared": scoring_median["unshared"] / scoring_median["shared"],
+            "ratio_test_stage": stage["unshared"] / stage["shared"],
         })
-        del model
+        del model, reference
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(reports, fh, indent=2)
@@ -162,6 +219,12 @@ def main():
     for report in reports:
         for mode, ratio in report["ratio_to_mixed"].items():
             print(f"ratio {report['model']} {mode} {ratio:.2f}  ({report['tokens_per_s'][mode]:.1f} tok/s)")
+        print(f"ratio {report['model']} cond_ppl_shared {report['ratio_cond_ppl_shared']:.2f}  "
+              f"({report['cond_ppl_seconds']['unshared']:.2f} s unshared, "
+              f"{report['cond_ppl_seconds']['shared']:.2f} s shared)")
+        print(f"ratio {report['model']} test_stage {report['ratio_test_stage']:.2f}  "
+              f"({report['test_stage_seconds']['unshared']:.2f} s unshared, "
+              f"{report['test_stage_seconds']['shared']:.2f} s shared)")
 
 
 if __name__ == "__main__":

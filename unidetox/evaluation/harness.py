@@ -383,7 +383,12 @@ def run_evaluation(
             ref_model, ref_tokenizer = _load(reference, dtype, procs.device)
             for entry, seed in todo:
                 records = read_jsonl(part_dir(entry) / f"seed{seed}.jsonl")
-                mine_idx = list(range(len(records)))[procs.process_index :: procs.num_processes]
+                # Whole prompts per process, so each prompt's samples share its KV cache (conditional_nll).
+                by_prompt = {}
+                for i, record in enumerate(records):
+                    by_prompt.setdefault(record["prompt"], []).append(i)
+                mine_idx = sorted(i for g, rows in enumerate(by_prompt.values())
+                                  if g % procs.num_processes == procs.process_index for i in rows)
                 t0 = time.perf_counter()
                 per_sample = conditional_nll(
                     ref_model, ref_tokenizer, [records[i]["prompt"] for i in mine_idx],

@@ -216,14 +216,19 @@ def _consume_target_nll(logits, targets):
 
 
 def _chunked_head_nll(decoder, head, post, inputs, ids, target_mask):
-    import torch
-
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     predicts = target_mask[:, 1:].to(hidden.device)  # position t predicts token t + 1
     hidden = hidden[:, :-1][predicts]
     targets = ids[:, 1:].to(hidden.device)[predicts]
-    row_of = predicts.nonzero()[:, 0]
-    nll = torch.zeros(len(ids), dtype=torch.float64, device=hidden.device)
+    return _head_nll(head, post, hidden, targets, predicts.nonzero()[:, 0], len(ids))
+
+
+def _head_nll(head, post, hidden, targets, row_of, num_rows):
+    """Per-row summed NLL of ``targets`` predicted by ``hidden`` (one position each, of row ``row_of``), through
+    the LM head ``NLL_CHUNK_BYTES`` of logits at a time."""
+    import torch
+
+    nll = torch.zeros(num_rows, dtype=torch.float64, device=hidden.device)
     rows = _chunk_rows(head.out_features)  # not the weight's shape: ZeRO-3 leaves it empty between forwards
     for start in range(0, len(targets), rows):
         chunk = slice(start, start + rows)
@@ -231,6 +236,65 @@ def _chunked_head_nll(decoder, head, post, inputs, ids, target_mask):
         token_nll = _consume_target_nll(post(head(hidden[chunk])), targets[chunk])
         nll.index_add_(0, row_of[chunk], token_nll.to(nll.device, nll.dtype))
     return nll
+
+
+def _shares_prefixes(model, split) -> bool:
+    """Whether ``model`` can score continuations from a shared prefix's KV cache: a model whose decoder
+    :func:`_lm_head_split` knows, that keeps a ``DynamicCache``, and no PEFT prompt learning (virtual tokens)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if split is None or (peft_config is not None and peft_config.is_prompt_learning):
+        return False
+    base = model.get_base_model() if peft_config is not None else model
+    return not base.config.is_encoder_decoder and base._supports_default_dynamic_cache()
+
+
+def _shared_prefix_nll(decoder, head, post, rows: Sequence[tuple[tuple[int, ...], Sequence[int]]], pad_id: int):
+    """Summed NLL of each row's continuation given its prefix, each distinct prefix run through ``decoder`` once.
+
+    ``rows`` holds ``(prefix, continuation)`` ids, prefixes of at least one token and continuations of at least
+    one. The distinct prefixes but their last token are prefilled together, left-padded, into one
+    ``DynamicCache`` that is then copied to each row; every row then runs its prefix's last token and its
+    continuation but the last token, right-padded, on top of its copy. Only those positions predict scored
+    tokens, so the LM head sees them alone (:func:`_head_nll`). Positions continue each row's own prefix, so a
+    row sees exactly what it sees alone.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = _device_of(decoder)
+    index = {prefix: i for i, prefix in enumerate(dict.fromkeys(prefix for prefix, _ in rows))}
+    prefixes = list(index)
+    row_prefix = torch.tensor([index[prefix] for prefix, _ in rows], device=device)
+    cached = max(len(p) for p in prefixes) - 1
+    cache_mask = torch.zeros((len(prefixes), cached), dtype=torch.long)
+    for i, prefix in enumerate(prefixes):
+        cache_mask[i, cached - len(prefix) + 1 :] = 1
+    cache = None
+    if cached > 0:
+        cache_ids = torch.full((len(prefixes), cached), pad_id, dtype=torch.long)
+        for i, prefix in enumerate(prefixes):
+            cache_ids[i, cached - len(prefix) + 1 :] = torch.tensor(prefix[:-1], dtype=torch.long)
+        cache = DynamicCache(config=decoder.config.get_text_config(decoder=True))
+        positions = (cache_mask.cumsum(-1) - 1).clamp(min=0)
+        decoder(input_ids=cache_ids.to(device), attention_mask=cache_mask.to(device),
+                position_ids=positions.to(device), cache=cache, use_cache=True)
+        cache.batch_select_indices(row_prefix)
+    width = max(len(cont) for _, cont in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (prefix, cont) in enumerate(rows):
+        ids[r, : len(cont)] = torch.tensor([prefix[-1], *cont[:-1]], dtype=torch.long)
+        targets[r, : len(cont)] = torch.tensor(list(cont), dtype=torch.long)
+        mask[r, : len(cont)] = 1
+    starts = torch.tensor([len(prefix) - 1 for prefix, _ in rows])
+    hidden = decoder(
+        input_ids=ids.to(device), attention_mask=torch.cat([cache_mask[row_prefix.cpu()], mask], -1).to(device),
+        position_ids=(starts[:, None] + torch.arange(width)).to(device), cache=cache, use_cache=cache is not None,
+    ).last_hidden_state
+    scored = mask.bool().to(hidden.device)
+    return _head_nll(head, post, hidden[scored], targets.to(hidden.device)[scored], scored.nonzero()[:, 0],
+                     len(rows))
 
 
 def _full_logits_nll(model, inputs, ids, target_mask):
@@ -398,25 +462,9 @@ def _continuation_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[i
     return ids, min(len(tokenizer(prompt)["input_ids"]), len(ids))
 
 
-def conditional_nll(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    continuations: Sequence[str] | Sequence[Sequence[str]],
-    batch_size: int = 16,
-    max_length: int | None = None,
-    progress: bool | str = False,
-    chunked_head: bool = True,
-) -> list[tuple[float, int]]:
-    """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
-
-    ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
-    :func:`unidetox.decoding.sampling.generate_continuations`), in which case the result is flattened prompt-major.
-    Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
-    An empty continuation gives ``(0.0, 0)``. ``chunked_head`` as in :func:`sliding_window_nll`.
-    """
-    import torch
-
+def _encode_conditional(tokenizer, prompts, continuations, limit: int) -> list[tuple[list[int], int]]:
+    """Per sample, prompt-major, the ids of prompt + continuation (at most ``limit``, prompt tokens cut from the
+    left) and the index of the first scored token (at least 1: token 0 has no context)."""
     prompts, flat_prompts, flat_conts = list(prompts), [], []
     if len(prompts) != len(continuations):
         raise ValueError(f"Got {len(prompts)} prompts but {len(continuations)} continuation entries.")
@@ -427,17 +475,51 @@ def conditional_nll(
         else:
             flat_prompts.extend([prompt] * len(cont))
             flat_conts.extend(cont)
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` has to be >= 1, but is {batch_size}.")
-    limit = max_length or _max_positions(model) or 2048
     encoded = []
     for prompt, cont in zip(flat_prompts, flat_conts, strict=True):
         ids, boundary = _continuation_ids(tokenizer, prompt, cont)
         if len(ids) > limit:
             cut = len(ids) - limit
             ids, boundary = ids[cut:], max(boundary - cut, 0)
-        encoded.append((ids, max(boundary, 1)))  # token 0 has no context and is never scored
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
+        encoded.append((ids, max(boundary, 1)))
+    return encoded
+
+
+def conditional_nll(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str] | Sequence[Sequence[str]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool | str = False,
+    chunked_head: bool = True,
+    share_prompts: bool = True,
+) -> list[tuple[float, int]]:
+    """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
+
+    ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
+    :func:`unidetox.decoding.sampling.generate_continuations`), in which case the result is flattened prompt-major.
+    Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
+    An empty continuation gives ``(0.0, 0)``. ``chunked_head`` as in :func:`sliding_window_nll`.
+
+    With ``share_prompts`` (and a model :func:`_shares_prefixes` accepts), samples are batched by their prompt's
+    tokens (``batch_size`` samples a batch) and each distinct prompt of a batch runs once, its KV cache copied to
+    its samples (:func:`_shared_prefix_nll`); otherwise every sample runs its whole sequence, left-padded. Both
+    give the same numbers up to float rounding.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` has to be >= 1, but is {batch_size}.")
+    encoded = _encode_conditional(tokenizer, prompts, continuations, max_length or _max_positions(model) or 2048)
+    split = _lm_head_split(model) if chunked_head else None
+    share = share_prompts and _shares_prefixes(model, split)
+    if share:  # same prompt tokens together, then shorter continuations first: less padding
+        scored = [i for i, (ids, first) in enumerate(encoded) if first < len(ids)]
+        order = sorted(scored, key=lambda i: (encoded[i][1], encoded[i][0][: encoded[i][1]], len(encoded[i][0])))
+    else:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
@@ -452,7 +534,12 @@ def conditional_nll(
             for chunk in chunks:
                 rows = [encoded[i][0] for i in chunk]
                 firsts = [encoded[i][1] for i in chunk]
-                nll, count = _token_nll(model, rows, firsts, _pad_id(tokenizer), chunked_head=chunked_head)
+                if share:
+                    pairs = [(tuple(row[:first]), row[first:]) for row, first in zip(rows, firsts, strict=True)]
+                    nll = _shared_prefix_nll(*split, pairs, _pad_id(tokenizer)).cpu().tolist()
+                    count = [len(row) - first for row, first in zip(rows, firsts, strict=True)]
+                else:
+                    nll, count = _token_nll(model, rows, firsts, _pad_id(tokenizer), chunked_head=chunked_head)
                 for r, i in enumerate(chunk):
                     results[i] = (float(nll[r]), int(count[r]))
     finally:
