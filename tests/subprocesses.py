@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 # How long a timed-out process group gets to end on SIGTERM before it is killed.
@@ -73,3 +74,11 @@ def run(cmd, *, timeout: float, capture_output: bool = False, input=None, check:
     if check:
         completed.check_returncode()
     return completed
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous: a fixed port collides with any other run
+    on the machine (another test session, a user's job) and fails the launch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -72,14 +72,6 @@ ACCELERATOR_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tmp_path) -> dict:
     # A torch extension folder of the test's own: what DeepSpeed would compile shows up there (and none may), and
     # no build lock from elsewhere reaches the test.
@@ -96,7 +88,7 @@ def _build_accelerator(tmp_path, name):
     script.write_text(ACCELERATOR_SCRIPT)
     # A generous bound for a busy machine (a quiet one takes well under a minute); never a hang.
     return subprocesses.run(
-        [sys.executable, str(script), str(CONFIGS / f"{name}.yaml"), str(_free_port()), str(tmp_path / "out")],
+        [sys.executable, str(script), str(CONFIGS / f"{name}.yaml"), str(subprocesses.free_port()), str(tmp_path / "out")],
         capture_output=True, text=True, timeout=900, cwd=REPO, env=_env(tmp_path),
     )
 
@@ -171,10 +163,10 @@ def _launch(tmp_path, *launch_args, launcher="accelerate"):
     out = tmp_path / "out"
     env = _env(tmp_path)
     if launcher == "accelerate":
-        cmd = [str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(_free_port()), str(script), str(out)]
+        cmd = [str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(subprocesses.free_port()), str(script), str(out)]
     else:
         env["ACCELERATE_USE_CPU"] = "true"  # what `accelerate launch --cpu` sets: DDP over gloo
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launch_args, f"--master_port={_free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch_args, f"--master_port={subprocesses.free_port()}",
                str(script), str(out)]
     # The training process is a child of the launcher: the timeout ends both (a bound for a busy machine).
     proc = subprocesses.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)

@@ -8,6 +8,7 @@ import os
 
 import datasets
 import pytest
+import subprocesses
 import torch
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
@@ -218,13 +219,9 @@ def _sharded_worker(rank, world, port, out_path):
 
 
 def test_sharded_evaluation_equals_single_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = subprocesses.free_port()
     out = tmp_path / "sharded.json"
     mp.spawn(_sharded_worker, args=(2, port, str(out)), nprocs=2, join=True)
     sharded = json.loads(out.read_text())

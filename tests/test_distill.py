@@ -286,7 +286,7 @@ def _run(cmd):
 def test_two_processes_train_ddp_and_distill_like_one_process(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     two = tmp_path / "two"
-    _run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29731", str(SCRIPT), "--output_dir", str(two),
+    _run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(subprocesses.free_port()), str(SCRIPT), "--output_dir", str(two),
           "--train", "--num_samples", "10", "--batch_size", "2", "--calls_log", str(tmp_path / "two.log")])
     one = tmp_path / "one"
     _run([sys.executable, str(SCRIPT), "--output_dir", str(one), "--anti_expert", str(two / "anti_expert"),

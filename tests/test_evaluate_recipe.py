@@ -196,7 +196,7 @@ def test_two_processes_shard_and_gather_once(first_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # `--cpu` alone runs one process (accelerate's multi-CPU launch needs MPI); --multi_gpu goes through torchrun
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29643",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(subprocesses.free_port()),
            str(REPO / "recipes" / "evaluate.py"), *overrides(root, double, "mmlu.enabled=false")]
     proc = subprocesses.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -154,9 +154,9 @@ def _launch_two_ranks(out: Path, report: Path, port: int) -> list[dict]:
 @pytest.mark.slow
 def test_the_ranks_of_one_launch_share_the_lock_and_share_a_refusal(tmp_path, children):
     out = tmp_path / "run"
-    assert _launch_two_ranks(out, tmp_path / "free", 29741) == [{"world": 2, "outcome": "held"}] * 2
+    assert _launch_two_ranks(out, tmp_path / "free", subprocesses.free_port()) == [{"world": 2, "outcome": "held"}] * 2
     holder = children(_holding(out))
-    refused = _launch_two_ranks(out, tmp_path / "held", 29742)
+    refused = _launch_two_ranks(out, tmp_path / "held", subprocesses.free_port())
     assert all(r["world"] == 2 and f"pid {holder.pid}" in r["outcome"] for r in refused), refused
 
 
