@@ -344,6 +344,17 @@ def profile_model(name, reference, prompts, args) -> list[dict]:
     return rows
 
 
+def write_report(args, rows: list[dict]) -> None:
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows,
+    }
+    with open(args.out, "w") as fh:
+        json.dump(report, fh, indent=2)
+
+
 def main():
     protocol = ToxicityEvalConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,15 +381,8 @@ def main():
     rows = []
     for name in [n for group in args.models for n in group.split(",") if n]:
         rows += profile_model(name, reference, prompts, args)
+        write_report(args, rows)  # what is done so far survives a run cut short
     print_step_table(rows)
-    report = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "processor": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows,
-    }
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2)
     print(f"\nload average at the end: {os.getloadavg()}; JSON written to {args.out}")
 
 
