@@ -139,7 +139,8 @@ def _json_default(value):
     raise TypeError(f"Cannot serialise {type(value).__name__}")
 
 
-def _fmt(entry, digits: int = 3) -> str:
+def format_mean_std(entry, digits: int = 3) -> str:
+    """A table cell: ``mean ± std`` over seeds (the mean alone for one seed), a plain number, or "–" for None."""
     if entry is None:
         return "–"
     if isinstance(entry, dict) and "mean" in entry:
@@ -172,17 +173,17 @@ def render_markdown(report: dict) -> str:
     header += ["cond. PPL", "WikiText PPL", "Distinct-1", "Distinct-2", "Distinct-3", "MMLU acc"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in models.items():
-        row = [f"`{name}`", _fmt(m.get("toxicity_probability")), _fmt(m.get("expected_max_toxicity"))]
+        row = [f"`{name}`", format_mean_std(m.get("toxicity_probability")), format_mean_std(m.get("expected_max_toxicity"))]
         if has_combined:
             combined = m.get("categories", {}).get("combined", {})
-            row += [_fmt(combined.get("toxicity_probability")), _fmt(combined.get("expected_max_toxicity"))]
+            row += [format_mean_std(combined.get("toxicity_probability")), format_mean_std(combined.get("expected_max_toxicity"))]
         wikitext = m.get("wikitext_perplexity")
         mmlu = m.get("mmlu")
         row += [
-            _fmt(m.get("conditional_perplexity"), 2),
-            _fmt(wikitext["perplexity"], 2) if wikitext else "–",
-            _fmt(m.get("distinct_1")), _fmt(m.get("distinct_2")), _fmt(m.get("distinct_3")),
-            _fmt(mmlu["accuracy"]) if mmlu else "–",
+            format_mean_std(m.get("conditional_perplexity"), 2),
+            format_mean_std(wikitext["perplexity"], 2) if wikitext else "–",
+            format_mean_std(m.get("distinct_1")), format_mean_std(m.get("distinct_2")), format_mean_std(m.get("distinct_3")),
+            format_mean_std(mmlu["accuracy"]) if mmlu else "–",
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -204,7 +205,7 @@ def render_markdown(report: dict) -> str:
                 entry = m.get("categories", {}).get(c)
                 cells.append(
                     "–" if entry is None
-                    else f"{_fmt(entry['toxicity_probability'])} / {_fmt(entry['expected_max_toxicity'])}"
+                    else f"{format_mean_std(entry['toxicity_probability'])} / {format_mean_std(entry['expected_max_toxicity'])}"
                 )
             lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
         counts = next(iter(models.values())).get("categories", {})
@@ -240,7 +241,7 @@ def scorers_markdown(report: dict) -> list[str]:
     lines = ["", "## Toxicity under every scorer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in report["models"].items():
         under = [m, *((m.get("scorers") or {}).get(key) or {} for key in also)]
-        cells = [_fmt(u.get(metric)) for metric in ("toxicity_probability", "expected_max_toxicity") for u in under]
+        cells = [format_mean_std(u.get(metric)) for metric in ("toxicity_probability", "expected_max_toxicity") for u in under]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += ["", "The same samples scored by each scorer (the first is `scorer`, the others `also_scorers`); mean ± "
               "std over seeds. `generations.jsonl` keeps each sample's other scores in `also_toxicity`."]

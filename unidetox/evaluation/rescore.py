@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,13 @@ from typing import Any
 import numpy as np
 
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD, mean_std
-from unidetox.evaluation.report import read_jsonl, seed_toxicity_metrics, write_json, write_jsonl
+from unidetox.evaluation.report import (
+    format_mean_std,
+    read_jsonl,
+    seed_toxicity_metrics,
+    write_json,
+    write_jsonl,
+)
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.replication.report import paired_metric_changes, per_prompt_toxicity
@@ -237,12 +242,6 @@ def _original_scorer(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return dict(reports[0].get("scorer") or {"name": "unknown (no report.json)"})
 
 
-def _ms(entry: Mapping[str, float]) -> str:
-    if entry.get("n", 1) > 1 and not math.isnan(entry["std"]):
-        return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
-    return f"{entry['mean']:.3f}"
-
-
 def _change(change: Mapping[str, Any] | None) -> str:
     if not change:
         return "– (reference never toxic)"
@@ -260,9 +259,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
         a = m["agreement"]
-        lines.append(f"| `{name}` | {_ms(m['original']['toxicity_probability'])} | "
-                     f"{_ms(m['rescored']['toxicity_probability'])} | {_ms(m['original']['expected_max_toxicity'])} | "
-                     f"{_ms(m['rescored']['expected_max_toxicity'])} | "
+        lines.append(f"| `{name}` | {format_mean_std(m['original']['toxicity_probability'])} | "
+                     f"{format_mean_std(m['rescored']['toxicity_probability'])} | {format_mean_std(m['original']['expected_max_toxicity'])} | "
+                     f"{format_mean_std(m['rescored']['expected_max_toxicity'])} | "
                      f"{'–' if a['pearson'] is None else format(a['pearson'], '.2f')} | {a['same_verdict']:.0%} |")
     lines += ["", "TP / EMT: mean ± std over seeds. Pearson r: correlation of the two scorers' sample scores; same "
               "verdict: share of samples both call toxic or both not."]
