@@ -16,10 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import cloudpickle
-import datasets
 import pytest
 import subprocesses
-from tiny import CORPUS, tiny_llama, word_tokenizer
+from tiny import quick_detox_overrides
 
 from unidetox import run_dir
 from unidetox.detox import pipeline as detox
@@ -61,21 +60,9 @@ def _holding(path: Path) -> str:
             f"with output_dir_lock({str(path)!r}):\n    print({READY!r}, flush=True)\n    time.sleep(600)\n")
 
 
-def _detox_overrides(tmp_path: Path, out: Path) -> list[str]:
-    model = tmp_path / "tiny-model"
-    tokenizer = word_tokenizer(padding_side="right")
-    tiny_llama(len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    csv = tmp_path / "distilled.csv"
-    datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
-    return [f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora", "trainer.max_steps=2",
-            "trainer.save_steps=1",
-            "trainer.per_device_train_batch_size=4", "peft.r=4", "+trainer.disable_tqdm=true", "eval.enabled=false"]
-
-
 def test_a_second_detox_run_on_a_directory_in_training_is_refused_naming_the_first(tmp_path, children):
     out = tmp_path / "out"
-    overrides = _detox_overrides(tmp_path, out)
+    overrides = quick_detox_overrides(tmp_path, out)
     # The first run stops inside training (as if at checkpoint-100) and stays there.
     first = children(
         "import sys, time\nfrom unidetox.detox import pipeline, trainer\n"

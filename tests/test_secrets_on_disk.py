@@ -4,9 +4,8 @@ a key inside a list of overrides in a saved config."""
 import json
 from pathlib import Path
 
-import datasets
 import torch
-from tiny import CORPUS, tiny_llama, word_tokenizer
+from tiny import quick_detox_overrides, tiny_llama, word_tokenizer
 
 from unidetox.detox import pipeline as detox
 from unidetox.distill import pipeline as distill
@@ -28,17 +27,8 @@ def _saved_hub_tokens(root: Path) -> dict[str, object]:
 
 
 def test_detox_saves_no_hub_token_in_any_file_and_keeps_it_for_pushing(tmp_path):
-    model = tmp_path / "tiny-model"
-    tokenizer = word_tokenizer(padding_side="right")
-    tiny_llama(len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    csv = tmp_path / "distilled.csv"
-    datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
     out = tmp_path / "out"
-    args = detox.parse_args([f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora",
-                             "trainer.max_steps=2",
-                             "trainer.save_steps=1", "trainer.per_device_train_batch_size=4", "peft.r=4",
-                             "+trainer.disable_tqdm=true", "eval.enabled=false", f"+trainer.hub_token={SENTINEL}"])
+    args = detox.parse_args([*quick_detox_overrides(tmp_path, out), f"+trainer.hub_token={SENTINEL}"])
     detox.run(args)
     tokens = _saved_hub_tokens(out)
     assert set(tokens) >= {"training_args.bin", "checkpoint-1/training_args.bin", "checkpoint-2/training_args.bin"}

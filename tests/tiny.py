@@ -99,3 +99,19 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2)
         model.transformer.wpe.weight.mul_(20.0)  # make positions matter a lot
         model.transformer.wte.weight.mul_(20.0)
     return model.eval()
+
+
+def quick_detox_overrides(tmp_path, out) -> list[str]:
+    """Detox overrides for a 2-step LoRA run of a tiny llama (saved under ``tmp_path``) on CORPUS, without
+    validation: the quickest real detox run, for tests about its files and its directory."""
+    import datasets
+
+    model = tmp_path / "tiny-model"
+    tokenizer = word_tokenizer(padding_side="right")
+    tiny_llama(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    csv = tmp_path / "distilled.csv"
+    datasets.Dataset.from_dict({"Text": CORPUS}).to_csv(str(csv), index=False)
+    return [f"model={model}", f"data.path={csv}", f"output_dir={out}", "trainer=embedded_lora", "trainer.max_steps=2",
+            "trainer.save_steps=1", "trainer.per_device_train_batch_size=4", "peft.r=4", "+trainer.disable_tqdm=true",
+            "eval.enabled=false"]
