@@ -358,6 +358,44 @@ def _train(trainer: UniversalDetoxTrainer, resume_from: str | None, callback: De
     return trainer.train(resume_from_checkpoint=resume_from).metrics
 
 
+def _training_record(state, train_metrics: dict, callback: DetoxEvalCallback | None, wall: float) -> dict[str, Any]:
+    """The ``train`` section of the summary: steps, times, tokens/s and the loss curve of this session."""
+    history = state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    num_tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    runtime = train_metrics.get("train_runtime")
+    # train_runtime includes the validation runs of the callback (this session's); tokens/s excludes them.
+    eval_s = round(sum(r["eval_seconds"] for r in callback.records), 2) if callback is not None else 0.0
+    train_only = runtime - eval_s if runtime else None
+    return {
+        "global_step": state.global_step,
+        "train_runtime_s": runtime,
+        "eval_seconds": eval_s,
+        "train_seconds_excluding_eval": round(train_only, 2) if train_only else None,
+        "wall_time_s": round(wall, 2),
+        "num_tokens": num_tokens,
+        # Trained (non-padding) tokens per second of optimisation, validation runs excluded. A resumed
+        # run counts only the steps and time of its own session.
+        "tokens_per_second": round(num_tokens / train_only, 2) if num_tokens and train_only else None,
+        "train_loss": train_metrics.get("train_loss"),
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
+    }
+
+
+def _select_and_record(out: Path, args: DetoxArguments) -> dict[str, Any]:
+    """The validation records and the selected checkpoint (written to the selection file, and its validation into
+    the chosen checkpoint's card): the ``eval`` and ``selection`` sections of the summary."""
+    records = [{k: v for k, v in r.items() if k != "example"} for r in read_eval_records(out)]
+    selection = _select(out, args.select)
+    atomic_write_json(out / SELECTION_FILE, selection)
+    if "step" in selection:
+        merge_eval_results(Path(selection["path"]) / MODEL_CARD_FILE,
+                           _validation_results(args.validation, records, selection["step"]))
+    return {"eval": records, "selection": selection}
+
+
 @holds_output_dir
 def run(args: DetoxArguments) -> DetoxResult:
     """Train, validate, save, select; writes ``train_summary.{json,md}``, ``loss.png`` and the selection file.
@@ -398,12 +436,6 @@ def run(args: DetoxArguments) -> DetoxResult:
     summary: dict[str, Any] = {}
     if is_main_process():
         history = trainer.state.log_history
-        losses = [h["loss"] for h in history if "loss" in h]
-        num_tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
-        runtime = train_metrics.get("train_runtime")
-        # train_runtime includes the validation runs of the callback (this session's); tokens/s excludes them.
-        eval_s = round(sum(r["eval_seconds"] for r in callback.records), 2) if callback is not None else 0.0
-        train_only = runtime - eval_s if runtime else None
         summary = {
             "output_dir": str(out),
             "model": args.model.name_or_path,
@@ -416,29 +448,10 @@ def run(args: DetoxArguments) -> DetoxResult:
             "resumed_from": resume_from,
             "config": trainer.training_config_summary(),
             "model_path": _final_model_path(out, args),
-            "train": {
-                "global_step": trainer.state.global_step,
-                "train_runtime_s": runtime,
-                "eval_seconds": eval_s,
-                "train_seconds_excluding_eval": round(train_only, 2) if train_only else None,
-                "wall_time_s": round(wall, 2),
-                "num_tokens": num_tokens,
-                # Trained (non-padding) tokens per second of optimisation, validation runs excluded. A resumed
-                # run counts only the steps and time of its own session.
-                "tokens_per_second": round(num_tokens / train_only, 2) if num_tokens and train_only else None,
-                "train_loss": train_metrics.get("train_loss"),
-                "first_logged_loss": losses[0] if losses else None,
-                "last_logged_loss": losses[-1] if losses else None,
-                "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
-            },
+            "train": _training_record(trainer.state, train_metrics, callback, wall),
         }
         if callback is not None:
-            summary["eval"] = [{k: v for k, v in r.items() if k != "example"} for r in read_eval_records(out)]
-            summary["selection"] = _select(out, args.select)
-            atomic_write_json(out / SELECTION_FILE, summary["selection"])
-            if "step" in summary["selection"]:  # and the chosen checkpoint's card the validation of its step
-                merge_eval_results(Path(summary["selection"]["path"]) / MODEL_CARD_FILE, _validation_results(
-                    args.validation, summary["eval"], summary["selection"]["step"]))
+            summary.update(_select_and_record(out, args))
         if trainer_args.save_merged_model and args.peft is not None:
             summary["final_merged_path"] = str(out / MERGED_SUBDIR)
         plot = plot_losses(history, out / "loss.png", f"{args.model.name_or_path}: detox fine-tuning loss")
