@@ -295,24 +295,7 @@ def train_anti_expert(
     ``output_dir`` before are kept, and when ``save_strategy`` would write checkpoints next to (or over) them
     the call raises instead.
     """
-    if config.pretrained_path:
-        raise ValueError(
-            f"`pretrained_path` is set ({config.pretrained_path!r}): load it with `load_anti_expert` instead of "
-            "training (recipes do this automatically)."
-        )
-    if config.output_dir is None:
-        raise ValueError("`AntiExpertConfig.output_dir` is None; set where the anti-expert is saved.")
-    if TEXT_COLUMN not in corpus.column_names or len(corpus) == 0:
-        raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
-    if isinstance(model, (str, os.PathLike)):
-        base_name_or_path = base_name_or_path or str(model)
-        if tokenizer is None:
-            model, tokenizer = load_model_and_tokenizer(model)
-        else:
-            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
-    if tokenizer is None:
-        raise ValueError("Pass the base model's `tokenizer`.")
-    base_name_or_path = base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
+    model, tokenizer, base_name_or_path = _checked_inputs(model, tokenizer, corpus, config, base_name_or_path)
     out = Path(config.output_dir)
     fingerprint, record = anti_expert_fingerprint(base_name_or_path, model, corpus, config)
 
@@ -328,22 +311,7 @@ def train_anti_expert(
                 "Use another `output_dir`, or set `overwrite=True` to retrain it."
             )
     pending = out / PENDING_FILE
-    present = _checkpoint_steps(out)
-    started = _read_pending(pending)
-    if started is not None and started.get("fingerprint") == fingerprint and "foreign_checkpoints" in started:
-        # The same training was interrupted: the checkpoints it wrote are its own, to resume from and remove.
-        foreign = sorted(set(started["foreign_checkpoints"]) & set(present))
-    else:
-        foreign = sorted(present)
-    newest = newest_complete_checkpoint(out / name for name in present if name not in foreign)
-    resume = str(newest) if newest else None
-    save_strategy = getattr(config.save_strategy, "value", config.save_strategy)
-    if foreign and save_strategy != "no":
-        raise ValueError(
-            f"{out} holds checkpoint folders this training did not write ({', '.join(foreign)}), and "
-            f"`save_strategy={save_strategy!r}` would write its own next to or over them. Move them away, "
-            "use another `output_dir`, or set `save_strategy='no'`."
-        )
+    foreign, resume = _resume_point(out, fingerprint, config)
     if resume:
         logger.info("Resuming the anti-expert training from %s", resume)
     wait_for_everyone()  # every rank has read marker and pending record before the main process rewrites them
@@ -378,16 +346,68 @@ def train_anti_expert(
         "unidetox_version": _version(),
     }
     if is_main_process():
-        tokenizer.save_pretrained(str(out))
-        # peft's template card names the local cache as base_model and warns of nothing: this card replaces it.
-        (out / MODEL_CARD_FILE).write_text(render_anti_expert_card(metadata, corpus_config), encoding="utf-8")
-        for name in _checkpoint_steps(out):  # the weights are saved: this training's checkpoints are spent
-            if name not in foreign:
-                shutil.rmtree(out / name, ignore_errors=True)
-        atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
-        pending.unlink(missing_ok=True)
+        _complete(out, tokenizer, metadata, corpus_config, foreign)
     wait_for_everyone()
     return AntiExpertResult(out, trained=True, metadata=metadata)
+
+
+def _checked_inputs(model, tokenizer, corpus: datasets.Dataset, config: AntiExpertConfig,
+                    base_name_or_path: str | None):
+    """The base model and tokenizer (loaded when ``model`` is a name) and the base's name, once the arguments of
+    :func:`train_anti_expert` are checked."""
+    if config.pretrained_path:
+        raise ValueError(
+            f"`pretrained_path` is set ({config.pretrained_path!r}): load it with `load_anti_expert` instead of "
+            "training (recipes do this automatically)."
+        )
+    if config.output_dir is None:
+        raise ValueError("`AntiExpertConfig.output_dir` is None; set where the anti-expert is saved.")
+    if TEXT_COLUMN not in corpus.column_names or len(corpus) == 0:
+        raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
+    if isinstance(model, (str, os.PathLike)):
+        base_name_or_path = base_name_or_path or str(model)
+        if tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model)
+        else:
+            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is None:
+        raise ValueError("Pass the base model's `tokenizer`.")
+    return model, tokenizer, base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
+
+
+def _resume_point(out: Path, fingerprint: str, config: AntiExpertConfig) -> tuple[list[str], str | None]:
+    """The checkpoint folders in ``out`` this training did not write (kept, never resumed from), and the newest
+    complete checkpoint of its own to resume from (None: start). Raises when ``save_strategy`` would write
+    checkpoints next to or over folders it did not write."""
+    present = _checkpoint_steps(out)
+    started = _read_pending(out / PENDING_FILE)
+    if started is not None and started.get("fingerprint") == fingerprint and "foreign_checkpoints" in started:
+        # The same training was interrupted: the checkpoints it wrote are its own, to resume from and remove.
+        foreign = sorted(set(started["foreign_checkpoints"]) & set(present))
+    else:
+        foreign = sorted(present)
+    newest = newest_complete_checkpoint(out / name for name in present if name not in foreign)
+    save_strategy = getattr(config.save_strategy, "value", config.save_strategy)
+    if foreign and save_strategy != "no":
+        raise ValueError(
+            f"{out} holds checkpoint folders this training did not write ({', '.join(foreign)}), and "
+            f"`save_strategy={save_strategy!r}` would write its own next to or over them. Move them away, "
+            "use another `output_dir`, or set `save_strategy='no'`."
+        )
+    return foreign, str(newest) if newest else None
+
+
+def _complete(out: Path, tokenizer, metadata: dict[str, Any], corpus_config: ToxicCorpusConfig | None,
+              foreign: list[str]) -> None:
+    """The main process's last writes: tokenizer, model card, the spent checkpoints removed, then the marker."""
+    tokenizer.save_pretrained(str(out))
+    # peft's template card names the local cache as base_model and warns of nothing: this card replaces it.
+    (out / MODEL_CARD_FILE).write_text(render_anti_expert_card(metadata, corpus_config), encoding="utf-8")
+    for name in _checkpoint_steps(out):  # the weights are saved: this training's checkpoints are spent
+        if name not in foreign:
+            shutil.rmtree(out / name, ignore_errors=True)
+    atomic_write_json(out / MARKER_FILE, metadata)  # written last: its presence means "complete"
+    (out / PENDING_FILE).unlink(missing_ok=True)
 
 
 def _train_or_restore(trainer, resume: str | None) -> float | None:
