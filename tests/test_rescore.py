@@ -57,7 +57,7 @@ def test_both_scorers_side_by_side_with_paired_intervals(eval_run, stub_scorer, 
     assert list(result.report["models"]) == models and len(models) == 2
     for model in models:
         entry = result.report["models"][model]
-        for metric in rescore.METRICS:
+        for metric in rescore.TOXICITY_METRICS:
             # the run's own scorer: exactly the numbers of its report
             assert entry["original"][metric]["mean"] == pytest.approx(run_report["models"][model][metric]["mean"])
             # the new scorer: the same metric over the stub's scores, recomputed here per seed

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from unidetox.evaluation.paired import TOXICITY_METRICS
+
 logger = logging.getLogger(__name__)
 
 EVAL_LOG_FILE = "detox_eval.jsonl"
-METRICS = ("toxicity_probability", "expected_max_toxicity")
+METRICS = TOXICITY_METRICS  # the metrics a checkpoint is selected on
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD, mean_std
+from unidetox.evaluation.paired import TOXICITY_METRICS, paired_metric_changes, per_prompt_toxicity
 from unidetox.evaluation.report import (
     format_mean_std,
     read_jsonl,
@@ -40,7 +41,6 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
 from unidetox.io import atomic_write_json, atomic_write_text, read_json
-from unidetox.replication.report import paired_metric_changes, per_prompt_toxicity
 from unidetox.run_dir import CONFIG_FILE, check_output_dir
 from unidetox.statistics import DEFAULT_RESAMPLES
 
@@ -50,7 +50,6 @@ GENERATIONS_FILE = "generations.jsonl"
 REPORT_FILE = "report.json"
 # Where a replication keeps its test evaluations (unidetox.replication.pipeline): the joint one and decoding's.
 REPLICATION_TEST_DIRS = ("test", "test/decoding")
-METRICS = ("toxicity_probability", "expected_max_toxicity")
 SIDES = ("original", "rescored")
 
 
@@ -175,7 +174,7 @@ def seed_summary(records: Sequence[Mapping[str, Any]], threshold: float) -> dict
     for r in records:
         by_seed[r.get("seed")].append(r)
     per_seed = [seed_toxicity_metrics(rs, threshold) for rs in by_seed.values()]
-    return {metric: mean_std([s[metric] for s in per_seed]) for metric in METRICS}
+    return {metric: mean_std([s[metric] for s in per_seed]) for metric in TOXICITY_METRICS}
 
 
 def agreement(original: Sequence[float], rescored: Sequence[float], threshold: float) -> dict[str, float | None]:
@@ -270,7 +269,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   f"| model | reference | TP {original} | TP {rescored} | EMT {original} | EMT {rescored} |",
                   "|---|---|---|---|---|---|"]
         for p in report["paired"]:
-            cells = [_change((p[side] or {}).get(metric)) for metric in METRICS for side in SIDES]
+            cells = [_change((p[side] or {}).get(metric)) for metric in TOXICITY_METRICS for side in SIDES]
             lines.append(f"| {p['label']} | `{p['reference']}` | " + " | ".join(cells) + " |")
         lines += ["", "Relative change of the mean over prompts [paired bootstrap 95 % interval over prompts, "
                   f"{report['num_resamples']} resamples; each prompt's value averaged over seeds]."]

@@ -31,7 +31,8 @@ from unidetox.models import load_model_and_tokenizer, parse_dtype
 logger = logging.getLogger(__name__)
 
 TASK_VECTOR_MARKER = "unidetox_task_vector.json"
-METRICS = ("toxicity_probability", "expected_max_toxicity")
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
