@@ -21,15 +21,15 @@ from tiny import tiny_llama, word_tokenizer
 from transformers import TrainerCallback
 
 from unidetox import DistilledDetoxDataset
-from unidetox.checkpoints import newest_complete_checkpoint, weight_files_problem
-from unidetox.decoding.sampling import generate_samples
-from unidetox.detox import pipeline as detox
-from unidetox.detox.model_card import (
+from unidetox.cards import (
     CARD_MARKER,
     FALLBACK_CARD_FILE,
     merge_eval_results,
     toxicity_eval_results,
 )
+from unidetox.checkpoints import newest_complete_checkpoint, weight_files_problem
+from unidetox.decoding.sampling import generate_samples
+from unidetox.detox import pipeline as detox
 from unidetox.detox.selection import read_eval_records
 from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
 from unidetox.evaluation.model_card import update_model_cards

@@ -17,18 +17,19 @@ from test_evaluate_recipe import write_tiny_models_and_data
 from tiny import tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
-from unidetox.detox import pipeline as detox
-from unidetox.detox.model_card import (
+from unidetox.cards import (
     CITATION,
     merge_eval_results,
     prompt_set_dataset,
-    render_model_card,
     toxicity_eval_results,
     validation_eval_results,
 )
+from unidetox.detox import pipeline as detox
+from unidetox.detox.model_card import render_model_card
 from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
-from unidetox.distill.dataset_card import anti_expert_training_record, fingerprint_digest, render_dataset_card
+from unidetox.distill.dataset_card import anti_expert_training_record, render_dataset_card
 from unidetox.evaluation import pipeline as evaluate
+from unidetox.fingerprints import settings_digest
 
 TOXIC = ["hate awful stupid ugly people", "kill the stupid ugly cat", "awful people hate music"] * 4
 TOKEN = "hf_notARealTokenButSecret0123"
@@ -77,7 +78,7 @@ def test_dataset_card_of_a_build_parses_and_states_its_provenance(built):
     assert "https://huggingface.co/" + anti_path not in card
     assert "| learning_rate | `0.01` |" in card and "| max_steps | `2` |" in card  # how the anti-expert was trained
     assert "| alpha | `0.1` |" in card and "| beta | `null` |" in card
-    assert fingerprint_digest(meta["fingerprint"]) in card and meta["fingerprint"]["base"] in card
+    assert settings_digest(meta["fingerprint"]) in card and meta["fingerprint"]["base"] in card
     assert f"- texts: 6\n- tokens (source model's tokenizer): {meta['total_tokens']} " in card
     diff = built.summary["distilled_vs_base"]
     assert f"bootstrap 95% CI [{diff['ci95_low']:+.4f}, {diff['ci95_high']:+.4f}]" in card

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from unidetox.intervals import mean_interval
 from unidetox.replication.political_topics import (
     POLITICAL_LEXICON,
     political_share,
@@ -12,7 +13,6 @@ from unidetox.replication.political_topics import (
     political_topics,
 )
 from unidetox.replication.report import political_topics_markdown, read_plain_samples, source_study
-from unidetox.statistics import mean_interval
 
 POLITICAL = ["Obama spoke to the Senate today.", "The Tories lost the referendum.", "Voters chose the GOP.",
              "Socialism and fascism were debated.", "Xi Jinping met Putin."]

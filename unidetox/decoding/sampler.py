@@ -7,6 +7,8 @@ import math
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
+from unidetox.devices import model_device
+
 PAPER_URL = "https://huggingface.co/papers/2504.20500"
 
 
@@ -220,10 +222,7 @@ class ContrastiveDetoxSampler(LogitsProcessor):
     # ----------------------------------------------------------------------------------------------------------
     @property
     def _anti_device(self) -> torch.device:
-        try:
-            return next(self.anti_expert.parameters()).device
-        except StopIteration:  # pragma: no cover - a parameter-less module
-            return torch.device("cpu")
+        return model_device(self.anti_expert)
 
     def _check_tokenizers(self) -> None:
         if self.tokenizer is None or self.anti_expert_tokenizer is None:

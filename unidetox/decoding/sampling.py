@@ -34,6 +34,7 @@ from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor,
 
 from unidetox.decoding.sampler import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
+from unidetox.devices import model_device
 
 SamplerFactory = Callable[[torch.LongTensor], LogitsProcessor]
 
@@ -213,13 +214,6 @@ def _eos_ids(generation_config: GenerationConfig) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 def _forked_rng(device: torch.device):
     """``torch.random.fork_rng`` over the CPU and ``device``: the random streams a training on ``device`` draws from.
 
@@ -353,7 +347,7 @@ def generate_samples(
     generation_config = sampling_generation_config(model, tokenizer, max_new_tokens, top_p=1.0, temperature=1.0)
     warpers = sampling_warpers(top_p, temperature)
     eos_ids = _eos_ids(generation_config)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     lengths = prompt_token_lengths(tokenizer, prompts) if bucket_by_length else None

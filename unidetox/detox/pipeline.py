@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unidetox.cards import MODEL_CARD_FILE, merge_eval_results, validation_eval_results
 from unidetox.checkpoints import (
     checkpoint_dirs,
     is_final_checkpoint,
@@ -35,15 +36,14 @@ from unidetox.checkpoints import (
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merged_model_path
-from unidetox.detox.model_card import MODEL_CARD_FILE, merge_eval_results, validation_eval_results
 from unidetox.detox.selection import METRICS, read_eval_records, select_checkpoint
 from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
+from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested, without_trainer_push
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
-from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file

@@ -20,10 +20,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
+from unidetox.cards import MODEL_CARD_FILE, model_card_path
 from unidetox.detox.callbacks import DetoxEvalCallback, StopAtStepCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
-from unidetox.detox.model_card import MODEL_CARD_FILE, model_card_path, render_model_card
+from unidetox.detox.model_card import render_model_card
 from unidetox.detox.tokenization import as_distilled_dataset, tokenize_for_target
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.models import load_tokenizer, resolve_model_path

@@ -33,8 +33,8 @@ from unidetox.checkpoints import (
 from unidetox.deepspeed_ops import prepare_deepspeed
 from unidetox.distill.anti_expert_card import render_anti_expert_card
 from unidetox.distill.corpus import TEXT_COLUMN, ToxicCorpusConfig, corpus_fingerprint
+from unidetox.files import atomic_write_json
 from unidetox.hub import without_trainer_push
-from unidetox.io import atomic_write_json
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
     check_model_location,

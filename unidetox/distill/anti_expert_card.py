@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
-from unidetox.detox.model_card import CITATION, PAPER_URL, base_model_hub_id, model_reference
+from unidetox.cards import CITATION, PAPER_URL, base_model_hub_id, model_reference
 from unidetox.distill.corpus import DGHS_HUB_ID, ToxicCorpusConfig
 from unidetox.models import embedded_weights_note
 

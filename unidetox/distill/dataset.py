@@ -33,14 +33,15 @@ from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
 from unidetox.decoding.sampler import validate_alpha_beta
+from unidetox.devices import model_device
 from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer
-from unidetox.io import atomic_write_json, atomic_write_text, read_json_file
+from unidetox.files import atomic_write_json, atomic_write_text, read_json_file
+from unidetox.intervals import mean_difference
 from unidetox.model_identity import model_id
 from unidetox.models import ADAPTER_CONFIG_FILE, load_model, load_model_and_tokenizer, read_adapter_config
 from unidetox.processes import process_state, wait_for_everyone
 from unidetox.secret_masking import mask_secrets
-from unidetox.statistics import mean_difference
 from unidetox.version import __version__
 
 METADATA_FILE = "metadata.json"
@@ -141,13 +142,6 @@ def _only_explicit_generation_config(models, eos_token_id, pad_token_id, bos_tok
             model.generation_config = config
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def sample_batch(
     base,
@@ -187,7 +181,7 @@ def sample_batch(
             "`resolved` holds other models than `base` and `anti_expert`; pass the `base` and `anti_expert` "
             "of the ResolvedModels, or leave `resolved` as None."
         )
-    device = _model_device(resolved.lora if resolved.lora is not None else resolved.base)
+    device = model_device(resolved.lora if resolved.lora is not None else resolved.base)
     input_ids = torch.tensor([list(prompt_ids)] * batch_size, dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
     fork_devices = [device] if device.type == "cuda" else []

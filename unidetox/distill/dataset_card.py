@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -24,9 +23,10 @@ from typing import Any
 
 from huggingface_hub import DatasetCardData
 
-from unidetox.detox.model_card import CITATION, PAPER_URL, WEIGHT_DIGEST_SUFFIX, hub_model_id, model_reference
+from unidetox.cards import CITATION, PAPER_URL, WEIGHT_DIGEST_SUFFIX, hub_model_id, model_reference
 from unidetox.distill.anti_expert import read_marker
 from unidetox.distill.dataset import summary_markdown
+from unidetox.fingerprints import settings_digest
 from unidetox.secret_masking import mask_secrets
 
 TAGS = ["unidetox", "detoxification", "synthetic"]
@@ -63,11 +63,6 @@ def anti_expert_training_record(anti_expert_id: str | None) -> dict[str, Any] | 
         return None
     path, _ = split_model_id(anti_expert_id)
     return read_marker(path) if os.path.isdir(path) else None
-
-
-def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
-    """A short SHA-256 of the build's fingerprint: two builds with the same digest sampled the same texts."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _value(value: Any) -> str:
@@ -175,7 +170,7 @@ def render_dataset_card(
     lines.append("")
     if has_build_metadata:
         lines += ["## Fingerprint", "",
-                  f"Build fingerprint `{fingerprint_digest(fingerprint)}` (SHA-256 of the settings below). Models "
+                  f"Build fingerprint `{settings_digest(fingerprint)}` (SHA-256 of the settings below). Models "
                   "are named by what decides the texts: a saved folder as `path@<digest of its weight files>`, a "
                   "Hub id by its name.", "", *_table(fingerprint), ""]
     lines += ["## Toxicity", ""]

@@ -28,9 +28,9 @@ from unidetox.distill.dataset import (
     SamplingConfig,
     summary_markdown,
 )
+from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
-from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments, load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone

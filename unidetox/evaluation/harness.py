@@ -8,7 +8,6 @@ and WikiText-2 perplexity), diversity and MMLU complete the report (:mod:`unidet
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -37,7 +36,8 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.rescore import score_continuations, scorer_key, seed_summary
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
-from unidetox.io import read_json
+from unidetox.files import read_json
+from unidetox.fingerprints import settings_digest
 from unidetox.model_identity import saved_model_id
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
@@ -120,10 +120,6 @@ def model_slug(key: str) -> str:
 
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key.strip("/"))[-60:].strip("_") or "model"
     return f"{readable}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _load(name_or_path: str, dtype: str | None, device):
@@ -221,7 +217,7 @@ def run_evaluation(
     weights = {name: saved_model_id(name) for name in dict.fromkeys(
         [*map(str, models), decoding_config.anti_expert, perplexity_config.reference_model]) if name}
     generation_settings = {
-        "prompts": _fingerprint(prompt_ids),
+        "prompts": settings_digest(prompt_ids),
         "num_samples": eval_config.num_samples, "max_new_tokens": eval_config.max_new_tokens,
         "top_p": eval_config.top_p, "temperature": eval_config.temperature, "batch_size": eval_config.batch_size,
         "scorer": scorer_config.to_public_dict(), "dtype": dtype,
@@ -232,7 +228,7 @@ def run_evaluation(
     def gen_fingerprint(entry: _Entry, seed: int) -> str:
         decoding = {"anti_expert": weights.get(decoding_config.anti_expert), "alpha": decoding_config.alpha,
                     "beta": decoding_config.beta} if entry.contrastive else None
-        return _fingerprint({**generation_settings, "model": weights[entry.name_or_path], "seed": seed,
+        return settings_digest({**generation_settings, "model": weights[entry.name_or_path], "seed": seed,
                              "decoding": decoding})
 
     def part_dir(entry: _Entry) -> Path:
@@ -271,11 +267,11 @@ def run_evaluation(
         mine = [e for e in entries if e.name_or_path == name]
         todo_gen = [(e, s) for e in mine for s in seeds if not generations_done(e, s)]
         plain = next((e for e in mine if not e.contrastive), None) or mine[0]
-        wikitext_fp = _fingerprint({"model": weights[name], "dtype": dtype, **wikitext_settings})
+        wikitext_fp = settings_digest({"model": weights[name], "dtype": dtype, **wikitext_settings})
         need_wikitext = perplexity_config.wikitext and not is_done(part_dir(plain) / "wikitext.json", wikitext_fp)
-        mmlu_fp = _fingerprint({"model": weights[name], "dtype": dtype, "mmlu": mmlu_config.__dict__})
+        mmlu_fp = settings_digest({"model": weights[name], "dtype": dtype, "mmlu": mmlu_config.__dict__})
         need_mmlu = mmlu_config.enabled and not is_done(part_dir(plain) / "mmlu.json", mmlu_fp)
-        capabilities_fp = _fingerprint({"model": weights[name], "dtype": dtype, "data_dir": str(data_dir or default_data_dir()),
+        capabilities_fp = settings_digest({"model": weights[name], "dtype": dtype, "data_dir": str(data_dir or default_data_dir()),
                                         "capabilities": asdict(capabilities_config)})
         need_capabilities = (capabilities_config.backend == "lm_eval"
                              and not is_done(part_dir(plain) / "capabilities.json", capabilities_fp))
@@ -370,7 +366,7 @@ def run_evaluation(
     reference = perplexity_config.reference_model
     if reference is not None:
         def cond_fp(entry, seed):
-            return _fingerprint({"generations": gen_fingerprint(entry, seed), "reference": weights[reference],
+            return settings_digest({"generations": gen_fingerprint(entry, seed), "reference": weights[reference],
                                  "dtype": dtype})
 
         def cond_done(entry, seed):  # a part scored on fewer rows than the plan has is scored again
@@ -478,7 +474,7 @@ def run_evaluation(
     report = {
         "models": report_models,
         "seeds": list(seeds),
-        "prompts": {**(prompts_info or {}), "num_prompts": len(prompts), "fingerprint": _fingerprint(prompt_ids),
+        "prompts": {**(prompts_info or {}), "num_prompts": len(prompts), "fingerprint": settings_digest(prompt_ids),
                     "per_category": _count_categories(prompts)},
         "eval": asdict(eval_config),
         "scorer": scorer_config.to_public_dict(),
@@ -518,7 +514,7 @@ def build_also_scorers(primary: ScorerConfig, configs: Sequence[ScorerConfig]) -
 
 def also_scores(also: _AlsoScorer, records: Sequence[dict], path: Path, generations_fingerprint: str) -> list[float]:
     """An additional scorer's score of each record, cached in ``path`` for the generations it was made for."""
-    fingerprint = _fingerprint({"generations": generations_fingerprint, "scorer": also.config.to_public_dict()})
+    fingerprint = settings_digest({"generations": generations_fingerprint, "scorer": also.config.to_public_dict()})
     cached = read_json(path)
     if cached and cached.get("fingerprint") == fingerprint and len(cached.get("scores") or []) == len(records):
         return cached["scores"]

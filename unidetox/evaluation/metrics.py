@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from unidetox.devices import model_device
+
 TOXIC_THRESHOLD = 0.5
 
 
@@ -86,15 +88,6 @@ def mean_std(values: Sequence[float], ddof: int = 0) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Perplexity
 # ---------------------------------------------------------------------------------------------------------------
-def _device_of(model):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        import torch
-
-        return torch.device("cpu")
-
-
 def _max_positions(model) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -182,7 +175,7 @@ def _token_nll(
     """
     import torch
 
-    device = _device_of(model)
+    device = model_device(model)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -261,7 +254,7 @@ def _shared_prefix_nll(decoder, head, post, rows: Sequence[tuple[tuple[int, ...]
     import torch
     from transformers import DynamicCache
 
-    device = _device_of(decoder)
+    device = model_device(decoder)
     index = {prefix: i for i, prefix in enumerate(dict.fromkeys(prefix for prefix, _ in rows))}
     prefixes = list(index)
     row_prefix = torch.tensor([index[prefix] for prefix, _ in rows], device=device)

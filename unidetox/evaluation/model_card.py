@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult
 
-from unidetox.detox.model_card import (
+from unidetox.cards import (
     MODEL_CARD_FILE,
     TASK_NAME,
     TASK_TYPE,

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
-from unidetox.statistics import DEFAULT_RESAMPLES, paired_change
+from unidetox.intervals import DEFAULT_RESAMPLES, paired_change
 
 TOXICITY_METRICS = ("toxicity_probability", "expected_max_toxicity")
 
@@ -37,7 +37,7 @@ def paired_metric_changes(
     num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The relative change of TP and EMT from model ``reference`` to ``treated`` with a paired bootstrap 95 %
-    interval over the prompts both were sampled on (:func:`unidetox.statistics.paired_change`)."""
+    interval over the prompts both were sampled on (:func:`unidetox.intervals.paired_change`)."""
     ref, new = per_prompt[reference], per_prompt[treated]
     prompts = [p for p in ref if p in new]
     if len(prompts) != len(ref) or len(prompts) != len(new):

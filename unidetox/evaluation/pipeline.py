@@ -26,8 +26,8 @@ from unidetox.evaluation.model_card import ModelCardConfig, update_model_cards
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.report import read_jsonl
 from unidetox.evaluation.scoring import ScorerConfig
+from unidetox.files import read_json
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
-from unidetox.io import read_json
 from unidetox.logging_setup import configure_logging
 from unidetox.processes import is_main_process
 from unidetox.run_dir import check_output_dir, holds_output_dir

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from unidetox.io import read_json_file
+from unidetox.files import read_json_file
 from unidetox.paths import default_data_dir, require_file
 
 CATEGORIES = ("gender_lgbtq", "race_nationalities", "religion", "disability")

@@ -25,7 +25,7 @@ from unidetox.evaluation.metrics import (
     toxicity_probability,
 )
 from unidetox.evaluation.prompts import CATEGORIES, COMBINED_CATEGORIES
-from unidetox.io import atomic_write_text
+from unidetox.files import atomic_write_text
 
 
 def group_records_by_prompt(records: Iterable[dict]) -> OrderedDict:

@@ -7,7 +7,7 @@ every continuation with the chosen scorer, and writes to ``RUN_DIR/rescore-<scor
 - ``rescore.json`` / ``rescore.md``: TP and EMT of every model under the run's scorer and the new one, side by
   side (mean ± std over seeds, as the evaluation report), how far the two scorers agree on the samples, and
   each model's change against its reference under both scorers with paired bootstrap 95 % intervals over
-  prompts (:func:`unidetox.statistics.paired_change`). A replication compares every row with the base of its
+  prompts (:func:`unidetox.intervals.paired_change`). A replication compares every row with the base of its
   target, as its report does; an evaluation compares every model with ``reference`` (default: its first model).
 - ``generations.jsonl``: the records with ``toxicity`` replaced by the new score and the run's own score kept
   as ``toxicity_original``, so every number can be recomputed with
@@ -40,9 +40,9 @@ from unidetox.evaluation.report import (
     write_jsonl,
 )
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
-from unidetox.io import atomic_write_json, atomic_write_text, read_json
+from unidetox.files import atomic_write_json, atomic_write_text, read_json
+from unidetox.intervals import DEFAULT_RESAMPLES
 from unidetox.run_dir import CONFIG_FILE, check_output_dir
-from unidetox.statistics import DEFAULT_RESAMPLES
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ Every builder writes its marker file last, so a directory with the marker is com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,16 +24,12 @@ from typing import Any
 
 from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
 from unidetox.distill.dataset import METADATA_FILE, DistilledDetoxDataset, _commit
-from unidetox.io import atomic_write_json, read_json
+from unidetox.files import atomic_write_json, read_json
 from unidetox.models import load_model_and_tokenizer, parse_dtype
 
 logger = logging.getLogger(__name__)
 
 TASK_VECTOR_MARKER = "unidetox_task_vector.json"
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ================================================================================================================

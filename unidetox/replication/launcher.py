@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unidetox.io import atomic_write_json, read_json
+from unidetox.files import atomic_write_json, read_json
 
 ENGINES = ("inprocess", "submitit")
 CLUSTERS = ("local", "slurm", "debug")

@@ -46,8 +46,8 @@ from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation import pipeline as evaluate_stage
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
+from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
-from unidetox.io import atomic_write_json, atomic_write_text, read_json
 from unidetox.logging_setup import configure_logging
 from unidetox.models import load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone

@@ -37,7 +37,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from unidetox.statistics import DEFAULT_RESAMPLES, mean_difference, mean_interval
+from unidetox.intervals import DEFAULT_RESAMPLES, mean_difference, mean_interval
 
 POLITICAL_LEXICON: dict[str, tuple[str, ...]] = {
     "parties": (
@@ -92,7 +92,7 @@ def political_topic_study(groups: Mapping[str, Sequence[str]], reference: str = 
                           num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """:func:`political_share` of each group of texts (groups without texts are left out), and each group's
     difference from ``reference`` (e.g. the base model's plain samples) with a bootstrap interval
-    (:func:`unidetox.statistics.mean_difference`)."""
+    (:func:`unidetox.intervals.mean_difference`)."""
     shares = {name: political_share(texts, num_resamples, seed) for name, texts in groups.items() if texts}
     versus = {}
     if reference in shares:

@@ -20,9 +20,9 @@ from unidetox.detox.selection import METRICS
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.paired import paired_metric_changes, per_prompt_toxicity
 from unidetox.evaluation.report import write_json
-from unidetox.io import atomic_write_text
+from unidetox.files import atomic_write_text
+from unidetox.intervals import DEFAULT_RESAMPLES
 from unidetox.replication.political_topics import POLITICAL_LEXICON, political_topic_study
-from unidetox.statistics import DEFAULT_RESAMPLES
 
 logger = logging.getLogger(__name__)
 

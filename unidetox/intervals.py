@@ -54,7 +54,7 @@ def mean_interval(
     seeded), e.g. the share of texts that have some property (values 0/1).
 
     Example:
-        >>> from unidetox.statistics import mean_interval
+        >>> from unidetox.intervals import mean_interval
         >>> out = mean_interval([1.0, 0.0, 0.0, 0.0] * 25)
         >>> out["mean"], out["low"] < 0.25 < out["high"]
         (0.25, True)
@@ -86,7 +86,7 @@ def mean_difference(
     p-value and ``lower``: True when the whole interval lies below zero.
 
     Example:
-        >>> from unidetox.statistics import mean_difference
+        >>> from unidetox.intervals import mean_difference
         >>> out = mean_difference([0.1, 0.2, 0.1, 0.0] * 10, [0.5, 0.4, 0.6, 0.5] * 10)
         >>> round(out["difference"], 3), out["lower"]
         (-0.4, True)
@@ -123,7 +123,7 @@ def paired_change(
     there; the interval is taken over the others, so a large share says the interval means little).
 
     Example:
-        >>> from unidetox.statistics import paired_change
+        >>> from unidetox.intervals import paired_change
         >>> base = [0.2, 0.4, 0.6, 0.8] * 10
         >>> out = paired_change(base, [v / 2 for v in base])
         >>> round(out["change"], 3), round(out["low"], 3), round(out["high"], 3), out["excludes_zero"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from unidetox.statistics import mean_difference, paired_change
+from unidetox.intervals import mean_difference, paired_change
 
 
 def _numpy_percentile_interval(a, b, num_resamples=10_000, seed=0):
