@@ -4,6 +4,7 @@ a key inside a list of overrides in a saved config."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tiny import quick_detox_overrides, tiny_llama, word_tokenizer
 
@@ -11,7 +12,13 @@ from unidetox.detox import pipeline as detox
 from unidetox.distill import pipeline as distill
 from unidetox.hydra_config import save_resolved_config
 from unidetox.run_dir import CONFIG_FILE
-from unidetox.secret_masking import mask_secrets, mask_text
+from unidetox.secret_masking import (
+    JOB_SECRET_PREFIX,
+    mask_secrets,
+    mask_text,
+    secrets_from_environment,
+    secrets_to_environment,
+)
 
 SENTINEL = "hf_SENTINEL7c1d0a"
 
@@ -72,3 +79,19 @@ def test_a_key_inside_a_list_of_overrides_reaches_no_saved_config(tmp_path):
 def test_mask_text_hides_only_secret_values():
     assert mask_text("scorer.apikey=abc model=x url?key=k&n=2") == "scorer.apikey=*** model=x url?key=***&n=2"
     assert mask_text('scorer.api_key="a b" pad_token=<pad>') == "scorer.api_key=*** pad_token=<pad>"
+
+
+def test_job_secrets_travel_by_environment_variable_names_only():
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"scorer": {"api_key": "key-0123"}, "runs": [{"hub_token": "hf_abc"}], "seed": 0})
+    args = ({"config": config, "hub_token": "hf_abc"}, ["plain"])
+    masked, env = secrets_to_environment(args)
+    assert sorted(env.values()) == ["hf_abc", "key-0123"] and all(k.startswith(JOB_SECRET_PREFIX) for k in env)
+    text = repr(masked) + OmegaConf.to_yaml(masked[0]["config"])
+    assert "hf_abc" not in text and "key-0123" not in text
+    assert masked[1] is args[1] and config.scorer.api_key == "key-0123"  # untouched parts shared, inputs intact
+    restored = secrets_from_environment(masked, env)
+    assert restored[0]["hub_token"] == "hf_abc" and restored[0]["config"].runs[0].hub_token == "hf_abc"
+    with pytest.raises(KeyError, match="not set here"):
+        secrets_from_environment(masked, {})

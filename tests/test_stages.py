@@ -6,6 +6,8 @@ a job left running by a killed driver refused until it ends; and the launcher's 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -386,3 +388,33 @@ def test_the_launcher_section_composes_and_bad_values_are_named():
 def test_share_stages_names_its_replacement(override):
     with pytest.raises(ValueError, match="launcher.engine=submitit launcher.cluster=local"):
         replicate.parse_args(["experiment=tiny", override])
+
+
+@dataclasses.dataclass
+class _PushingArgs:
+    output_dir: str
+    config: dict
+    hub_token: str | None = None
+
+
+def _report_secret_digests(args):
+    """Reports digests of the secrets the job received (a job's result is pickled to disk too)."""
+    def digest(value):
+        return hashlib.sha256(value.encode()).hexdigest()
+
+    return {"hub_token": digest(args.hub_token), "api_key": digest(args.config["scorer"]["api_key"])}
+
+
+def test_a_jobs_pickle_holds_no_secret_and_the_job_still_gets_it(tmp_path):
+    token, api_key = "hf_notARealTokenButSecret0123", "perspective-key-0123456789"
+    args = _PushingArgs(str(tmp_path / "rep" / "detox"), {"scorer": {"name": "perspective", "api_key": api_key}}, token)
+    stages = _stages(tmp_path)
+    pipeline = SimpleNamespace(run=_report_secret_digests, finished=lambda args: None)
+    assert stages.pipeline("detox", pipeline, args) is None  # submitted
+    received = stages.result("detox")
+    assert received == {"hub_token": hashlib.sha256(token.encode()).hexdigest(),
+                        "api_key": hashlib.sha256(api_key.encode()).hexdigest()}
+    assert args.hub_token == token and args.config["scorer"]["api_key"] == api_key  # the caller's args are intact
+    written = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_submitted.pkl") for p in written)
+    assert not [p for p in written if token.encode() in p.read_bytes() or api_key.encode() in p.read_bytes()]

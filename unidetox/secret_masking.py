@@ -20,9 +20,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import copyreg
+import dataclasses
+import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 MASK = "***"
@@ -139,3 +143,89 @@ class SavesArgsWithoutSecrets:
     def _push_from_checkpoint(self, *args, **kwargs):
         with pickled_without_secrets(self.args):
             return super()._push_from_checkpoint(*args, **kwargs)
+
+
+# A job's pickle names its secrets by these environment variables; the job's environment holds their values.
+JOB_SECRET_PREFIX = "UNIDETOX_JOB_SECRET_"
+JOB_SECRET_REFERENCE = re.compile(rf"^\$({JOB_SECRET_PREFIX}[0-9a-f]{{16}})$")
+
+
+def _with_secrets_replaced(obj: Any, replace: Callable[[str, str], str], key: Any = None) -> Any:
+    """``obj`` with every non-empty secret string (a value under a secret key) replaced by ``replace(key, value)``;
+    the same object where nothing changes, a shallow copy along the path to each change (inputs are never modified).
+    Walks dataclasses, mappings, lists, tuples and OmegaConf containers."""
+    if isinstance(obj, str):
+        return replace(key, obj) if is_secret_key(key) and obj else obj
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            plain = OmegaConf.to_container(obj, resolve=False)
+            walked = _with_secrets_replaced(plain, replace)
+            if walked is plain:
+                return obj
+            rebuilt = OmegaConf.create(walked)
+            OmegaConf.set_struct(rebuilt, OmegaConf.is_struct(obj))
+            return rebuilt
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra, a dependency
+        pass
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changed = {f.name: new for f in dataclasses.fields(obj) if hasattr(obj, f.name)
+                   for old in [getattr(obj, f.name)] for new in [_with_secrets_replaced(old, replace, f.name)]
+                   if new is not old}
+        if not changed:
+            return obj
+        result = copy.copy(obj)
+        for name, value in changed.items():
+            object.__setattr__(result, name, value)
+        return result
+    if isinstance(obj, Mapping):
+        items = {k: _with_secrets_replaced(v, replace, k) for k, v in obj.items()}
+        return obj if all(items[k] is obj[k] for k in obj) else dict(items)
+    if isinstance(obj, (list, tuple)):
+        values = [_with_secrets_replaced(v, replace) for v in obj]
+        return obj if all(a is b for a, b in zip(values, obj, strict=True)) else type(obj)(values)
+    return obj
+
+
+def secrets_to_environment(obj: Any) -> tuple[Any, dict[str, str]]:
+    """``obj`` for a job's pickle: each secret value becomes a reference ``$UNIDETOX_JOB_SECRET_<random>``, and the
+    returned environment maps each reference to its value. A job started with that environment gets the secrets
+    back through :func:`secrets_from_environment`; the pickle on disk names only the variables.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Push:
+    ...     hub_model_id: str
+    ...     hub_token: str
+    >>> masked, env = secrets_to_environment(Push("me/model", "hf_secret"))
+    >>> masked.hub_token.startswith("$UNIDETOX_JOB_SECRET_"), list(env.values())
+    (True, ['hf_secret'])
+    >>> secrets_from_environment(masked, env) == Push("me/model", "hf_secret")
+    True
+    """
+    names: dict[str, str] = {}
+
+    def reference(key: str, value: str) -> str:
+        names.setdefault(value, JOB_SECRET_PREFIX + secrets.token_hex(8))
+        return "$" + names[value]
+
+    return _with_secrets_replaced(obj, reference), {name: value for value, name in names.items()}
+
+
+def secrets_from_environment(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """``obj`` with each ``$UNIDETOX_JOB_SECRET_...`` reference (see :func:`secrets_to_environment`) replaced by its
+    value from ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+
+    def value(key: str, text: str) -> str:
+        match = JOB_SECRET_REFERENCE.match(text)
+        if match is None:
+            return text
+        if match[1] not in environ:
+            raise KeyError(f"The secret `{key}` was passed to this job as the environment variable {match[1]}, which "
+                           "is not set here: start the job with the submitting process's environment (submitit's "
+                           "local and SLURM executors pass it on by default).")
+        return environ[match[1]]
+
+    return _with_secrets_replaced(obj, value)

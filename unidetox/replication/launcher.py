@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.files import atomic_write_json, read_json
+from unidetox.secret_masking import secrets_from_environment, secrets_to_environment
 
 ENGINES = ("inprocess", "submitit")
 CLUSTERS = ("local", "slurm", "debug")
@@ -159,7 +160,7 @@ def run_in_job(make: Callable[..., Any], args: tuple, threads: int | None) -> tu
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses a stage may start
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    result = make(*args)
+    result = make(*secrets_from_environment(args))
     return result, time.perf_counter() - start
 
 
@@ -232,7 +233,10 @@ class StageJobs:
             devices = ",".join(str(slot * gpus + i) for i in range(gpus))
             parameters["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={devices}"]
         self.executor.update_parameters(**parameters)
-        job = self.executor.submit(run_in_job, make, args, self.launcher.threads_per_job)
+        # The job's pickle stays on disk: its secrets travel in the environment the job inherits, not in the file.
+        args_without_secrets, secret_environment = secrets_to_environment(args)
+        os.environ.update(secret_environment)
+        job = self.executor.submit(run_in_job, make, args_without_secrets, self.launcher.threads_per_job)
         if self.cluster != "debug":
             self._running[stage] = {"job_id": str(job.job_id), "cluster": self.cluster,
                                     "stage_dir": str(stage_dir) if stage_dir else None,
