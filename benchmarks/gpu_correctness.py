@@ -4,11 +4,11 @@
 
 Checks, each on the tiny random models of ``tests/tiny.py`` with left-padded prompts:
 
-- ``sampler_parity`` (tests/test_sampler.py): greedy ``generate`` with :class:`ContrastiveDetoxSampler` (KV caches
+- ``sampler_parity`` (tests/decoding/test_sampler.py): greedy ``generate`` with :class:`ContrastiveDetoxSampler` (KV caches
   for both models) against a cache-free reference that runs both models on the whole sequence at every step.
-- ``fused_vs_two_model`` (tests/test_fused.py): :func:`fused_contrastive_generate` (base and LoRA anti-expert in one
+- ``fused_vs_two_model`` (tests/decoding/test_fused.py): :func:`fused_contrastive_generate` (base and LoRA anti-expert in one
   doubled forward) against ``generate`` + the sampler with the LoRA model as a second model.
-- ``prefix_sharing`` (tests/test_prefix_sharing.py): :func:`generate_samples` with each prompt prefilled once
+- ``prefix_sharing`` (tests/decoding/test_prefix_sharing.py): :func:`generate_samples` with each prompt prefilled once
   against a row per sample, same seeds, llama and gemma3.
 
 Each records ``score_diff`` (the largest difference of the finite scores over the largest score magnitude) and

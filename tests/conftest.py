@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from subprocesses import STARTED_SESSIONS  # noqa: E402  (tests/ is on the path only from here)
+from tiny import tiny_llama, word_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +21,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny word-level tokenizer, left-padded as for generation (a test module may declare its own)."""
+    return word_tokenizer(padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random llama over ``tokenizer``'s vocabulary, seed 0 (a test module may declare its own)."""
+    return tiny_llama(len(tokenizer), seed=0)
 
 
 def pytest_collection_modifyitems(config, items):

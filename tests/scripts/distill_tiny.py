@@ -1,4 +1,4 @@
-"""Helper for tests/test_distill.py: tiny models -> (optional LoRA anti-expert training) -> DistilledDetoxDataset.build.
+"""Helper for tests/distill/test_distill.py: tiny models -> (optional LoRA anti-expert training) -> DistilledDetoxDataset.build.
 
 Run as one process (`python distill_tiny.py ...`) or several (`torchrun --nproc_per_node 2 distill_tiny.py ...`).
 `--calls_log` appends one JSON line per sampled batch (its seed and the rank that sampled it); `--sleep` slows every

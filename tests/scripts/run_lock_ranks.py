@@ -1,4 +1,4 @@
-"""Helper for tests/test_run_lock.py: every rank of a ``torchrun`` launch enters ``run_lock(output_dir)`` and writes
+"""Helper for tests/core/test_run_lock.py: every rank of a ``torchrun`` launch enters ``run_lock(output_dir)`` and writes
 what happened to ``<report>.<rank>.json`` (``held``, or the refusal's message)."""
 
 import json

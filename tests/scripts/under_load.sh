@@ -3,7 +3,7 @@
 # like two other jobs on a 2-core machine), and passes only if the suite passes. The busy processes are bounded by
 # a timeout and ended on exit, whether the suite passed, failed or was interrupted.
 #   tests/scripts/under_load.sh                                 # make test beside two busy processes
-#   BUSY_PROCESSES=4 tests/scripts/under_load.sh PYTEST_ARGS="tests/test_stages.py"
+#   BUSY_PROCESSES=4 tests/scripts/under_load.sh PYTEST_ARGS="tests/replication/test_stages.py"
 set -euo pipefail
 
 BUSY_PROCESSES=${BUSY_PROCESSES:-2}

@@ -20,7 +20,7 @@ class FastTopPLogitsWarper(LogitsProcessor):
     does not fit the largest candidate size are sorted in full, exactly as the reference does.
 
     Kept sets equal the reference's up to float rounding of the cumulative sums (a token whose cumulative mass
-    lies within ~1e-7 of ``1 - top_p`` may fall on the other side); `tests/test_warpers.py` checks parity.
+    lies within ~1e-7 of ``1 - top_p`` may fall on the other side); `tests/decoding/test_warpers.py` checks parity.
 
     Args:
         top_p (`float`):

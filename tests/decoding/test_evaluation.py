@@ -18,16 +18,6 @@ from unidetox.decoding.sampling import (
 PROMPTS = ["the cat sat on", "a good friend helps people in need", "hate", "science helps us"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer(padding_side="left")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(len(tokenizer), seed=0)
-
-
 def test_shapes_and_determinism(model, tokenizer):
     a = generate_continuations(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=5, seed=7, batch_size=5)
     b = generate_continuations(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=5, seed=7, batch_size=5)

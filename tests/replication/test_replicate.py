@@ -16,9 +16,9 @@ import datasets
 import pytest
 import subprocesses
 import torch
-from conftest import SHARED_DATA
 from tiny import tiny_llama, word_tokenizer
 
+from tests.conftest import SHARED_DATA
 from unidetox.detox.selection import choose_configuration
 from unidetox.replication import pipeline as replicate
 from unidetox.replication.baselines import (
@@ -38,7 +38,7 @@ from unidetox.replication.report import (
 from unidetox.replication.stages import Stages
 from unidetox.run_dir import CONFIG_FILE, OutputDirConflict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_format_number_gives_compact_stable_directory_names():

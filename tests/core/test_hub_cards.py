@@ -12,10 +12,10 @@ import datasets
 import pytest
 from huggingface_hub import DatasetCard, EvalResult, HfApi, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from test_detox_recipe import _tiny_overrides
-from test_evaluate_recipe import write_tiny_models_and_data
 from tiny import tiny_llama, word_tokenizer
 
+from tests.detox.test_detox_recipe import _tiny_overrides
+from tests.evaluation.test_evaluate_recipe import write_tiny_models_and_data
 from unidetox import DistilledDetoxDataset
 from unidetox.cards import (
     CITATION,

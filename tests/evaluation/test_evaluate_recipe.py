@@ -17,7 +17,7 @@ from unidetox.evaluation.metrics import expected_max_toxicity, toxicity_probabil
 from unidetox.evaluation.report import read_jsonl
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = ["women", "lgbtq", "black", "asian", "muslim", "jewish", "mental_dis", "physical_dis"]
 STATEMENTS = ["the cat sat on the mat", "a good friend helps people", "science helps us understand",
               "music and art bring joy", "people deserve dignity", "reading books is great",

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from tiny import CORPUS, tiny_gemma3, tiny_gpt2, tiny_llama, word_tokenizer
+from tiny import CORPUS, tiny_gemma3, tiny_gpt2, tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from unidetox.evaluation import metrics
@@ -68,16 +68,6 @@ def test_mean_std():
 
 
 # --- perplexity ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer(padding_side="left")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(len(tokenizer), seed=0)
-
-
 def reference_nll(model, ids, first, last):
     """NLL of ids[first:last] with the full left context (no window), from the model's own loss."""
     with torch.no_grad():

@@ -17,7 +17,7 @@ from unidetox import DistilledDetoxDataset
 from unidetox.detox import pipeline as detox
 from unidetox.hydra_config import CONF_DIR
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "detox" / "experiment").glob("*.yaml"))
 

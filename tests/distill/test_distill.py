@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import subprocesses
 import torch
-from tiny import tiny_gemma3, tiny_llama, word_tokenizer
+from tiny import tiny_gemma3, tiny_llama
 
 from unidetox import DistilledDetoxDataset
 from unidetox.decoding.sampler import contrastive_scores
@@ -25,23 +25,8 @@ from unidetox.distill.dataset import (
     summary_markdown,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "distill_tiny.py"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return len(tokenizer.get_vocab())
-
-
-@pytest.fixture
-def base(vocab):
-    return tiny_llama(vocab, seed=0)
 
 
 @pytest.fixture

@@ -204,7 +204,7 @@ from types import SimpleNamespace
 
 import cloudpickle
 
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]  # this module, and the helpers it imports
 import test_stages
 
 cloudpickle.register_pickle_by_value(test_stages)  # the job then starts without importing torch
@@ -243,8 +243,9 @@ def _driver_with_a_held_job(tmp_path, ignore_sigint: bool = False):
     hold.touch()
     slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), stage_dir=slow_args.output_dir,
-                                    config=slow_args.config, rep=str(tmp_path / "rep")))
+    script.write_text(DRIVER.format(here=str(Path(__file__).parent), tests=str(Path(__file__).parents[1]),
+                                    stage_dir=slow_args.output_dir, config=slow_args.config,
+                                    rep=str(tmp_path / "rep")))
     stderr = tmp_path / "driver.err"  # a file, not a pipe: a job that outlived the driver would hold a pipe open
     # As a driver started with `&` from a non-interactive shell: SIGINT ignored, and inherited so by its jobs.
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None

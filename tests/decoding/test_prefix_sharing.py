@@ -10,7 +10,7 @@ sample, so the two layouts are compared token for token.
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import tiny_gemma3, tiny_gpt2, tiny_llama, word_tokenizer
+from tiny import tiny_gemma3, tiny_gpt2, tiny_llama
 
 from unidetox import ContrastiveDetoxSampler
 from unidetox.decoding.sampling import (
@@ -35,11 +35,6 @@ PROMPTS = [
     "",
 ]
 MAKERS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer(padding_side="left")
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import tiny_llama, word_tokenizer
+from tiny import tiny_llama
 
 from unidetox.evaluation.metrics import conditional_nll
 from unidetox.evaluation.mmlu import (
@@ -26,16 +26,6 @@ def mmlu_dir(tmp_path):
         (tmp_path / split / f"animals_{split}.csv").write_text(HEADER + "\n".join(rows) + "\n")
         (tmp_path / split / f"music_{split}.csv").write_text(HEADER + "\n".join(rows[:2]) + "\n")
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_llama(len(tokenizer), seed=0)
 
 
 def test_prompt_formats():

@@ -4,8 +4,8 @@ cached per (model, seed) part, and side by side in report.json / report.md."""
 from collections import defaultdict
 
 import pytest
-from test_evaluate_recipe import overrides, write_tiny_models_and_data
 
+from tests.evaluation.test_evaluate_recipe import overrides, write_tiny_models_and_data
 from unidetox.evaluation import pipeline
 from unidetox.evaluation.metrics import mean_std
 from unidetox.evaluation.report import read_jsonl, seed_toxicity_metrics

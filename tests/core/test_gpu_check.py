@@ -12,7 +12,7 @@ import pytest
 import subprocesses
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the check's own modules, run as scripts there
 
 import gpu_check_report  # noqa: E402

@@ -34,7 +34,7 @@ READY = "READY"
 
 def _start(code: str) -> subprocess.Popen:
     """A Python child that prints READY once it holds what ``code`` takes, then waits to be killed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
     child = subprocesses.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     said = []
     for line in child.stdout:  # libraries may print first
@@ -132,7 +132,7 @@ def _launch_two_ranks(out: Path, report: Path, port: int) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocesses.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
-                             str(Path(__file__).parent / "scripts" / "run_lock_ranks.py"), str(out), str(report)],
+                             str(Path(__file__).parents[1] / "scripts" / "run_lock_ranks.py"), str(out), str(report)],
                             capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(Path(f"{report}.{rank}.json").read_text()) for rank in (0, 1)]

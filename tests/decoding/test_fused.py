@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import tiny_gemma3, tiny_llama, word_tokenizer
+from tiny import tiny_gemma3, tiny_llama
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
@@ -25,11 +25,6 @@ def lora_pair(make=tiny_llama, target_modules="all-linear", seed=0):
     config = LoraConfig(r=4, lora_alpha=16, target_modules=target_modules, init_lora_weights=False, lora_dropout=0.0)
     lora = get_peft_model(copy.deepcopy(base), config).eval()
     return base, lora
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer(padding_side="left")
 
 
 def two_model(base, anti, inputs, **kwargs):

@@ -9,9 +9,9 @@ from pathlib import Path
 import datasets
 import pytest
 from huggingface_hub import HfApi, ModelCard
-from test_detox_recipe import _tiny_overrides
 from tiny import tiny_llama, word_tokenizer
 
+from tests.detox.test_detox_recipe import _tiny_overrides
 from unidetox.detox import pipeline as detox
 from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
 from unidetox.distill.corpus import ToxicCorpusConfig

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import tiny_gemma3, tiny_llama, word_tokenizer
+from tiny import tiny_gemma3, tiny_llama
 
 import unidetox.decoding.fused as fused
 import unidetox.distill.dataset as dataset_module
@@ -15,21 +15,6 @@ from unidetox import DistilledDetoxDataset
 from unidetox.distill.dataset import SHARD_CONFIG_FILE, SHARDS_DIR
 
 KWARGS = dict(num_samples=4, max_length=6, batch_size=2, seed=0, summary_num_samples=0, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return len(tokenizer.get_vocab())
-
-
-@pytest.fixture
-def base(vocab):
-    return tiny_llama(vocab, seed=0)
 
 
 def lora_on(model, seed=123):

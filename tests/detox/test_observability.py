@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
-from test_callbacks import CLEAN, EVAL, PROMPTS, WordScorer
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
+from tests.detox.test_callbacks import CLEAN, EVAL, PROMPTS, WordScorer
 from unidetox.detox.callbacks import DetoxEvalCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.selection import read_eval_records

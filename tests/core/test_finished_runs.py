@@ -16,10 +16,10 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_detox_recipe import _tiny_overrides
 from tiny import tiny_llama, word_tokenizer
 from transformers import TrainerCallback
 
+from tests.detox.test_detox_recipe import _tiny_overrides
 from unidetox import DistilledDetoxDataset
 from unidetox.cards import (
     CARD_MARKER,

@@ -12,7 +12,7 @@ from tiny import tiny_llama, word_tokenizer
 from unidetox.distill import pipeline
 from unidetox.hydra_config import CONF_DIR
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "distill" / "experiment").glob("*.yaml"))
 
@@ -84,7 +84,7 @@ def test_embedded_default_under_accelerate_launch(tmp_path):
     """The README's main command on the embedded default (smollm2-135m + local DGHS), at a tiny size."""
     import os
 
-    from conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA
 
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")

@@ -5,8 +5,8 @@ import shutil
 from collections import defaultdict
 
 import pytest
-from test_evaluate_recipe import overrides, write_tiny_models_and_data
 
+from tests.evaluation.test_evaluate_recipe import overrides, write_tiny_models_and_data
 from unidetox.cli import main
 from unidetox.evaluation import pipeline, rescore
 from unidetox.evaluation.metrics import mean_std

@@ -13,11 +13,6 @@ PROMPTS = ["the cat sat on", "a good", "science helps us understand the"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return word_tokenizer(padding_side="left")
-
-
-@pytest.fixture(scope="module")
 def base():
     return tiny_llama(VOCAB, seed=0)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import subprocesses
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "recipes" / "accelerate_configs"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
