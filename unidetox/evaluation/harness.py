@@ -24,7 +24,11 @@ from unidetox.decoding.sampler import (
 )
 from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.evaluation.capabilities import CapabilitiesConfig, lm_eval_version, run_lm_eval
-from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
+from unidetox.evaluation.likelihood import (
+    aggregate_conditional_perplexity,
+    conditional_nll,
+    sliding_window_nll,
+)
 from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu
 from unidetox.evaluation.report import (
     read_jsonl,
