@@ -51,7 +51,7 @@ from unidetox.decoding.sampling import (
     plan_batches,
     prompt_token_lengths,
 )
-from unidetox.evaluation.harness import PerplexityConfig
+from unidetox.evaluation.config import PerplexityConfig
 from unidetox.evaluation.likelihood import aggregate_conditional_perplexity, conditional_nll
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 

@@ -51,7 +51,7 @@ import unidetox.evaluation.likelihood as likelihood_module
 from unidetox import load_model_and_tokenizer
 from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.decoding.warpers import FastTopPLogitsWarper
-from unidetox.evaluation.harness import PerplexityConfig
+from unidetox.evaluation.config import PerplexityConfig
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 STEP_PARTS = ("attention", "mlp", "lm_head", "norms", "embeddings", "model_other", "sampling", "generate_overhead")
