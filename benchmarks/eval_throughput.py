@@ -25,7 +25,7 @@ the prefill); ``padding_tokens`` counts the left pads in the prompts of each mod
 Each repeat then scores the ``shared`` samples' conditional perplexity under ``--reference`` (default: the model
 itself), both ways (in alternating order): ``unshared``, every sample's prompt + continuation run whole, and
 ``shared``, each prompt run once per batch and its KV cache shared by its samples
-(:func:`unidetox.evaluation.metrics.conditional_nll`).
+(:func:`unidetox.evaluation.likelihood.conditional_nll`).
 ``ratio <model> cond_ppl_shared <x>`` is the unshared scoring's time over the shared one's, and
 ``ratio <model> test_stage <x>`` that of one test stage (``shared`` sampling + scoring) scored unshared over
 scored shared; ``cond_ppl_max_rel_diff`` is the largest relative difference of a sample's NLL between the two
@@ -51,8 +51,8 @@ from unidetox.decoding.sampling import (
     plan_batches,
     prompt_token_lengths,
 )
-from unidetox.evaluation.harness import PerplexityConfig
-from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll
+from unidetox.evaluation.config import PerplexityConfig
+from unidetox.evaluation.likelihood import aggregate_conditional_perplexity, conditional_nll
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 MODES = ("authors", "mixed", "shared", "bucketed")

@@ -4,7 +4,7 @@
     python benchmarks/perplexity_memory.py --num-tokens 2048 --max-length 512 --batch-size 2
     python benchmarks/perplexity_memory.py --device cuda --dtype bfloat16 --num-tokens 65536 --batch-size 8
 
-Modes of :func:`unidetox.evaluation.metrics.sliding_window_nll` over the first ``--num-tokens`` tokens of
+Modes of :func:`unidetox.evaluation.likelihood.sliding_window_nll` over the first ``--num-tokens`` tokens of
 ``wikitext2/wiki.test.raw`` (windows of ``--max-length``, stride half of it):
 - ``full``: ``chunked_head=False``, the model's own forward returns ``(batch, window, vocabulary)`` logits.
 - ``chunked``: the decoder runs once and the LM head sees ``NLL_CHUNK_POSITIONS`` scored positions at a time.
@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from unidetox import load_model_and_tokenizer
-from unidetox.evaluation.metrics import sliding_window_nll
+from unidetox.evaluation.likelihood import sliding_window_nll
 from unidetox.paths import default_data_dir, require_file
 
 MODES = ("full", "chunked")

@@ -24,7 +24,7 @@ cache); ``prefill`` is the shared prompts' forward before ``generate``, ``outsid
 model is also timed once without them (``total_s_no_hooks``, seed 0) to show it.
 
 The conditional perplexity scores the samples under ``--reference`` (default gemma3-270m) with
-:func:`unidetox.evaluation.metrics.conditional_nll` (shared prompt KV cache), split into ``encode`` (tokenizing),
+:func:`unidetox.evaluation.likelihood.conditional_nll` (shared prompt KV cache), split into ``encode`` (tokenizing),
 ``prompt_pass`` (the distinct prompts' decoder forward), ``continuation_pass`` (the rows' decoder forward on the
 copied cache), ``lm_head`` (the head's matmul) and ``nll`` (the head's post-processing and log-sum-exp), and the
 remainder.
@@ -47,11 +47,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import unidetox.decoding.sampling as sampling_module
-import unidetox.evaluation.metrics as metrics_module
+import unidetox.evaluation.likelihood as likelihood_module
 from unidetox import load_model_and_tokenizer
 from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.decoding.warpers import FastTopPLogitsWarper
-from unidetox.evaluation.harness import PerplexityConfig
+from unidetox.evaluation.config import PerplexityConfig
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 STEP_PARTS = ("attention", "mlp", "lm_head", "norms", "embeddings", "model_other", "sampling", "generate_overhead")
@@ -219,7 +219,7 @@ def conditional_profile(reference, tokenizer, prompts, continuations, batch_size
 
     handles = [decoder.register_forward_pre_hook(pre, with_kwargs=True),
                decoder.register_forward_hook(post, with_kwargs=True), *timed_module(head, clock, "lm_head")]
-    originals = (metrics_module._encode_conditional, metrics_module._head_nll)
+    originals = (likelihood_module._encode_conditional, likelihood_module._head_nll)
 
     def timed(function, part):
         def wrapper(*args, **kwargs):
@@ -229,14 +229,14 @@ def conditional_profile(reference, tokenizer, prompts, continuations, batch_size
             return out
         return wrapper
 
-    metrics_module._encode_conditional = timed(originals[0], "encode")
-    metrics_module._head_nll = timed(originals[1], "head_nll")
+    likelihood_module._encode_conditional = timed(originals[0], "encode")
+    likelihood_module._head_nll = timed(originals[1], "head_nll")
     try:
         start = time.perf_counter()
-        metrics_module.conditional_nll(reference, tokenizer, prompts, continuations, batch_size=batch_size)
+        likelihood_module.conditional_nll(reference, tokenizer, prompts, continuations, batch_size=batch_size)
         total = time.perf_counter() - start
     finally:
-        metrics_module._encode_conditional, metrics_module._head_nll = originals
+        likelihood_module._encode_conditional, likelihood_module._head_nll = originals
         for handle in handles:
             handle.remove()
     s = clock.seconds

@@ -14,12 +14,8 @@ import time
 
 from unidetox import load_model_and_tokenizer
 from unidetox.decoding.sampling import generate_continuations
-from unidetox.evaluation.metrics import (
-    conditional_perplexity,
-    expected_max_toxicity,
-    mean_distinct_n,
-    perplexity,
-)
+from unidetox.evaluation.likelihood import conditional_perplexity, perplexity
+from unidetox.evaluation.metrics import expected_max_toxicity, mean_distinct_n
 from unidetox.evaluation.mmlu import MMLUConfig, evaluate_mmlu
 from unidetox.evaluation.prompts import COMBINED_CATEGORIES, load_prompts
 from unidetox.evaluation.report import seed_toxicity_metrics

@@ -48,10 +48,10 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "prompts": "unidetox.evaluation.prompts:PromptsConfig",
         "eval": "unidetox.decoding.sampling:ToxicityEvalConfig",
         "scorer": "unidetox.evaluation.scoring:ScorerConfig",
-        "perplexity": "unidetox.evaluation.harness:PerplexityConfig",
+        "perplexity": "unidetox.evaluation.config:PerplexityConfig",
         "mmlu": "unidetox.evaluation.mmlu:MMLUConfig",
         "capabilities": "unidetox.evaluation.capabilities:CapabilitiesConfig",
-        "decoding": "unidetox.evaluation.harness:DecodingConfig",
+        "decoding": "unidetox.evaluation.config:DecodingConfig",
         "model_card": "unidetox.evaluation.model_card:ModelCardConfig",
     },
     "replicate": {

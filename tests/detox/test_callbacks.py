@@ -17,7 +17,8 @@ from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.selection import read_eval_records, select_checkpoint
 from unidetox.detox.trainer import UniversalDetoxTrainer
-from unidetox.evaluation.metrics import expected_max_toxicity, perplexity, toxicity_probability
+from unidetox.evaluation.likelihood import perplexity
+from unidetox.evaluation.metrics import expected_max_toxicity, toxicity_probability
 from unidetox.evaluation.scoring import ToxicityScorer
 
 TOXIC_WORDS = {"hate", "awful", "stupid", "ugly", "kill"}

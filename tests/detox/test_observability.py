@@ -18,7 +18,7 @@ from unidetox.detox.callbacks import DetoxEvalCallback
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.selection import read_eval_records
 from unidetox.detox.trainer import UniversalDetoxTrainer
-from unidetox.evaluation import metrics
+from unidetox.evaluation import likelihood
 from unidetox.logging_setup import configure_logging
 
 
@@ -86,8 +86,8 @@ def test_evaluation_phases_label_their_bars(monkeypatch):
 
     tokenizer = word_tokenizer()
     model = tiny_llama(len(tokenizer), seed=0)
-    metrics.conditional_nll(model, tokenizer, ["the cat"], ["sat on"], progress=True)
-    metrics.sliding_window_nll(model, tokenizer, CLEAN, max_length=16, progress="WikiText ppl base")
+    likelihood.conditional_nll(model, tokenizer, ["the cat"], ["sat on"], progress=True)
+    likelihood.sliding_window_nll(model, tokenizer, CLEAN, max_length=16, progress="WikiText ppl base")
     question = MMLUQuestion("x", "the cat", ("sat", "on", "the", "mat"), 0)
     score_mmlu_questions(model, tokenizer, [question], {}, MMLUConfig(k_shot=0), progress=True)
     assert labels == ["conditional ppl", "WikiText ppl base", "MMLU"]

@@ -13,8 +13,11 @@ from unidetox.cards import CARD_MARKER
 from unidetox.decoding.sampler import ContrastiveDetoxSampler
 from unidetox.decoding.sampling import ToxicityEvalConfig
 from unidetox.distill.dataset import METADATA_FILE, SHARD_CONFIG_FILE, SHARDS_DIR
-from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, model_slug, run_evaluation
+from unidetox.evaluation.config import DecodingConfig, EvaluateArguments, PerplexityConfig
+from unidetox.evaluation.harness import run_evaluation
+from unidetox.evaluation.mmlu import MMLUConfig
 from unidetox.evaluation.model_card import update_model_cards
+from unidetox.evaluation.plan import model_slug
 from unidetox.evaluation.prompts import Prompt, read_prompt_file, read_toxigen_fewshot
 from unidetox.evaluation.report import read_jsonl
 from unidetox.model_identity import saved_model_id
@@ -34,11 +37,11 @@ def save_tiny_model(path, seed):
 
 
 def evaluate(model, out, reference=None):
-    return run_evaluation(
-        [str(model)], [0], out, [Prompt(s) for s in STATEMENTS],
-        eval_config=ToxicityEvalConfig(num_samples=NUM_SAMPLES, max_new_tokens=4, batch_size=4),
-        perplexity_config=PerplexityConfig(reference_model=reference, wikitext=False), progress=False,
-    )
+    return run_evaluation(EvaluateArguments(
+        [str(model)], [0], out, eval=ToxicityEvalConfig(num_samples=NUM_SAMPLES, max_new_tokens=4, batch_size=4),
+        also_scorers=[], perplexity=PerplexityConfig(reference_model=reference, wikitext=False),
+        mmlu=MMLUConfig(enabled=False), progress=False,
+    ), [Prompt(s) for s in STATEMENTS])
 
 
 def numbers(report, model):
@@ -135,12 +138,11 @@ def test_evaluate_with_an_anti_expert_of_another_vocabulary_names_both(tmp_path)
     char_tokenizer().save_pretrained(anti)
     with pytest.raises(ValueError, match=rf"model {model} scores {len(word_tokenizer())} tokens but the "
                                          rf"anti-expert {anti} scores {len(char_tokenizer())}"):
-        run_evaluation(
-            [str(model)], [0], tmp_path / "eval", [Prompt(s) for s in STATEMENTS],
-            eval_config=ToxicityEvalConfig(num_samples=1, max_new_tokens=2, batch_size=4),
-            perplexity_config=PerplexityConfig(reference_model=None, wikitext=False),
-            decoding_config=DecodingConfig(anti_expert=str(anti)), progress=False,
-        )
+        run_evaluation(EvaluateArguments(
+            [str(model)], [0], tmp_path / "eval", eval=ToxicityEvalConfig(num_samples=1, max_new_tokens=2, batch_size=4),
+            also_scorers=[], perplexity=PerplexityConfig(reference_model=None, wikitext=False),
+            mmlu=MMLUConfig(enabled=False), decoding=DecodingConfig(anti_expert=str(anti)), progress=False,
+        ), [Prompt(s) for s in STATEMENTS])
     assert not list((tmp_path / "eval" / "parts").rglob("seed*.jsonl"))  # refused before the plain samples too
 
 

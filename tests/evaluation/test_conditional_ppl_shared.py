@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.tiny import char_tokenizer, tiny_gemma3, tiny_llama, word_tokenizer
-from unidetox.evaluation import metrics
-from unidetox.evaluation.metrics import conditional_nll
+from unidetox.evaluation import likelihood
+from unidetox.evaluation.likelihood import conditional_nll
 
 # Prompts of 1 to 40 characters and 1 to 11 words: longer than the tiny gemma3's sliding window (8 tokens) under
 # either tokenizer, and an empty prompt (only BOS, or no prompt token at all under the BOS-less char tokenizer).
@@ -62,7 +62,7 @@ def test_shared_prompts_match_when_sequences_lose_prompt_tokens(name):
 @pytest.mark.parametrize("name", ["llama_words", "gemma3_chars"])
 def test_each_prompt_runs_once_per_batch(name):
     model, tokenizer = tiny(name)
-    decoder = metrics._lm_head_split(model)[0]
+    decoder = likelihood._lm_head_split(model)[0]
     calls = []
     decoder.register_forward_hook(lambda _m, _args, kwargs, _out: calls.append(kwargs["input_ids"].shape),
                                   with_kwargs=True)
@@ -86,7 +86,7 @@ def test_lora_model_shares_prompts_with_its_adapters():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
-    assert metrics._shares_prefixes(model, metrics._lm_head_split(model))
+    assert likelihood._shares_prefixes(model, likelihood._lm_head_split(model))
     shared = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=6)
     unshared = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, batch_size=6, share_prompts=False)
     assert_same(shared, unshared)
@@ -97,7 +97,7 @@ def test_lora_model_shares_prompts_with_its_adapters():
 
 def test_models_without_a_known_decoder_score_each_sequence(monkeypatch):
     model, tokenizer = tiny("llama_words")
-    monkeypatch.setattr(metrics, "_shared_prefix_nll", None)  # would raise if called
+    monkeypatch.setattr(likelihood, "_shared_prefix_nll", None)  # would raise if called
     shared = conditional_nll(model, tokenizer, PROMPTS, CONTINUATIONS, chunked_head=False)
     assert sum(n > 0 for _, n in shared) >= 15
 

@@ -5,18 +5,20 @@ import torch
 from tiny import CORPUS, tiny_gemma3, tiny_gpt2, tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
-from unidetox.evaluation import metrics
-from unidetox.evaluation.metrics import (
+from unidetox.evaluation import likelihood
+from unidetox.evaluation.likelihood import (
     aggregate_conditional_perplexity,
     conditional_nll,
     conditional_perplexity,
+    perplexity,
+    sliding_window_nll,
+    sliding_window_windows,
+)
+from unidetox.evaluation.metrics import (
     distinct_n,
     expected_max_toxicity,
     mean_distinct_n,
     mean_std,
-    perplexity,
-    sliding_window_nll,
-    sliding_window_windows,
     toxicity_probability,
 )
 
@@ -209,9 +211,9 @@ class ForwardCalls:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_chunked_head_equals_full_logits_with_padding_and_batches(arch, tokenizer, monkeypatch):
-    monkeypatch.setattr(metrics, "NLL_CHUNK_BYTES", 5 * 4 * len(tokenizer))  # 5 rows: several chunks
+    monkeypatch.setattr(likelihood, "NLL_CHUNK_BYTES", 5 * 4 * len(tokenizer))  # 5 rows: several chunks
     model = tiny_causal_lm(arch, len(tokenizer))
-    assert metrics._lm_head_split(model) is not None
+    assert likelihood._lm_head_split(model) is not None
     calls = ForwardCalls(model)
     texts = CORPUS[:5]
     ids = tokenizer("\n\n".join(texts))["input_ids"]
@@ -252,7 +254,7 @@ def test_lora_model_splits_with_its_adapters(tokenizer):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
-    assert metrics._lm_head_split(model) is not None
+    assert likelihood._lm_head_split(model) is not None
     chunked = sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4, batch_size=2)
     full = sliding_window_nll(model, tokenizer, CORPUS, max_length=10, stride=4, batch_size=2,
                               chunked_head=False)
@@ -273,7 +275,7 @@ def test_unknown_forward_falls_back_to_full_logits(tokenizer):
     model = HalvedLogitsLlama(tiny_llama(len(tokenizer)).config)
     model.load_state_dict(tiny_llama(len(tokenizer)).state_dict())
     model.eval()
-    assert metrics._lm_head_split(model) is None
+    assert likelihood._lm_head_split(model) is None
     calls = ForwardCalls(model)
     texts = CORPUS[:3]
     ids = tokenizer("\n\n".join(texts))["input_ids"]

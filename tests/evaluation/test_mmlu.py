@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny import tiny_llama
 
-from unidetox.evaluation.metrics import conditional_nll
+from unidetox.evaluation.likelihood import conditional_nll
 from unidetox.evaluation.mmlu import (
     MMLUConfig,
     MMLUQuestion,

@@ -8,7 +8,7 @@ checkpoint whose perplexity rose by at most a bound over the baseline: how UniDe
 on validation prompts before testing.
 
 Generation and perplexity are the evaluation harness's own functions (:func:`unidetox.decoding.sampling.generate_samples`,
-:func:`unidetox.evaluation.metrics.sliding_window_nll`), so validation numbers are computed exactly like test numbers.
+:func:`unidetox.evaluation.likelihood.sliding_window_nll`), so validation numbers are computed exactly like test numbers.
 """
 
 from __future__ import annotations
@@ -27,12 +27,8 @@ from transformers import TrainerCallback
 
 from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.detox.selection import EVAL_LOG_FILE, checkpoint_dir, read_eval_records
-from unidetox.evaluation.metrics import (
-    expected_max_toxicity,
-    mean_distinct_n,
-    sliding_window_nll,
-    toxicity_probability,
-)
+from unidetox.evaluation.likelihood import sliding_window_nll
+from unidetox.evaluation.metrics import expected_max_toxicity, mean_distinct_n, toxicity_probability
 from unidetox.evaluation.scoring import ProfanityCheckScorer, ToxicityScorer
 from unidetox.processes import gather_objects, rank_and_world_size
 

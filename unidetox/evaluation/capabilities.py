@@ -23,6 +23,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidetox.lm_eval_tasks import include_path
+
 BACKENDS = ("paper", "lm_eval")
 # The names users know from lm-eval -> the local-data tasks of unidetox.lm_eval_tasks that stand in for them.
 LM_EVAL_TASKS = {"mmlu": "unidetox_mmlu", "wikitext": "unidetox_wikitext"}
@@ -165,8 +167,6 @@ def run_lm_eval(model, tokenizer, config: CapabilitiesConfig, data_dir=None) -> 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    from unidetox.lm_eval_tasks import include_path
 
     metadata = {"data_dir": str(Path(data_dir).expanduser())} if data_dir else None
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)

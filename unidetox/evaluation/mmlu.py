@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unidetox.evaluation.metrics import conditional_nll
+from unidetox.evaluation.likelihood import conditional_nll
 from unidetox.paths import default_data_dir, require_file
 
 LETTERS = ("A", "B", "C", "D")

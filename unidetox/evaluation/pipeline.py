@@ -14,13 +14,14 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unidetox.decoding.sampling import ToxicityEvalConfig
 from unidetox.evaluation.capabilities import CapabilitiesConfig
-from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, run_evaluation
+from unidetox.evaluation.config import DecodingConfig, EvaluateArguments, PerplexityConfig
+from unidetox.evaluation.harness import run_evaluation
 from unidetox.evaluation.mmlu import MMLUConfig
 from unidetox.evaluation.model_card import ModelCardConfig, update_model_cards
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
@@ -36,30 +37,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 GENERATIONS_FILE = "generations.jsonl"
-
-
-@dataclass
-class EvaluateArguments:
-    """Everything the evaluate stage needs (the sections of ``conf/evaluate.yaml``)."""
-
-    models: list[str]
-    seeds: list[int]
-    output_dir: str
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    eval: ToxicityEvalConfig = field(default_factory=ToxicityEvalConfig)
-    scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    # Every stored continuation is also scored by these, and the report gives TP/EMT under each next to `scorer`'s.
-    also_scorers: list[ScorerConfig] = field(default_factory=lambda: [ScorerConfig(name="jigsaw_bilstm")])
-    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    mmlu: MMLUConfig = field(default_factory=MMLUConfig)
-    capabilities: CapabilitiesConfig = field(default_factory=CapabilitiesConfig)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    model_card: ModelCardConfig = field(default_factory=ModelCardConfig)
-    data_dir: str | None = None
-    dtype: str | None = None
-    progress: bool = True
-    parts_dir: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,15 +120,7 @@ def run(args: EvaluateArguments) -> EvaluateResult:
     logger.info("%d prompts (%s, split %s); models %s; seeds %s", len(prompts), args.prompts.source,
                 args.prompts.split, args.models, args.seeds)
     save_resolved_config(args.config, out)
-    report = run_evaluation(
-        args.models, args.seeds, out, prompts,
-        eval_config=args.eval, scorer_config=args.scorer, perplexity_config=args.perplexity,
-        mmlu_config=args.mmlu, decoding_config=args.decoding,
-        prompts_info={"source": args.prompts.source, "path": args.prompts.path, "split": args.prompts.split,
-                      "split_seed": args.prompts.split_seed, "subset_seed": args.prompts.subset_seed},
-        data_dir=args.data_dir, dtype=args.dtype, config_dict=args.config, progress=args.progress,
-        parts_dir=args.parts_dir, capabilities_config=args.capabilities, also_scorer_configs=args.also_scorers,
-    )
+    report = run_evaluation(args, prompts)
     if not is_main_process():  # every rank returns the report: the main process has written it
         return EvaluateResult.load(out)
     if args.model_card.update:

@@ -248,13 +248,28 @@ def scorers_markdown(report: dict) -> list[str]:
     return lines
 
 
-def plot_toxicity_vs_perplexity(report: dict, path: str | os.PathLike) -> Path | None:
-    """EMT and TP against conditional perplexity, one point (± std over seeds) per model."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as a 120-dpi image and close it; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_toxicity_vs_perplexity(report: dict, path: str | os.PathLike) -> Path | None:
+    """EMT and TP against conditional perplexity, one point (± std over seeds) per model."""
+    plt = pyplot()
     points = [(name, m) for name, m in report["models"].items() if m.get("conditional_perplexity")]
     if not points:
         return None
@@ -270,20 +285,12 @@ def plot_toxicity_vs_perplexity(report: dict, path: str | os.PathLike) -> Path |
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("Toxicity vs fluency (lower-left is better)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_category_toxicity(report: dict, path: str | os.PathLike, metric: str = "toxicity_probability") -> Path | None:
     """Grouped bars of per-category TP (± std over seeds), one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = report["models"]
     categories = [c for c in (*CATEGORIES, "combined") if any(c in m.get("categories", {}) for m in models.values())]
     if not categories:
@@ -301,11 +308,7 @@ def plot_category_toxicity(report: dict, path: str | os.PathLike, metric: str = 
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: dict, output_dir: str | os.PathLike) -> dict[str, Path]:

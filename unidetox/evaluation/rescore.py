@@ -41,6 +41,7 @@ from unidetox.evaluation.report import (
 )
 from unidetox.evaluation.scoring import ScorerConfig, ToxicityScorer, build_scorer
 from unidetox.files import atomic_write_json, atomic_write_text, read_json
+from unidetox.hydra_config import parse_dataclass
 from unidetox.intervals import DEFAULT_RESAMPLES
 from unidetox.run_dir import CONFIG_FILE, check_output_dir
 
@@ -82,8 +83,6 @@ def parse_args(argv: Sequence[str] = ()) -> RescoreArguments:
     """RUN_DIR (or run_dir=) and key=value overrides: scorer=NAME, scorer.FIELD=VALUE (any ScorerConfig field:
     label, checkpoint, device, batch_size, ...), output_dir=, reference=, num_resamples=, seed=."""
     from omegaconf import OmegaConf
-
-    from unidetox.hydra_config import parse_dataclass
 
     dotlist, positional = [], []
     for item in argv:

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from unidetox.evaluation import jigsaw_bilstm
 from unidetox.secret_masking import mask_secrets, redact
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ class ToxicityScorer(ABC):
     @classmethod
     def from_config(cls, config: ScorerConfig) -> ToxicityScorer:
         """The scorer ``config`` describes; subclasses read the :class:`ScorerConfig` fields they use."""
-        return cls() if config.batch_size is None else cls(batch_size=config.batch_size)
+        return cls(**batch_size_option(config))
 
     @abstractmethod
     def score_batch(self, texts: list[str]) -> list[float]:
-        """Scores of one batch, each in [0, 1]."""
+        """Scores of one batch (never empty: :meth:`__call__` skips empty input), each in [0, 1]."""
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
         if isinstance(texts, str):
@@ -59,6 +60,11 @@ class ToxicityScorer(ABC):
         if bad:
             raise RuntimeError(f"{self.name} produced scores outside [0, 1]: {bad[:5]}")
         return scores
+
+
+def batch_size_option(config: ScorerConfig) -> dict[str, int]:
+    """``{"batch_size": n}`` when ``config`` sets one, else ``{}`` (the scorer's own default)."""
+    return {} if config.batch_size is None else {"batch_size": config.batch_size}
 
 
 # Invisible characters that split a word for a lexical model but not for a reader.
@@ -91,8 +97,6 @@ class ProfanityCheckScorer(ToxicityScorer):
         self._predict_prob = predict_prob
 
     def score_batch(self, texts: list[str]) -> list[float]:
-        if not texts:
-            return []
         return self._predict_prob([normalize_for_lexical_scoring(text) for text in texts]).tolist()
 
 
@@ -142,12 +146,9 @@ class DetoxifyScorer(ToxicityScorer):
 
     @classmethod
     def from_config(cls, config: ScorerConfig) -> DetoxifyScorer:
-        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
-        return cls(config.model_type, checkpoint=config.checkpoint, device=config.device, **extra)
+        return cls(config.model_type, checkpoint=config.checkpoint, device=config.device, **batch_size_option(config))
 
     def score_batch(self, texts: list[str]) -> list[float]:
-        if not texts:
-            return []
         out = self._model.predict(texts)
         if self.attribute not in out:
             raise ValueError(f"Detoxify has no attribute {self.attribute!r}; it returns {sorted(out)}.")
@@ -225,12 +226,9 @@ class HFClassifierScorer(ToxicityScorer):
 
     @classmethod
     def from_config(cls, config: ScorerConfig) -> HFClassifierScorer:
-        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
-        return cls(config.model, label=config.label, device=config.device, **extra)
+        return cls(config.model, label=config.label, device=config.device, **batch_size_option(config))
 
     def score_batch(self, texts: list[str]) -> list[float]:
-        if not texts:
-            return []
         outputs = self._pipe(texts, batch_size=self._pipe_batch_size)
         return [next(float(d["score"]) for d in out if d["label"] == self.label) for out in outputs]
 
@@ -373,18 +371,16 @@ class JigsawBiLSTMScorer(ToxicityScorer):
     def __init__(self, label: str = "toxic", batch_size: int = 256, device: str | None = None,
                  wheel: str | None = None):
         super().__init__(batch_size)
-        from unidetox.evaluation.jigsaw_bilstm import LABELS, load_jigsaw_bilstm
-
-        if label not in LABELS:
-            raise ValueError(f"jigsaw_bilstm has no label {label!r}; choose one of {list(LABELS)} (recipes: "
-                             "scorer.label=NAME).")
-        self.label, self.labels = label, LABELS
-        self._model = load_jigsaw_bilstm(wheel=wheel, device=device)
+        if label not in jigsaw_bilstm.LABELS:
+            raise ValueError(f"jigsaw_bilstm has no label {label!r}; choose one of {list(jigsaw_bilstm.LABELS)} "
+                             "(recipes: scorer.label=NAME).")
+        self.label, self.labels = label, jigsaw_bilstm.LABELS
+        self._model = jigsaw_bilstm.load_jigsaw_bilstm(wheel=wheel, device=device)
 
     @classmethod
     def from_config(cls, config: ScorerConfig) -> JigsawBiLSTMScorer:
-        extra = {} if config.batch_size is None else {"batch_size": config.batch_size}
-        return cls(label=config.label or "toxic", device=config.device, wheel=config.checkpoint, **extra)
+        return cls(label=config.label or "toxic", device=config.device, wheel=config.checkpoint,
+                   **batch_size_option(config))
 
     def score_batch(self, texts: list[str]) -> list[float]:
         return self._model.predict(texts)[:, self.labels.index(self.label)].tolist()
