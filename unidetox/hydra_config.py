@@ -372,17 +372,7 @@ def _coerced(value, annotation, key: str, shown=None):
     if value is None:
         return None
     if origin in (Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:
-            return _coerced(value, members[0], key, shown)
-        if any(_is_exactly(value, m) for m in members):
-            return value
-        for member in members:  # the first member the value converts to; one that cannot be checked takes it
-            try:
-                return _coerced(value, member, key)
-            except ValueError:
-                continue
-        raise _mismatch(key, value, shown)
+        return _coerced_to_union(value, [a for a in args if a is not type(None)], key, shown)
     if origin is Literal:
         if _is_exactly(value, annotation):
             return value
@@ -392,44 +382,11 @@ def _coerced(value, annotation, key: str, shown=None):
             return annotation(value)
         except ValueError:
             raise _mismatch(key, value, shown) from None
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return BOOL_WORDS[value.strip().lower()]
-        raise _mismatch(key, value, shown)
-    if annotation is int:
-        number = value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                number = _float_or_none(value)
-        if isinstance(number, int) and not isinstance(number, bool):
-            return number
-        if isinstance(number, float) and number.is_integer():
-            return int(number)
-        raise _mismatch(key, value, shown)
-    if annotation is float:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = int(value.strip())
-            except ValueError:
-                number = _float_or_none(value)
-        # An int stays an int: it is a valid float, and TrainingArguments' float step fields (a ratio below 1)
-        # count steps as ints (save_steps=1 is one step, not 1.0).
-        if isinstance(number, (int, float)) and not isinstance(number, bool):
-            return number
-        raise _mismatch(key, value, shown)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        raise _mismatch(key, value, shown)
+    if isinstance(annotation, type) and annotation in _SCALAR_COERCIONS:
+        converted = _SCALAR_COERCIONS[annotation](value)
+        if converted is _NO_FIT:
+            raise _mismatch(key, value, shown)
+        return converted
     if (origin or annotation) is list:
         item = args[0] if args else Any
         if isinstance(value, (list, tuple)):
@@ -443,6 +400,74 @@ def _coerced(value, annotation, key: str, shown=None):
         item = args[1] if len(args) == 2 else Any
         return {k: _coerced(v, item, f"{key}.{k}") for k, v in value.items()}
     return value
+
+
+def _coerced_to_union(value, members: list, key: str, shown):
+    """:func:`_coerced` for a union of ``members`` (``None`` left out): a value of one member stays as it is, else
+    the first member it converts to takes it (one that cannot be checked takes any value)."""
+    if len(members) == 1:
+        return _coerced(value, members[0], key, shown)
+    if any(_is_exactly(value, m) for m in members):
+        return value
+    for member in members:
+        try:
+            return _coerced(value, member, key)
+        except ValueError:
+            continue
+    raise _mismatch(key, value, shown)
+
+
+_NO_FIT = object()  # what a scalar conversion returns for a value that does not fit its type
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    return _NO_FIT
+
+
+def _to_int(value):
+    number = value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            number = _float_or_none(value)
+    if isinstance(number, int) and not isinstance(number, bool):
+        return number
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    return _NO_FIT
+
+
+def _to_float(value):
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = _float_or_none(value)
+    # An int stays an int: it is a valid float, and TrainingArguments' float step fields (a ratio below 1)
+    # count steps as ints (save_steps=1 is one step, not 1.0).
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        return number
+    return _NO_FIT
+
+
+def _to_str(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _NO_FIT
+
+
+# annotation -> its lossless conversion (the value, converted, or _NO_FIT)
+_SCALAR_COERCIONS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _float_or_none(text: str) -> float | None:
