@@ -29,7 +29,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from unidetox.config_keys import section_fields
+from unidetox.config_keys import section_fields, type_name
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
 from unidetox.run_dir import CONFIG_FILE
@@ -328,20 +328,6 @@ def to_container(section) -> dict[str, Any]:
     if isinstance(section, DictConfig):
         return OmegaConf.to_container(section, resolve=True)
     return dict(section or {})
-
-
-def type_name(annotation) -> str:
-    if annotation is type(None):
-        return "None"
-    if get_origin(annotation) in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in get_args(annotation))
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return f"{annotation.__name__} (one of {', '.join(repr(m.value) for m in annotation)})"
-    if isinstance(annotation, type) and not get_args(annotation):
-        return annotation.__name__
-    return repr(annotation).replace("typing.", "")
 
 
 def _mismatch(key: str, value, annotation) -> ValueError:
