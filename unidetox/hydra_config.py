@@ -12,7 +12,9 @@ key that no config defines is rejected naming its section and the nearest valid 
 checked by the dataclass of its section, the same way), an unknown group option names the nearest options, and every
 value is converted to its field's annotated type where that loses nothing, or rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
 
-Hydra is imported lazily: the rest of the library works without it.
+Hydra and OmegaConf are imported inside the functions that use them: importing unidetox and its stages, ``unidetox
+--help``, and a stage's ``run(args)`` with arguments built in Python never import Hydra. hydra-core is nevertheless a
+required dependency, since the command line and the recipes compose every config with it.
 """
 
 from __future__ import annotations
@@ -212,7 +214,8 @@ def compose_config(
 
     ``--config-dir DIR`` among the overrides adds a folder of the user's configs, searched before the shipped ones
     (:func:`split_config_dirs`); a group given a YAML file path (``recipe=PATH.yaml``) takes that file as its option.
-    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
+    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` (``$UNIDETOX_DATA_DIR``) unless overridden;
+    without either it raises :class:`~unidetox.paths.DataDirNotSet` naming both. Raises ``ValueError`` for an
     override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
     and the nearest valid names); no such error quotes a secret value. ``free_form_groups`` (default: the recipe's
     :data:`FREE_FORM_GROUPS`) take any value besides their presets.
