@@ -29,11 +29,16 @@ def test_without_the_variable_nothing_is_guessed_and_the_error_names_it_and_the_
         _data_dir({})
 
 
-def test_composing_needs_the_variable_or_a_data_dir_override(monkeypatch, tmp_path):
+@pytest.mark.parametrize("recipe", ["distill", "detox", "evaluate", "replicate"])
+def test_composing_needs_the_variable_or_a_data_dir_override(monkeypatch, tmp_path, recipe):
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
     with pytest.raises(DataDirNotSet, match=DATA_ENV_VAR):
-        compose_config("evaluate")
-    assert compose_config("evaluate", [f"data_dir={tmp_path}"]).data_dir == str(tmp_path)
+        compose_config(recipe)
+    # data_dir=PATH, without a '+', whether or not the recipe's YAML lists the key
+    assert compose_config(recipe, [f"data_dir={tmp_path}"]).data_dir == str(tmp_path)
+
+
+def test_the_variable_reaches_what_the_configs_interpolate(monkeypatch, tmp_path):
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path / "shared"))
     assert compose_config("evaluate").prompts.data_dir == str(tmp_path / "shared")
 

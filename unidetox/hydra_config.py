@@ -38,6 +38,7 @@ from unidetox.run_dir import CONFIG_FILE
 from unidetox.secret_masking import MASK, is_secret_key, mask_secrets, mask_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
+DATA_DIR_KEY = "data_dir"  # the top-level key holding the shared data folder, which the configs interpolate
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 # recipe -> its groups whose value may be any hub id, path or embedded name besides a preset (model=...)
 FREE_FORM_GROUPS = {"distill": ("model",), "detox": ("model",)}
@@ -199,7 +200,7 @@ def _top_key(override) -> str:
 def _adds_to_top_level(override, group_dirs: Sequence[Path]) -> bool:
     """True for ``+key...=``/``++key...=`` overrides that may create a top-level key (not a group, not Hydra's)."""
     key = override.key_or_group
-    if not (override.is_add() or override.is_force_add()) or "/" in key or _top_key(override) in ("hydra", "data_dir"):
+    if not (override.is_add() or override.is_force_add()) or "/" in key or _top_key(override) in ("hydra", DATA_DIR_KEY):
         return False
     return "." in key or not any((d / key).is_dir() for d in group_dirs)
 
@@ -243,11 +244,13 @@ def _compose(recipe: str, overrides: Sequence[str], conf_dir: Path, free_form_gr
     overrides = _link_config_files(overrides, group_dirs, group_dirs[0])
     overrides = _rewrite_free_form_overrides(overrides, group_dirs, free_form_groups)
     known_fields = section_fields(recipe)
-    overrides = _rewrite_dataclass_field_overrides(overrides, parsed, known_fields)
+    # The shared data folder is a top-level key of every recipe (set below unless given), listed in its YAML or not.
+    settable = {**known_fields, "": {*known_fields.get("", ()), DATA_DIR_KEY}}
+    overrides = _rewrite_dataclass_field_overrides(overrides, parsed, settable)
     search_path = [d for d in group_dirs[:-1] if d.is_dir()]  # the last is the primary config dir itself
     extra = [f"hydra.searchpath=[{','.join(_hydra_quoted(f'file://{d}') for d in search_path)}]"]
-    if not any(o.key_or_group == "data_dir" for o in parsed):
-        extra.append(f"++data_dir={_hydra_quoted(default_data_dir())}")
+    if not any(o.key_or_group == DATA_DIR_KEY for o in parsed):
+        extra.append(f"++{DATA_DIR_KEY}={_hydra_quoted(default_data_dir())}")
     additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, group_dirs)}
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=recipe):
         try:
