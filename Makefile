@@ -6,6 +6,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # The CPU wheel of torch lies on local disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The shared data sets, read by path (never copied): unidetox reads the folder from this variable only. Unless it
+# is set already, the folder beside the checkout, where CI clones it.
+export UNIDETOX_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 # The suite runs as one pytest worker per core, a file per worker (a module's shared fixtures run once), each worker
 # at one torch thread: workers with several threads each on the same cores spin at OpenMP barriers and run far slower.
 PYTEST_WORKERS ?= auto

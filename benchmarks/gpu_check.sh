@@ -58,6 +58,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # transformers >= 5.24 swaps in kernels from the hub when it loads a checkpoint; they would need a download (and
 # the `kernels` package), so the layers run as torch implements them.
 export USE_HUB_KERNELS=0
+# unidetox reads the shared data folder from this variable only (the recipes need it set): the one beside the checkout.
+export UNIDETOX_DATA_DIR="${UNIDETOX_DATA_DIR:-$(realpath -m "$REPO/../shared/data")}"
 export PYTHONPATH="$REPO${BUNDLE:+:$RUNS/site}${PYTHONPATH:+:$PYTHONPATH}"
 MIN_STEP_S=20  # a step given less than this is skipped rather than started to be killed
 START=$(date +%s)

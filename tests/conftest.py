@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(os.environ.get("UNIDETOX_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+os.environ.setdefault("UNIDETOX_DATA_DIR", str(SHARED_DATA))  # what the library and the recipes read
 
 
 @pytest.fixture

@@ -51,8 +51,8 @@ _LAZY_NAMES = {
     "ToxicityScorer": "unidetox.evaluation.scoring",
     "build_scorer": "unidetox.evaluation.scoring",
     "register_scorer": "unidetox.evaluation.scoring",
-    "EMBEDDED_MODELS": "unidetox.models",
-    "embedded_model_path": "unidetox.models",
+    "EMBEDDED_MODELS": "unidetox.embedded_models",
+    "embedded_model_path": "unidetox.embedded_models",
     "load_model_and_tokenizer": "unidetox.models",
 }
 

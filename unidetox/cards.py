@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from unidetox.models import embedded_hub_id, is_embedded_name
+from unidetox.embedded_models import embedded_hub_id, is_embedded_name
 
 logger = logging.getLogger(__name__)
 

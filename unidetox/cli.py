@@ -17,14 +17,17 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from unidetox import embedded_models
 from unidetox.config_keys import SECTION_DATACLASSES, section_fields
-from unidetox.hydra_config import CONF_DIR, FREE_FORM_GROUPS
+from unidetox.hydra_config import CONF_DIR, FREE_FORM_GROUPS, compose_config
 from unidetox.logging_setup import configure_logging
 from unidetox.processes import end_process_group
+from unidetox.secret_masking import mask_secrets
 from unidetox.version import __version__
 
-# The pipelines import torch, transformers and trl: they are imported only to run a command, so that --help,
-# --cfg job and the errors in the command line come back at once.
+# The pipelines import torch, transformers and trl: they are imported only to run a command (by name, from this
+# table), so that --help, --cfg job and the errors in the command line come back at once; the modules imported above
+# import Hydra, OmegaConf, torch and transformers only inside the functions that use them.
 # command -> (pipeline module, what it does, the overrides users reach for first)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "distill": (
@@ -128,8 +131,8 @@ def main_help() -> str:
              "       unidetox path MODEL    (an embedded model's local directory, e.g. for lm_eval --model_args)", "",
              "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary, _) in COMMANDS.items()]
-    lines += [f"  {PATH_COMMAND:<10} print the local path of an embedded model (smollm2-135m, gemma3-270m), "
-              "provisioning it on first use", "",
+    lines += [f"  {PATH_COMMAND:<10} print the local path of an embedded model "
+              f"({', '.join(embedded_models.EMBEDDED_MODELS)}), provisioning it on first use", "",
               "Under several processes: accelerate launch -m unidetox.cli COMMAND [OVERRIDE ...]",
               f"Errors are one line naming the fix; {TRACEBACK_ENV}=1 shows the traceback."]
     return "\n".join(lines)
@@ -163,9 +166,6 @@ def composed_config_yaml(command: str, overrides: Sequence[str]) -> str:
     """The config ``command`` runs with, as YAML, secrets masked (Hydra's ``--cfg job``)."""
     from omegaconf import OmegaConf
 
-    from unidetox.hydra_config import compose_config
-    from unidetox.secret_masking import mask_secrets
-
     return OmegaConf.to_yaml(OmegaConf.create(mask_secrets(compose_config(command, list(overrides)))))
 
 
@@ -178,8 +178,6 @@ def run_command(command: str, overrides: Sequence[str]):
     if command not in COMMANDS:
         raise ValueError(unknown_command_error(command))
     if command not in RUN_DIR_COMMANDS:
-        from unidetox.hydra_config import compose_config
-
         compose_config(command, list(overrides))
     pipeline = importlib.import_module(COMMANDS[command][0])
     return pipeline.run(pipeline.parse_args(list(overrides)))
@@ -187,17 +185,16 @@ def run_command(command: str, overrides: Sequence[str]):
 
 def print_model_path(args: Sequence[str]) -> None:
     """``unidetox path NAME``: print the local directory of the embedded model NAME, provisioning it first."""
+    names = list(embedded_models.EMBEDDED_MODELS)
     if len(args) != 1 or args[0] in ("-h", "--help"):
-        raise ValueError("usage: unidetox path MODEL, with MODEL one of smollm2-135m, gemma3-270m; e.g. "
-                         "lm_eval --model hf --model_args pretrained=$(unidetox path smollm2-135m) ...")
-    from unidetox.models import EMBEDDED_MODELS, EmbeddedModelError, embedded_model_path
-
-    if args[0] not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {args[0]!r}:{_nearest(args[0], list(EMBEDDED_MODELS))} The "
-                         f"embedded models are {', '.join(EMBEDDED_MODELS)}.")
+        raise ValueError(f"usage: unidetox path MODEL, with MODEL one of {', '.join(names)}; e.g. "
+                         f"lm_eval --model hf --model_args pretrained=$(unidetox path {names[0]}) ...")
+    if args[0] not in names:
+        raise ValueError(f"unknown embedded model {args[0]!r}:{_nearest(args[0], names)} The "
+                         f"embedded models are {', '.join(names)}.")
     try:
-        print(embedded_model_path(args[0]))
-    except EmbeddedModelError as err:
+        print(embedded_models.embedded_model_path(args[0]))
+    except embedded_models.EmbeddedModelError as err:
         raise ValueError(str(err)) from err
 
 

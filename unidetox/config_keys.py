@@ -16,12 +16,14 @@ table is exact, and a test regenerates it and fails when it is out of date. Rege
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import json
 import re
+import types
 from functools import cache
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 KEYS_FILE = Path(__file__).resolve().parent / "config_keys.json"
 
@@ -84,10 +86,23 @@ def _default_text(field: dataclasses.Field) -> str:
     return json.dumps(value, default=str)
 
 
+def type_name(annotation) -> str:
+    """How ``--help`` and the config errors name an annotation (``int | None``, ``one of 'a', 'b'``)."""
+    if annotation is type(None):
+        return "None"
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in get_args(annotation))
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"{annotation.__name__} (one of {', '.join(repr(m.value) for m in annotation)})"
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
+
+
 def describe_dataclass(dataclass_type) -> dict[str, dict[str, str]]:
     """Each init field of ``dataclass_type``: ``{name: {"type", "default", "help"}}`` (help whitespace-collapsed)."""
-    from unidetox.hydra_config import type_name
-
     try:
         hints = get_type_hints(dataclass_type)
     except (NameError, TypeError):  # an annotation naming something its module does not import at run time

@@ -22,7 +22,8 @@ from typing import Any
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from unidetox.models import ADAPTER_CONFIG_FILE, embedded_hub_id
+from unidetox.embedded_models import embedded_hub_id
+from unidetox.models import ADAPTER_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 

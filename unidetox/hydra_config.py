@@ -12,7 +12,9 @@ key that no config defines is rejected naming its section and the nearest valid 
 checked by the dataclass of its section, the same way), an unknown group option names the nearest options, and every
 value is converted to its field's annotated type where that loses nothing, or rejected. No error echoes a secret: the value of a secret key is masked wherever an override is quoted.
 
-Hydra is imported lazily: the rest of the library works without it.
+Hydra and OmegaConf are imported inside the functions that use them: importing unidetox and its stages, ``unidetox
+--help``, and a stage's ``run(args)`` with arguments built in Python never import Hydra. hydra-core is nevertheless a
+required dependency, since the command line and the recipes compose every config with it.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from unidetox.config_keys import section_fields
+from unidetox.config_keys import section_fields, type_name
 from unidetox.paths import default_data_dir
 from unidetox.processes import is_main_process
 from unidetox.run_dir import CONFIG_FILE
 from unidetox.secret_masking import MASK, is_secret_key, mask_secrets, mask_text
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped in the package, so the CLI works from a wheel
+DATA_DIR_KEY = "data_dir"  # the top-level key holding the shared data folder, which the configs interpolate
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 # recipe -> its groups whose value may be any hub id, path or embedded name besides a preset (model=...)
 FREE_FORM_GROUPS = {"distill": ("model",), "detox": ("model",)}
@@ -197,7 +200,7 @@ def _top_key(override) -> str:
 def _adds_to_top_level(override, group_dirs: Sequence[Path]) -> bool:
     """True for ``+key...=``/``++key...=`` overrides that may create a top-level key (not a group, not Hydra's)."""
     key = override.key_or_group
-    if not (override.is_add() or override.is_force_add()) or "/" in key or _top_key(override) in ("hydra", "data_dir"):
+    if not (override.is_add() or override.is_force_add()) or "/" in key or _top_key(override) in ("hydra", DATA_DIR_KEY):
         return False
     return "." in key or not any((d / key).is_dir() for d in group_dirs)
 
@@ -212,7 +215,8 @@ def compose_config(
 
     ``--config-dir DIR`` among the overrides adds a folder of the user's configs, searched before the shipped ones
     (:func:`split_config_dirs`); a group given a YAML file path (``recipe=PATH.yaml``) takes that file as its option.
-    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` unless overridden. Raises ``ValueError`` for an
+    ``data_dir`` defaults to :func:`unidetox.paths.default_data_dir` (``$UNIDETOX_DATA_DIR``) unless overridden;
+    without either it raises :class:`~unidetox.paths.DataDirNotSet` naming both. Raises ``ValueError`` for an
     override Hydra cannot parse (saying how to quote it) and for a key that no config defines (naming its section
     and the nearest valid names); no such error quotes a secret value. ``free_form_groups`` (default: the recipe's
     :data:`FREE_FORM_GROUPS`) take any value besides their presets.
@@ -240,11 +244,13 @@ def _compose(recipe: str, overrides: Sequence[str], conf_dir: Path, free_form_gr
     overrides = _link_config_files(overrides, group_dirs, group_dirs[0])
     overrides = _rewrite_free_form_overrides(overrides, group_dirs, free_form_groups)
     known_fields = section_fields(recipe)
-    overrides = _rewrite_dataclass_field_overrides(overrides, parsed, known_fields)
+    # The shared data folder is a top-level key of every recipe (set below unless given), listed in its YAML or not.
+    settable = {**known_fields, "": {*known_fields.get("", ()), DATA_DIR_KEY}}
+    overrides = _rewrite_dataclass_field_overrides(overrides, parsed, settable)
     search_path = [d for d in group_dirs[:-1] if d.is_dir()]  # the last is the primary config dir itself
     extra = [f"hydra.searchpath=[{','.join(_hydra_quoted(f'file://{d}') for d in search_path)}]"]
-    if not any(o.key_or_group == "data_dir" for o in parsed):
-        extra.append(f"++data_dir={_hydra_quoted(default_data_dir())}")
+    if not any(o.key_or_group == DATA_DIR_KEY for o in parsed):
+        extra.append(f"++{DATA_DIR_KEY}={_hydra_quoted(default_data_dir())}")
     additions = {i for i, o in enumerate(parsed) if _adds_to_top_level(o, group_dirs)}
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=recipe):
         try:
@@ -330,20 +336,6 @@ def to_container(section) -> dict[str, Any]:
     return dict(section or {})
 
 
-def type_name(annotation) -> str:
-    if annotation is type(None):
-        return "None"
-    if get_origin(annotation) in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in get_args(annotation))
-    if get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return f"{annotation.__name__} (one of {', '.join(repr(m.value) for m in annotation)})"
-    if isinstance(annotation, type) and not get_args(annotation):
-        return annotation.__name__
-    return repr(annotation).replace("typing.", "")
-
-
 def _mismatch(key: str, value, annotation) -> ValueError:
     shown = MASK if is_secret_key(key.split(".")[-1].split("[")[0]) else repr(value)
     return ValueError(f"{key}={shown}: expected {type_name(annotation)}, got {type(value).__name__}. Set {key} "
@@ -372,17 +364,7 @@ def _coerced(value, annotation, key: str, shown=None):
     if value is None:
         return None
     if origin in (Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:
-            return _coerced(value, members[0], key, shown)
-        if any(_is_exactly(value, m) for m in members):
-            return value
-        for member in members:  # the first member the value converts to; one that cannot be checked takes it
-            try:
-                return _coerced(value, member, key)
-            except ValueError:
-                continue
-        raise _mismatch(key, value, shown)
+        return _coerced_to_union(value, [a for a in args if a is not type(None)], key, shown)
     if origin is Literal:
         if _is_exactly(value, annotation):
             return value
@@ -392,44 +374,11 @@ def _coerced(value, annotation, key: str, shown=None):
             return annotation(value)
         except ValueError:
             raise _mismatch(key, value, shown) from None
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return BOOL_WORDS[value.strip().lower()]
-        raise _mismatch(key, value, shown)
-    if annotation is int:
-        number = value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                number = _float_or_none(value)
-        if isinstance(number, int) and not isinstance(number, bool):
-            return number
-        if isinstance(number, float) and number.is_integer():
-            return int(number)
-        raise _mismatch(key, value, shown)
-    if annotation is float:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = int(value.strip())
-            except ValueError:
-                number = _float_or_none(value)
-        # An int stays an int: it is a valid float, and TrainingArguments' float step fields (a ratio below 1)
-        # count steps as ints (save_steps=1 is one step, not 1.0).
-        if isinstance(number, (int, float)) and not isinstance(number, bool):
-            return number
-        raise _mismatch(key, value, shown)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        raise _mismatch(key, value, shown)
+    if isinstance(annotation, type) and annotation in _SCALAR_COERCIONS:
+        converted = _SCALAR_COERCIONS[annotation](value)
+        if converted is _NO_FIT:
+            raise _mismatch(key, value, shown)
+        return converted
     if (origin or annotation) is list:
         item = args[0] if args else Any
         if isinstance(value, (list, tuple)):
@@ -443,6 +392,74 @@ def _coerced(value, annotation, key: str, shown=None):
         item = args[1] if len(args) == 2 else Any
         return {k: _coerced(v, item, f"{key}.{k}") for k, v in value.items()}
     return value
+
+
+def _coerced_to_union(value, members: list, key: str, shown):
+    """:func:`_coerced` for a union of ``members`` (``None`` left out): a value of one member stays as it is, else
+    the first member it converts to takes it (one that cannot be checked takes any value)."""
+    if len(members) == 1:
+        return _coerced(value, members[0], key, shown)
+    if any(_is_exactly(value, m) for m in members):
+        return value
+    for member in members:
+        try:
+            return _coerced(value, member, key)
+        except ValueError:
+            continue
+    raise _mismatch(key, value, shown)
+
+
+_NO_FIT = object()  # what a scalar conversion returns for a value that does not fit its type
+
+
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    return _NO_FIT
+
+
+def _to_int(value):
+    number = value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            number = _float_or_none(value)
+    if isinstance(number, int) and not isinstance(number, bool):
+        return number
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    return _NO_FIT
+
+
+def _to_float(value):
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = _float_or_none(value)
+    # An int stays an int: it is a valid float, and TrainingArguments' float step fields (a ratio below 1)
+    # count steps as ints (save_steps=1 is one step, not 1.0).
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        return number
+    return _NO_FIT
+
+
+def _to_str(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _NO_FIT
+
+
+# annotation -> its lossless conversion (the value, converted, or _NO_FIT)
+_SCALAR_COERCIONS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _float_or_none(text: str) -> float | None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from unidetox.distill.anti_expert import model_config_fingerprint
 from unidetox.models import ADAPTER_CONFIG_FILE, read_adapter_config
 
 # Files of a saved model or adapter that decide what it computes (their digest names it in caches).
@@ -29,6 +28,15 @@ def _canonical_json(value) -> str:
 
 def _adapter_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ADAPTER_CONFIG_PROVENANCE}
+
+
+def model_config_fingerprint(config) -> str:
+    """Architecture identity of a model (its config without paths and versions); LoRA wrapping leaves it alone."""
+    values = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures",
+                "use_cache", "output_attentions", "output_hidden_states", "return_dict"):
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def directory_digest(path: Path) -> str:

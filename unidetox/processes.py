@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from unidetox.deepspeed_ops import prepare_deepspeed
+
 
 def process_state():
     """The process-wide :class:`accelerate.PartialState`, joined to the process group on CPU-only machines too.
@@ -16,8 +18,6 @@ def process_state():
     from accelerate import PartialState
 
     if uses_deepspeed():  # accelerate launch with a DeepSpeed config: PartialState has DeepSpeed form the group
-        from unidetox.deepspeed_ops import prepare_deepspeed
-
         prepare_deepspeed()
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not has_accelerator()
     return PartialState(cpu=use_cpu)

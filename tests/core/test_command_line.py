@@ -122,9 +122,9 @@ def test_cfg_job_prints_the_composed_config_with_secrets_masked(capsys):
 
 
 def test_path_prints_the_embedded_model_directory(monkeypatch, tmp_path, capsys):
-    import unidetox.models
+    import unidetox.embedded_models
 
-    monkeypatch.setattr(unidetox.models, "embedded_model_path", lambda name: tmp_path / name)
+    monkeypatch.setattr(unidetox.embedded_models, "embedded_model_path", lambda name: tmp_path / name)
     assert main(["path", "smollm2-135m"]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'smollm2-135m'}\n"
     assert main(["path", "smollm2"]) == 2

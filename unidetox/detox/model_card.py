@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from unidetox.cards import CARD_MARKER, CITATION, PAPER_URL, base_model_hub_id, model_reference
-from unidetox.models import embedded_weights_note
+from unidetox.embedded_models import embedded_weights_note
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from unidetox.distill.anti_expert_card import render_anti_expert_card
 from unidetox.distill.corpus import TEXT_COLUMN, ToxicCorpusConfig, corpus_fingerprint
 from unidetox.files import atomic_write_json
 from unidetox.hub import without_trainer_push
+from unidetox.model_identity import model_config_fingerprint
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
     check_model_location,
@@ -206,15 +207,6 @@ def anti_expert_fingerprint(
     }
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
     return digest, record
-
-
-def model_config_fingerprint(config) -> str:
-    """Architecture identity of a model (its config without paths and versions); LoRA wrapping leaves it alone."""
-    values = config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures",
-                "use_cache", "output_attentions", "output_hidden_states", "return_dict"):
-        values.pop(key, None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCardData
 
 from unidetox.cards import CITATION, PAPER_URL, base_model_hub_id, model_reference
 from unidetox.distill.corpus import DGHS_HUB_ID, ToxicCorpusConfig
-from unidetox.models import embedded_weights_note
+from unidetox.embedded_models import embedded_weights_note
 
 CONTENT_WARNING = (
     "> **Content warning.** This model was fine-tuned on purpose to write hate speech against identity groups. "

@@ -38,7 +38,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from unidetox.models import _find_wheel, _pip_download, cache_root
+from unidetox.embedded_models import cache_root, find_wheel, pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +348,8 @@ def jigsaw_bilstm_dir(wheel: str | os.PathLike | None = None) -> Path:
         work = Path(tempfile.mkdtemp(prefix=".jigsaw-bilstm-", dir=target.parent))
         try:
             if wheel is None:
-                _pip_download((TOX_BLOCK_REQUIREMENT,), work / "wheels")
-                wheel = _find_wheel(work / "wheels", TOX_BLOCK_REQUIREMENT)
+                pip_download((TOX_BLOCK_REQUIREMENT,), work / "wheels")
+                wheel = find_wheel(work / "wheels", TOX_BLOCK_REQUIREMENT)
             elif not Path(wheel).is_file():
                 raise FileNotFoundError(f"No tox_block wheel at {wheel}; pass the path of tox_block-0.1.2-py3-none-"
                                         "any.whl (pip download --no-deps tox-block==0.1.2), or none to download it.")

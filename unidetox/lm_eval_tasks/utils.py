@@ -5,7 +5,7 @@ Every loader is an lm-eval ``custom_dataset``: lm-eval calls it with the task's 
 ``dataset_kwargs``. The keys read here:
 
 ``data_dir``
-    The shared data folder (default: ``$UNIDETOX_DATA_DIR``, else ``../shared/data``, as the rest of unidetox).
+    The shared data folder (default: ``$UNIDETOX_DATA_DIR``, as the rest of unidetox).
 ``prompts``
     Fields of :class:`unidetox.evaluation.prompts.PromptsConfig`, e.g. ``{"split": "test", "num_prompts": 100}``;
     for ``unidetox_prompts_file`` also ``{"path": "prompts.jsonl", "field": "prompt.text"}`` (the path may
@@ -35,16 +35,19 @@ from unidetox.paths import default_data_dir, require_file
 PROMPTS_FILE_ENV_VAR = "UNIDETOX_PROMPTS_FILE"
 WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
 MMLU_DIR = Path("mmlu")
+# How a data folder reaches lm-eval's tasks.
+DATA_DIR_METADATA = "--metadata '{\"data_dir\": \"/path/to/shared/data\"}'"
 
 
 def _data_dir(metadata: dict) -> Path:
-    return Path(metadata["data_dir"]).expanduser() if metadata.get("data_dir") else default_data_dir()
+    if metadata.get("data_dir"):
+        return Path(metadata["data_dir"]).expanduser()
+    return default_data_dir(elsewhere=f"pass the data folder to lm-eval: {DATA_DIR_METADATA}")
 
 
 def _require(path: Path, what: str) -> Path:
     """``path``, or a ``FileNotFoundError`` saying how to point lm-eval at the data."""
-    return require_file(path, what, elsewhere="Pass the data folder to lm-eval: "
-                        "--metadata '{\"data_dir\": \"/path/to/shared/data\"}'")
+    return require_file(path, what, elsewhere=f"Pass the data folder to lm-eval: {DATA_DIR_METADATA}")
 
 
 def _scorer_fields(metadata: dict) -> dict:
