@@ -103,8 +103,12 @@ class ToxicCorpusConfig:
                 raise ValueError(f"`filters` for column(s) {empty} list no values, so no row could match.")
 
     def resolved_paths(self) -> list[Path]:
+        """The corpus files; only relative ones need the data folder (``data_dir`` or ``$UNIDETOX_DATA_DIR``)."""
+        paths = [Path(x).expanduser() for x in self.path or []]
+        if all(p.is_absolute() for p in paths):
+            return paths
         base = Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
-        return [p if p.is_absolute() else base / p for p in (Path(x).expanduser() for x in self.path or [])]
+        return [p if p.is_absolute() else base / p for p in paths]
 
 
 def _norm(value: Any) -> str:

@@ -449,12 +449,11 @@ def load_prompts(config: PromptsConfig | None = None, **kwargs) -> list[Prompt]:
         config = PromptsConfig(**kwargs)
     elif kwargs:
         raise TypeError("Pass either a PromptsConfig or keyword arguments, not both.")
-    data_dir = config.resolved_data_dir
     if config.source == "toxigen_local":
-        origin = config.path or data_dir / LOCAL_CSV
+        origin = config.path or config.resolved_data_dir / LOCAL_CSV
         prompts = read_toxigen_annotated_csv(origin)
     elif config.source == "toxigen_fewshot":
-        origin = config.path or data_dir / LOCAL_PROMPT_DIR
+        origin = config.path or config.resolved_data_dir / LOCAL_PROMPT_DIR
         prompts = read_toxigen_fewshot(origin, config.kinds, config.per_group)
     elif config.source == "toxigen_hub":
         origin = f"{HUB_DATASET} (annotated, split={config.hub_split})"

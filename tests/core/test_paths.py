@@ -49,3 +49,15 @@ def test_the_command_line_reports_a_missing_data_folder_in_one_line(monkeypatch,
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert f"${DATA_ENV_VAR} is not set" in captured.err and "data_dir=PATH" in captured.err
+
+
+def test_absolute_paths_need_no_data_folder(monkeypatch, tmp_path):
+    from unidetox.distill.corpus import ToxicCorpusConfig
+    from unidetox.evaluation.prompts import load_prompts
+
+    monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    assert [p.text for p in load_prompts(source="file", path=str(prompts))] == ["one", "two"]
+    corpus = tmp_path / "hate.csv"
+    assert ToxicCorpusConfig(path=[str(corpus)]).resolved_paths() == [corpus]
