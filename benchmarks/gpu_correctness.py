@@ -34,7 +34,7 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer  # noqa: E402
 
 from unidetox import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
 from unidetox.decoding.fused import fused_contrastive_generate  # noqa: E402
-from unidetox.decoding.sampling import generate_samples  # noqa: E402
+from unidetox.decoding.protocol import generate_samples  # noqa: E402
 
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the", "music", "hate",
            "the weather is nice today and the sun is bright and the cat sat on the mat near the door", ""]

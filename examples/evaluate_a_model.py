@@ -13,7 +13,7 @@ import argparse
 import time
 
 from unidetox import load_model_and_tokenizer
-from unidetox.decoding.sampling import generate_continuations
+from unidetox.decoding.protocol import generate_continuations
 from unidetox.evaluation.metrics import (
     conditional_perplexity,
     expected_max_toxicity,

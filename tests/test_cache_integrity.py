@@ -10,8 +10,8 @@ from transformers import LogitsProcessorList
 import unidetox.distill.dataset as dataset_module
 from unidetox import DistilledDetoxDataset
 from unidetox.cards import CARD_MARKER
-from unidetox.decoding.sampler import ContrastiveDetoxSampler
-from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.decoding.logits_process import ContrastiveDetoxSampler
+from unidetox.decoding.protocol import ToxicityEvalConfig
 from unidetox.distill.dataset import METADATA_FILE, SHARD_CONFIG_FILE, SHARDS_DIR
 from unidetox.evaluation.harness import DecodingConfig, PerplexityConfig, model_slug, run_evaluation
 from unidetox.evaluation.model_card import update_model_cards

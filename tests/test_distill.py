@@ -14,7 +14,7 @@ import torch
 from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 
 from unidetox import DistilledDetoxDataset
-from unidetox.decoding.sampler import contrastive_scores
+from unidetox.decoding.logits_process import contrastive_scores
 from unidetox.distill.dataset import (
     METADATA_FILE,
     SHARDS_DIR,

@@ -46,7 +46,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
     },
     "evaluate": {
         "prompts": "unidetox.evaluation.prompts:PromptsConfig",
-        "eval": "unidetox.decoding.sampling:ToxicityEvalConfig",
+        "eval": "unidetox.decoding.protocol:ToxicityEvalConfig",
         "scorer": "unidetox.evaluation.scoring:ScorerConfig",
         "perplexity": "unidetox.evaluation.harness:PerplexityConfig",
         "mmlu": "unidetox.evaluation.mmlu:MMLUConfig",

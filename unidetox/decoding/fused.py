@@ -31,7 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from unidetox.decoding.sampler import (
+from unidetox.decoding.logits_process import (
     ContrastiveDetoxSampler,
     contrastive_scores,
     distinct_rows,

@@ -32,7 +32,7 @@ from huggingface_hub import HfApi
 from transformers import GenerationConfig
 
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
-from unidetox.decoding.sampler import validate_alpha_beta
+from unidetox.decoding.logits_process import validate_alpha_beta
 from unidetox.devices import model_device
 from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer

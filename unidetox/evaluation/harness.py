@@ -1,6 +1,6 @@
 """The evaluation harness: several models x seeds on one prompt set -> one report.
 
-Each (model, seed) is sampled with the toxicity protocol (:mod:`unidetox.decoding.sampling`), scored, and saved
+Each (model, seed) is sampled with the toxicity protocol (:mod:`unidetox.decoding.protocol`), scored, and saved
 as a part under ``parts/``; a restarted run reuses every part made with the same settings. Fluency (conditional
 and WikiText-2 perplexity), diversity and MMLU complete the report (:mod:`unidetox.evaluation.report`).
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from unidetox.decoding.sampler import (
+from unidetox.decoding.logits_process import (
     ContrastiveDetoxSampler,
     require_shared_vocabulary,
     scored_vocabulary_size,
     validate_alpha_beta,
 )
-from unidetox.decoding.sampling import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.decoding.protocol import GeneratedSample, ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.evaluation.capabilities import CapabilitiesConfig, lm_eval_version, run_lm_eval
 from unidetox.evaluation.metrics import aggregate_conditional_perplexity, conditional_nll, sliding_window_nll
 from unidetox.evaluation.mmlu import MMLUConfig, load_mmlu, score_mmlu_questions, summarize_mmlu

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from unidetox.decoding.sampler import distinct_rows, right_padded_rows
+from unidetox.decoding.logits_process import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
 from unidetox.devices import model_device
 
@@ -49,7 +49,7 @@ class ToxicityEvalConfig:
     (:class:`~unidetox.evaluation.prompts.PromptsConfig`).
 
     Example:
-        >>> from unidetox.decoding.sampling import ToxicityEvalConfig
+        >>> from unidetox.decoding.protocol import ToxicityEvalConfig
         >>> ToxicityEvalConfig(num_samples=25, max_new_tokens=20, top_p=0.9).num_samples
         25
     """
