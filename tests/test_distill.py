@@ -70,7 +70,7 @@ def test_sample_batch_matches_reference_and_ignores_model_generation_config():
     base.generation_config.top_k = 3
     base.generation_config.repetition_penalty = 3.0
     base.generation_config.do_sample = False
-    kwargs = dict(alpha=1e-4, eos_token_id=None, pad_token_id=0)
+    kwargs = dict(sampling=SamplingConfig(alpha=1e-4), eos_token_id=None, pad_token_id=0)
     got = sample_batch(base, anti, [1], batch_size=16, max_new_tokens=10, seed=123, **kwargs)
     expected = reference_sample(base, anti, [1], 16, 10, 123, alpha=1e-4)
     assert got == expected
@@ -78,7 +78,8 @@ def test_sample_batch_matches_reference_and_ignores_model_generation_config():
     assert len({tok for row in got for tok in row}) > 50
     assert base.generation_config.top_k == 3  # restored
     # Plain sampling (anti_expert=None) with a temperature.
-    plain = sample_batch(base, None, [1, 5], 4, 8, seed=7, temperature=0.7, eos_token_id=None, pad_token_id=0)
+    plain = sample_batch(base, None, [1, 5], 4, 8, seed=7, sampling=SamplingConfig(temperature=0.7), eos_token_id=None,
+                         pad_token_id=0)
     assert plain == reference_sample(base, None, [1, 5], 4, 8, 7, temperature=0.7)
 
 

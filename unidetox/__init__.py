@@ -16,6 +16,8 @@ from unidetox.version import __version__
 
 # public name -> the module that defines it
 _LAZY_NAMES = {
+    "GenerateOptions": "unidetox.decoding.config",
+    "SamplingConfig": "unidetox.decoding.config",
     "contrastive_generate": "unidetox.decoding.fused",
     "fused_contrastive_generate": "unidetox.decoding.fused",
     "ContrastiveDetoxSampler": "unidetox.decoding.logits_process",
@@ -40,7 +42,6 @@ _LAZY_NAMES = {
     "load_toxic_corpus": "unidetox.distill.corpus",
     "DistillConfig": "unidetox.distill.dataset",
     "DistilledDetoxDataset": "unidetox.distill.dataset",
-    "SamplingConfig": "unidetox.distill.dataset",
     "run_evaluation": "unidetox.evaluation.harness",
     "expected_max_toxicity": "unidetox.evaluation.metrics",
     "toxicity_probability": "unidetox.evaluation.metrics",
@@ -66,6 +67,7 @@ __all__ = [
     "DistillConfig",
     "DistilledDetoxDataset",
     "FastTopPLogitsWarper",
+    "GenerateOptions",
     "ProfanityCheckScorer",
     "PromptsConfig",
     "SamplingConfig",

@@ -31,7 +31,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "model": "unidetox.models:ModelArguments",
         "data": "unidetox.distill.corpus:ToxicCorpusConfig",
         "anti_expert": "unidetox.distill.anti_expert:AntiExpertConfig",
-        "sampler": "unidetox.distill.dataset:SamplingConfig",
+        "sampler": "unidetox.decoding.config:SamplingConfig",
         "distill": "unidetox.distill.dataset:DistillConfig",
     },
     "detox": {

@@ -31,8 +31,8 @@ import torch
 from huggingface_hub import HfApi
 from transformers import GenerationConfig
 
+from unidetox.decoding.config import GenerateOptions, SamplingConfig
 from unidetox.decoding.fused import ResolvedModels, generate_resolved, resolve_models
-from unidetox.decoding.logits_process import validate_alpha_beta
 from unidetox.devices import model_device
 from unidetox.distill.anti_expert import load_anti_expert
 from unidetox.evaluation.scoring import ProfanityCheckScorer
@@ -62,29 +62,6 @@ logger = logging.getLogger(__name__)
 def batch_seed(seed: int, index: int, stream: int = STREAM_DISTILL) -> int:
     """The RNG seed of global batch ``index``: a function of ``(seed, index, stream)`` only, never of the rank."""
     return (seed * 1_000_003 + stream * 1_000_000_007 + index) % (2**63 - 1)
-
-
-@dataclass
-class SamplingConfig:
-    """How each token is drawn (the paper: alpha 0.1, pure log-ratio, no top-k/top-p, temperature 1)."""
-
-    alpha: float = field(default=0.1, metadata={"help": "Adaptive plausibility threshold in (0, 1]."})
-    beta: float | None = field(
-        default=None, metadata={"help": "None (paper): log p_base - log p_anti; a float: (1+beta) log p_base - beta log p_anti."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Temperature applied to the contrastive scores."})
-    top_k: int = field(default=0, metadata={"help": "Top-k after contrast (0: none, the paper)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold after contrast (1.0: none, the paper)."})
-    stop_at_eos: bool = field(default=True, metadata={"help": "End a sample at the tokenizer's EOS token."})
-
-    def __post_init__(self):
-        validate_alpha_beta(self.alpha, self.beta)
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` has to be > 0, but is {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"`top_k` has to be >= 0 (0 disables it), but is {self.top_k}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"`top_p` has to be in (0, 1] (1 disables it), but is {self.top_p}.")
 
 
 @dataclass
@@ -151,19 +128,15 @@ def sample_batch(
     max_new_tokens: int,
     seed: int,
     *,
-    alpha: float = 0.1,
-    beta: float | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: SamplingConfig | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
     resolved: ResolvedModels | None = None,
 ) -> list[list[int]]:
     """Sample ONE batch: ``batch_size`` continuations of ``prompt_ids``, as lists of new token ids.
 
-    With an ``anti_expert`` each token is drawn from UniDetox's contrastive scores; with ``anti_expert=None`` it is
-    plain sampling from ``base`` with the same settings (the summary's comparison). The generation settings are
+    With an ``anti_expert`` each token is drawn from UniDetox's contrastive scores (``sampling``, default
+    ``SamplingConfig()``); with ``anti_expert=None`` it is plain sampling from ``base`` with the same settings (the summary's comparison). The generation settings are
     passed explicitly and the models' ``generation_config`` is bypassed, so nothing (e.g. the library default
     top-k of 50) truncates the distribution behind the caller's back. The RNG is seeded with ``seed`` inside a
     forked RNG state, so the global RNG is untouched and the batch depends only on its arguments. Rows end
@@ -192,11 +165,8 @@ def sample_batch(
     )
     with torch.random.fork_rng(devices=fork_devices), bare_config:
         torch.manual_seed(seed)
-        out = generate_resolved(
-            resolved, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
-            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-        ).sequences
+        options = GenerateOptions(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        out = generate_resolved(resolved, input_ids, attention_mask, sampling, options).sequences
     return _cut_at_eos(out[:, input_ids.shape[1] :].tolist(), eos_ids)
 
 
@@ -628,8 +598,7 @@ class DistilledDetoxDataset:
 
         progress = tqdm(total=len(mine), desc=f"distilling (rank {rank}/{world})", unit="batch",
                         disable=not (show_progress and is_main))
-        sample_kwargs = dict(alpha=sampling.alpha, beta=sampling.beta, temperature=sampling.temperature,
-                             top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=eos_ids, pad_token_id=pad_id)
+        sample_kwargs = dict(sampling=sampling, eos_token_id=eos_ids, pad_token_id=pad_id)
         for i in mine:
             rows_in_batch = _batch_rows(i, num_samples, batch_size)
             shard = _read_shard(_shard_path(shards, i), i, seed, rows_in_batch) if shards is not None else None
@@ -777,7 +746,6 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
 
     if scorer is None:
         scorer = ProfanityCheckScorer()
-    plain_kwargs = {k: v for k, v in sample_kwargs.items() if k not in ("alpha", "beta")}
     groups = {"distilled": (texts, num_tokens)}
     sources = [("base", models.base, models.base_context, STREAM_BASE)]
     if models.anti_expert is not None:
@@ -789,7 +757,7 @@ def _summarize(models: ResolvedModels, tokenizer, texts, num_tokens, start_id, m
             size = min(batch_size, n - j * batch_size)
             with context():
                 ids += sample_batch(model, None, [start_id], size, max_length, batch_seed(seed, j, stream),
-                                    **plain_kwargs)
+                                    **sample_kwargs)
         groups[name] = (tokenizer.batch_decode(ids, skip_special_tokens=True), [len(r) for r in ids])
     summary: dict[str, Any] = {"scorer": getattr(scorer, "name", type(scorer).__name__)}
     samples = []
