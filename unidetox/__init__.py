@@ -40,7 +40,7 @@ _LAZY_NAMES = {
     "train_anti_expert": "unidetox.distill.anti_expert",
     "ToxicCorpusConfig": "unidetox.distill.corpus",
     "load_toxic_corpus": "unidetox.distill.corpus",
-    "DistillConfig": "unidetox.distill.dataset",
+    "DistillConfig": "unidetox.distill.config",
     "DistilledDetoxDataset": "unidetox.distill.dataset",
     "run_evaluation": "unidetox.evaluation.harness",
     "expected_max_toxicity": "unidetox.evaluation.metrics",

@@ -32,7 +32,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "data": "unidetox.distill.corpus:ToxicCorpusConfig",
         "anti_expert": "unidetox.distill.anti_expert:AntiExpertConfig",
         "sampler": "unidetox.decoding.config:SamplingConfig",
-        "distill": "unidetox.distill.dataset:DistillConfig",
+        "distill": "unidetox.distill.config:DistillConfig",
     },
     "detox": {
         "model": "unidetox.models:ModelArguments",

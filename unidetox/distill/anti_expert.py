@@ -351,6 +351,19 @@ def train_anti_expert(
     return AntiExpertResult(out, trained=True, metadata=metadata)
 
 
+def load_if_named(model, tokenizer):
+    """``(model, tokenizer)``, the model loaded when it is a name or path (with its own tokenizer unless one is
+    given); a missing tokenizer raises."""
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model)
+        else:
+            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is None:
+        raise ValueError("Pass the base model's `tokenizer`.")
+    return model, tokenizer
+
+
 def _checked_inputs(model, tokenizer, corpus: datasets.Dataset, config: AntiExpertConfig,
                     base_name_or_path: str | None):
     """The base model and tokenizer (loaded when ``model`` is a name) and the base's name, once the arguments of
@@ -366,12 +379,7 @@ def _checked_inputs(model, tokenizer, corpus: datasets.Dataset, config: AntiExpe
         raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
     if isinstance(model, (str, os.PathLike)):
         base_name_or_path = base_name_or_path or str(model)
-        if tokenizer is None:
-            model, tokenizer = load_model_and_tokenizer(model)
-        else:
-            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
-    if tokenizer is None:
-        raise ValueError("Pass the base model's `tokenizer`.")
+    model, tokenizer = load_if_named(model, tokenizer)
     return model, tokenizer, base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
 
 

@@ -25,7 +25,8 @@ from huggingface_hub import DatasetCardData
 
 from unidetox.cards import CITATION, PAPER_URL, WEIGHT_DIGEST_SUFFIX, hub_model_id, model_reference
 from unidetox.distill.anti_expert import read_marker
-from unidetox.distill.dataset import summary_markdown
+from unidetox.distill.corpus import DGHS_REFERENCE
+from unidetox.distill.summary import summary_markdown
 from unidetox.fingerprints import settings_digest
 from unidetox.secret_masking import mask_secrets
 
@@ -34,10 +35,6 @@ TAGS = ["unidetox", "detoxification", "synthetic"]
 SIZE_CATEGORIES = (
     (1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
     (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
-)
-DGHS_REFERENCE = (
-    "Vidgen, Thrush, Waseem and Kiela, ACL 2021: *Learning from the Worst: Dynamically Generated Datasets to "
-    "Improve Online Hate Detection*, github.com/bvidgen/Dynamically-Generated-Hate-Speech-Dataset"
 )
 ANTI_EXPERT_KINDS = {"lora": "LoRA", "full": "full"}
 # Sampler settings of a build, in the order the card lists them.
