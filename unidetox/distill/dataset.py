@@ -19,11 +19,9 @@ import datasets
 import pandas as pd
 from huggingface_hub import HfApi
 
-from unidetox.decoding.config import SamplingConfig
-from unidetox.distill.config import DistillConfig
 from unidetox.distill.corpus import TEXT_COLUMN
 from unidetox.distill.dataset_card import anti_expert_training_record, render_dataset_card
-from unidetox.distill.distiller import distill_texts
+from unidetox.distill.distiller import build_distilled
 from unidetox.distill.shards import METADATA_FILE, SHARDS_DIR, read_committed
 from unidetox.secret_masking import mask_secrets
 
@@ -181,59 +179,8 @@ class DistilledDetoxDataset:
         return str(repo_url)
 
     # ------------------------------------------------------------------------------------------------------------
-    @classmethod
-    def build(
-        cls,
-        base,
-        anti_expert,
-        tokenizer,
-        sampling: SamplingConfig | None = None,
-        distill: DistillConfig | None = None,
-        output_dir: str | os.PathLike | None = None,
-        *,
-        seed: int = 0,
-        scorer=None,
-        base_id: str | None = None,
-        anti_expert_id: str | None = None,
-        show_progress: bool = True,
-    ) -> DistilledDetoxDataset:
-        """Distill detoxifying text by contrastive sampling from a start token (:mod:`unidetox.distill.distiller`).
-
-        Args:
-            base: the base causal LM (or a name/path for :func:`unidetox.load_model_and_tokenizer`).
-            anti_expert: the toxic model: a separate causal LM, a peft model (LoRA adapter, on ``base`` itself or
-                on a copy), or a path / hub id of a saved anti-expert or adapter (a saved adapter is attached to a
-                copy of ``base``). ``None`` samples the base alone with the same settings: the control corpus
-                (fine-tuning on the base's own text, no contrast).
-            tokenizer: the base's tokenizer (``None`` when ``base`` is a name).
-            sampling: how each token is drawn (default ``SamplingConfig()``: the paper's alpha 0.1, pure log-ratio,
-                no truncation); the contrast is :class:`~unidetox.ContrastiveDetoxSampler`'s.
-            distill: how many texts of how many tokens, batched how, from which start token (default: the
-                tokenizer's bos), the summary's size (``summary_num_samples``, 0 skips it), ``overwrite`` (discard
-                a build in ``output_dir`` made with other settings) and ``fused`` (how a LoRA anti-expert runs:
-                ``None`` fuses base and adapter into one doubled forward per token, ``False`` merges the adapter
-                into a separate copy, ``True`` requires fusing; the tokens are the same for the same seed).
-                Default ``DistillConfig()``: the paper's 640 texts of 256 tokens.
-            output_dir: where shards and the final dataset go; needed for resuming and for several processes.
-                ``None`` keeps everything in memory (one process).
-            seed: batch ``i`` is sampled under ``torch.manual_seed(batch_seed(seed, i))``.
-            scorer: a :class:`~unidetox.ToxicityScorer` for the summary (default
-                :class:`~unidetox.ProfanityCheckScorer`).
-            base_id, anti_expert_id: names recorded in the metadata and fingerprint, which decide whether the
-                shards in ``output_dir`` are reused. Default (:func:`~unidetox.model_identity.model_id`): a saved
-                directory by the digest of its weight files, an in-memory model by the digest of its state dict,
-                a hub id by its name.
-            show_progress: tqdm progress bar on the main process.
-
-        Under ``accelerate launch`` with N processes, rank ``r`` samples the batches ``i`` with ``i % N == r``; the
-        main process merges them, so the texts are those of a 1-process run with the same seed.
-        """
-        dataset, metadata = distill_texts(
-            base, anti_expert, tokenizer, sampling if sampling is not None else SamplingConfig(),
-            distill if distill is not None else DistillConfig(), output_dir, seed=seed, scorer=scorer,
-            base_id=base_id, anti_expert_id=anti_expert_id, show_progress=show_progress,
-        )
-        return cls(dataset, metadata)
+    # The distiller's engine, bound here so that the container's class is what a build returns.
+    build = classmethod(build_distilled)
 
 
 def _is_blank_file(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """The distiller: sampling the distilled detoxifying text by contrastive decoding, batch by batch.
 
-:func:`distill_texts` (what :meth:`~unidetox.DistilledDetoxDataset.build` runs) samples from a start token by
+:func:`build_distilled` (:meth:`unidetox.DistilledDetoxDataset.build`) samples from a start token by
 UniDetox contrastive decoding (``log p_base - log p_anti`` on the base's plausible set, no other truncation),
 through the fused-or-two-model dispatch of :func:`~unidetox.contrastive_generate` (:mod:`unidetox.decoding.fused`).
 The work is cut into global batches; batch ``i`` is seeded from ``(seed, i)`` and, under ``accelerate launch`` with
@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import torch
@@ -59,6 +59,8 @@ from unidetox.processes import process_state, wait_for_everyone
 from unidetox.version import __version__
 
 logger = logging.getLogger(__name__)
+# The dataset container a build returns (``DistilledDetoxDataset``): made from ``(dataset, metadata)``.
+_Container = TypeVar("_Container")
 # The sampling settings a build's fingerprint records, in this order.
 FINGERPRINTED_SAMPLING = ("alpha", "beta", "temperature", "top_k", "top_p", "stop_at_eos")
 
@@ -396,29 +398,9 @@ def _resolve_for_build(base, anti_expert, fused: bool | None, device) -> Resolve
     return resolve_models(base, anti_expert, fused=fused)
 
 
-def distill_texts(
-    base,
-    anti_expert,
-    tokenizer,
-    sampling: SamplingConfig,
-    distill: DistillConfig,
-    output_dir: str | os.PathLike | None = None,
-    *,
-    seed: int = 0,
-    scorer=None,
-    base_id: str | None = None,
-    anti_expert_id: str | None = None,
-    show_progress: bool = True,
-) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """The distilled texts and their metadata (see :meth:`unidetox.DistilledDetoxDataset.build` for the arguments).
-
-    Every process returns the same result: the main process merges and commits it, the others read it back.
-    """
-    state = process_state()
-    if state.num_processes > 1 and output_dir is None:
-        raise ValueError(
-            f"Running on {state.num_processes} processes needs an `output_dir` to collect their shards in; pass one."
-        )
+def _plan_build(base, anti_expert, tokenizer, sampling: SamplingConfig, distill: DistillConfig, output_dir,
+                seed: int, base_id: str | None, anti_expert_id: str | None) -> tuple[DistillPlan, Any]:
+    """The plan of a build and its base model (loaded when given by name), once the arguments are checked."""
     if isinstance(base, (str, os.PathLike)):
         base_id = base_id or model_id(base)
     base, tokenizer = load_if_named(base, tokenizer)
@@ -426,9 +408,67 @@ def distill_texts(
     plan = DistillPlan(sampling, distill, seed, tokenizer, base_id, anti_expert_id,
                        *_start_and_stop_tokens(base, tokenizer, sampling, distill),
                        out=Path(output_dir) if output_dir is not None else None)
+    return plan, base
+
+
+def build_distilled(
+    cls: type[_Container],
+    base,
+    anti_expert,
+    tokenizer,
+    sampling: SamplingConfig | None = None,
+    distill: DistillConfig | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    scorer=None,
+    base_id: str | None = None,
+    anti_expert_id: str | None = None,
+    show_progress: bool = True,
+) -> _Container:
+    """Distill detoxifying text by contrastive sampling from a start token, as a ``cls`` (a
+    :class:`~unidetox.DistilledDetoxDataset`: this is its :meth:`~unidetox.DistilledDetoxDataset.build`).
+
+    Args:
+        base: the base causal LM (or a name/path for :func:`unidetox.load_model_and_tokenizer`).
+        anti_expert: the toxic model: a separate causal LM, a peft model (LoRA adapter, on ``base`` itself or
+            on a copy), or a path / hub id of a saved anti-expert or adapter (a saved adapter is attached to a
+            copy of ``base``). ``None`` samples the base alone with the same settings: the control corpus
+            (fine-tuning on the base's own text, no contrast).
+        tokenizer: the base's tokenizer (``None`` when ``base`` is a name).
+        sampling: how each token is drawn (default ``SamplingConfig()``: the paper's alpha 0.1, pure log-ratio,
+            no truncation); the contrast is :class:`~unidetox.ContrastiveDetoxSampler`'s.
+        distill: how many texts of how many tokens, batched how, from which start token (default: the
+            tokenizer's bos), the summary's size (``summary_num_samples``, 0 skips it), ``overwrite`` (discard
+            a build in ``output_dir`` made with other settings) and ``fused`` (how a LoRA anti-expert runs:
+            ``None`` fuses base and adapter into one doubled forward per token, ``False`` merges the adapter
+            into a separate copy, ``True`` requires fusing; the tokens are the same for the same seed).
+            Default ``DistillConfig()``: the paper's 640 texts of 256 tokens.
+        output_dir: where shards and the final dataset go; needed for resuming and for several processes.
+            ``None`` keeps everything in memory (one process).
+        seed: batch ``i`` is sampled under ``torch.manual_seed(batch_seed(seed, i))``.
+        scorer: a :class:`~unidetox.ToxicityScorer` for the summary (default
+            :class:`~unidetox.ProfanityCheckScorer`).
+        base_id, anti_expert_id: names recorded in the metadata and fingerprint, which decide whether the
+            shards in ``output_dir`` are reused. Default (:func:`~unidetox.model_identity.model_id`): a saved
+            directory by the digest of its weight files, an in-memory model by the digest of its state dict,
+            a hub id by its name.
+        show_progress: tqdm progress bar on the main process.
+
+    Under ``accelerate launch`` with N processes, rank ``r`` samples the batches ``i`` with ``i % N == r``; the
+    main process merges them, so the texts are those of a 1-process run with the same seed.
+    """
+    state = process_state()
+    if state.num_processes > 1 and output_dir is None:
+        raise ValueError(
+            f"Running on {state.num_processes} processes needs an `output_dir` to collect their shards in; pass one."
+        )
+    sampling = sampling if sampling is not None else SamplingConfig()
+    distill = distill if distill is not None else DistillConfig()
+    plan, base = _plan_build(base, anti_expert, tokenizer, sampling, distill, output_dir, seed, base_id, anti_expert_id)
     committed = _committed(plan)
     if committed is not None:
-        return committed
+        return cls(*committed)
     old = _checked_shard_settings(plan)
     # The models are checked before anything is written: a failed check leaves no settings behind that would
     # refuse the corrected rerun.
@@ -446,4 +486,4 @@ def distill_texts(
         wait_for_everyone()
         if built is None:
             built = read_committed(plan.out)
-    return built
+    return cls(*built)
