@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from unidetox.checks import require_counts
 from unidetox.decoding.logits_process import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
 from unidetox.devices import model_device
@@ -71,10 +72,7 @@ class ToxicityEvalConfig:
     )
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` has to be an integer >= 1, but is {value!r}.")
+        require_counts(self, ("num_samples", "max_new_tokens", "batch_size"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` has to be in (0, 1], but is {self.top_p}; use 1.0 to disable nucleus sampling.")
         if not self.temperature > 0.0:
@@ -424,7 +422,7 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], num_samples
 
     Example:
         >>> from unidetox import load_model_and_tokenizer
-        >>> from unidetox.evaluation import generate_continuations
+        >>> from unidetox.decoding.protocol import generate_continuations
         >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> conts = generate_continuations(model, tokenizer, ["The weather is"], num_samples=3)  # doctest: +SKIP
         >>> len(conts), len(conts[0])  # doctest: +SKIP

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unidetox.checks import require_counts
+
 
 @dataclass
 class DistillConfig:
@@ -41,10 +43,7 @@ class DistillConfig:
     )
 
     def __post_init__(self):
-        for name in ("num_samples", "max_length", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` has to be an integer >= 1, but is {value!r}.")
+        require_counts(self, ("num_samples", "max_length", "batch_size"))
         if self.summary_num_samples < 0:
             raise ValueError(f"`summary_num_samples` has to be >= 0, but is {self.summary_num_samples}.")
         if self.start_token == "":
