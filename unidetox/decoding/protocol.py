@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from unidetox.checks import require_counts
@@ -365,6 +364,9 @@ def _with_progress(batches: list, progress: bool | str):
     """``batches``, behind a tqdm bar when ``progress`` asks for one (a string labels it)."""
     if not progress:
         return batches
+    # Looked up at each call, as every bar of the package is, so that a wrapper of tqdm.auto.tqdm sees this bar too.
+    from tqdm.auto import tqdm
+
     label = progress if isinstance(progress, str) else "sampling"
     return tqdm(batches, desc=label, unit="batch", dynamic_ncols=True)
 

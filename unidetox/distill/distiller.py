@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import datasets
 import torch
 import transformers
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from unidetox.decoding.config import GenerateOptions, SamplingConfig
@@ -272,6 +271,8 @@ def _sample_own_batches(plan: DistillPlan, models: ResolvedModels, state, show_p
     """The shards of this process's batches (``i % processes == rank``): read when finished before, else sampled
     and written at once."""
     rank, world = state.process_index, state.num_processes
+    from tqdm.auto import tqdm  # looked up at each call, like every bar of the package
+
     mine = range(rank, plan.num_batches, world)  # lazily: the first batch starts at once, whatever the size
     results: dict[int, dict] = {}
     progress = tqdm(total=len(mine), desc=f"distilling (rank {rank}/{world})", unit="batch",
@@ -310,6 +311,8 @@ def _merged_shards(plan: DistillPlan, results: dict[int, dict]) -> list[dict]:
 def _plain_samples(plan: DistillPlan, models: ResolvedModels, show_progress: bool) -> dict[str, tuple[list, list]]:
     """Plain samples of the base (and of the anti-expert), drawn like the distilled text from their own seed
     streams: the texts the summary compares the distilled text with."""
+    from tqdm.auto import tqdm  # looked up at each call, like every bar of the package
+
     n, batch_size = plan.distill.summary_num_samples, plan.distill.batch_size
     sources = [("base", models.base, models.base_context, STREAM_BASE)]
     if models.anti_expert is not None:
