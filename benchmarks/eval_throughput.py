@@ -8,7 +8,7 @@
 
 Modes (the same prompts, K samples of ``--max-new-tokens`` tokens each, top-p 0.9, top-k off):
 - ``authors``: the authors' pattern, one ``generate(num_return_sequences=K)`` per prompt (K rows, K prefills).
-- ``mixed``: :func:`unidetox.decoding.sampling.generate_samples` with ``share_prefill=False``: batches of
+- ``mixed``: :func:`unidetox.decoding.protocol.generate_samples` with ``share_prefill=False``: batches of
   ``--batch-size`` (prompt, sample) rows, left-padded, each row prefilling its own copy of its prompt.
 - ``shared``: ``generate_samples`` as the protocol runs it: the same batches and seeds, each distinct prompt of a
   batch prefilled once and its KV cache copied to its rows.
@@ -43,7 +43,7 @@ import time
 import torch
 from random_models import benchmark_model, synthetic_texts
 
-from unidetox.decoding.sampling import (
+from unidetox.decoding.protocol import (
     ToxicityEvalConfig,
     count_padding_tokens,
     generate_samples,

@@ -32,9 +32,9 @@ from transformers import LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny.py: the tests' own tiny models
 from tiny import tiny_gemma3, tiny_llama, word_tokenizer  # noqa: E402
 
-from unidetox import ContrastiveDetoxSampler, contrastive_scores  # noqa: E402
+from unidetox import ContrastiveDetoxSampler, GenerateOptions, SamplingConfig, contrastive_scores  # noqa: E402
 from unidetox.decoding.fused import fused_contrastive_generate  # noqa: E402
-from unidetox.decoding.sampling import generate_samples  # noqa: E402
+from unidetox.decoding.protocol import generate_samples  # noqa: E402
 
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the", "music", "hate",
            "the weather is nice today and the sun is bright and the cat sat on the mat near the door", ""]
@@ -93,9 +93,11 @@ def check_fused_vs_two_model(tokenizer, dtype, device) -> dict:
     base = base.to(device, dtype)
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True).to(device)
     reference = two_model_generate(base, lora, inputs)
-    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], alpha=ALPHA,
-                                       output_scores=True, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                       eos_token_id=[], pad_token_id=0)
+    fused = fused_contrastive_generate(
+        lora, inputs["input_ids"], inputs["attention_mask"], SamplingConfig(alpha=ALPHA),
+        GenerateOptions(output_scores=True, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[],
+                        pad_token_id=0),
+    )
     prompt_len = inputs["input_ids"].shape[1]
     same = (fused.sequences[:, prompt_len:] == reference.sequences[:, prompt_len:]).float()
     # Compare scores only up to a row's first differing token: after it the rows continue different texts.

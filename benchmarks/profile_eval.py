@@ -5,7 +5,7 @@
     python benchmarks/profile_eval.py --models smollm2-135m --threads 1 --repeats 1 --out /tmp/p.json
     python benchmarks/profile_eval.py --candidates --out /tmp/p.json  # also time two candidates (microbenchmarks)
 
-Sampling runs :func:`unidetox.decoding.sampling.generate_samples` as the protocol does (shared prefill,
+Sampling runs :func:`unidetox.decoding.protocol.generate_samples` as the protocol does (shared prefill,
 ``FastTopPLogitsWarper``). Forward hooks with ``time.perf_counter`` time the model's parts, so each part is wall
 time on the host (on a CPU that is the compute; this profile is not meant for CUDA, whose kernels run
 asynchronously):
@@ -46,10 +46,10 @@ from collections import defaultdict
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import unidetox.decoding.sampling as sampling_module
+import unidetox.decoding.protocol as sampling_module
 import unidetox.evaluation.likelihood as likelihood_module
 from unidetox import load_model_and_tokenizer
-from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.decoding.protocol import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.decoding.warpers import FastTopPLogitsWarper
 from unidetox.evaluation.config import PerplexityConfig
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts

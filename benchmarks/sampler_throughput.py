@@ -32,7 +32,7 @@ import torch
 from random_models import benchmark_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from unidetox import ContrastiveDetoxSampler, contrastive_scores
+from unidetox import ContrastiveDetoxSampler, GenerateOptions, SamplingConfig, contrastive_scores
 from unidetox.decoding.fused import fused_contrastive_generate
 
 
@@ -110,9 +110,9 @@ def main():
         if mode == "fused":
             start = time.perf_counter()
             out = fused_contrastive_generate(
-                lora_model, input_ids, mask, alpha=args.alpha, max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                lora_model, input_ids, mask, SamplingConfig(alpha=args.alpha),
+                GenerateOptions(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
             ).sequences
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -5,7 +5,7 @@
     python benchmarks/top_p_warper.py --device cuda --batch-size 256
 
 ``reference``: ``generate(top_p=0.9)`` (transformers sorts the whole vocabulary every step). ``fast``:
-:func:`unidetox.decoding.sampling.generate_samples`, which passes :class:`unidetox.decoding.warpers.FastTopPLogitsWarper`
+:func:`unidetox.decoding.protocol.generate_samples`, which passes :class:`unidetox.decoding.warpers.FastTopPLogitsWarper`
 instead. Both draw with the same seeds on the ToxiGen test prompts; the modes alternate over repeats, the median
 is reported with the ratio, and the share of identical samples is printed (expected: all of them).
 """
@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from unidetox import load_model_and_tokenizer
-from unidetox.decoding.sampling import batch_seed, generate_samples, sampling_generation_config
+from unidetox.decoding.protocol import batch_seed, generate_samples, sampling_generation_config
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
 

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from unidetox import load_model_and_tokenizer
-from unidetox.decoding.sampling import generate_continuations
+from unidetox.decoding.protocol import generate_continuations
 from unidetox.evaluation.likelihood import conditional_perplexity, perplexity
 from unidetox.evaluation.metrics import expected_max_toxicity, mean_distinct_n
 from unidetox.evaluation.mmlu import MMLUConfig, evaluate_mmlu

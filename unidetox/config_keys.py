@@ -33,8 +33,8 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "model": "unidetox.models:ModelArguments",
         "data": "unidetox.distill.corpus:ToxicCorpusConfig",
         "anti_expert": "unidetox.distill.anti_expert:AntiExpertConfig",
-        "sampler": "unidetox.distill.dataset:SamplingConfig",
-        "distill": "unidetox.distill.dataset:DistillConfig",
+        "sampler": "unidetox.decoding.config:SamplingConfig",
+        "distill": "unidetox.distill.config:DistillConfig",
     },
     "detox": {
         "model": "unidetox.models:ModelArguments",
@@ -48,7 +48,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
     },
     "evaluate": {
         "prompts": "unidetox.evaluation.prompts:PromptsConfig",
-        "eval": "unidetox.decoding.sampling:ToxicityEvalConfig",
+        "eval": "unidetox.decoding.protocol:ToxicityEvalConfig",
         "scorer": "unidetox.evaluation.scoring:ScorerConfig",
         "perplexity": "unidetox.evaluation.config:PerplexityConfig",
         "mmlu": "unidetox.evaluation.mmlu:MMLUConfig",

@@ -28,7 +28,7 @@ from unidetox.cards import (
     toxicity_eval_results,
 )
 from unidetox.checkpoints import newest_complete_checkpoint, weight_files_problem
-from unidetox.decoding.sampling import generate_samples
+from unidetox.decoding.protocol import generate_samples
 from unidetox.detox import pipeline as detox
 from unidetox.detox.selection import read_eval_records
 from unidetox.distill.anti_expert import AntiExpertConfig, train_anti_expert

@@ -16,7 +16,7 @@ from tiny import tiny_llama, word_tokenizer
 
 from tests.detox.test_detox_recipe import _tiny_overrides
 from tests.evaluation.test_evaluate_recipe import write_tiny_models_and_data
-from unidetox import DistilledDetoxDataset
+from unidetox import DistillConfig, DistilledDetoxDataset
 from unidetox.cards import (
     CITATION,
     merge_eval_results,
@@ -59,9 +59,9 @@ def built(tmp_path_factory):
                          per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True, report_to="none"),
         base_name_or_path="tiny-base",
     )
-    return DistilledDetoxDataset.build(base, str(anti.path), tokenizer, num_samples=6, max_length=6, batch_size=3,
-                                       seed=0, summary_num_samples=4, output_dir=root / "distilled",
-                                       show_progress=False)
+    distill = DistillConfig(num_samples=6, max_length=6, batch_size=3, summary_num_samples=4)
+    return DistilledDetoxDataset.build(base, str(anti.path), tokenizer, distill=distill, seed=0,
+                                       output_dir=root / "distilled", show_progress=False)
 
 
 def test_dataset_card_of_a_build_parses_and_states_its_provenance(built):

@@ -4,7 +4,7 @@ from tiny import tiny_gpt2, tiny_llama, word_tokenizer
 from transformers import LogitsProcessor, PreTrainedTokenizerFast
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.decoding.sampling import (
+from unidetox.decoding.protocol import (
     ToxicityEvalConfig,
     batch_seed,
     cut_continuations,

@@ -7,6 +7,7 @@ from tiny import tiny_gemma3, tiny_llama
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
+from unidetox.decoding.config import GenerateOptions, SamplingConfig
 from unidetox.decoding.fused import (
     contrastive_generate,
     fused_contrastive_generate,
@@ -25,6 +26,12 @@ def lora_pair(make=tiny_llama, target_modules="all-linear", seed=0):
     config = LoraConfig(r=4, lora_alpha=16, target_modules=target_modules, init_lora_weights=False, lora_dropout=0.0)
     lora = get_peft_model(copy.deepcopy(base), config).eval()
     return base, lora
+
+
+def configs(**kwargs):
+    """generate()-style keyword arguments as the (SamplingConfig, GenerateOptions) the decoding functions take."""
+    sampling = {key: kwargs.pop(key) for key in ("alpha", "beta", "temperature", "top_k", "top_p") if key in kwargs}
+    return SamplingConfig(**sampling), GenerateOptions(**kwargs)
 
 
 def two_model(base, anti, inputs, **kwargs):
@@ -49,8 +56,9 @@ def test_fused_greedy_scores_equal_two_model_sampler(make, tokenizer):
     assert (inputs["attention_mask"] == 0).any()
     kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     ref = two_model(base, lora, inputs, **kwargs)
-    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
-                                       eos_token_id=[], **{k: v for k, v in kwargs.items() if k != "eos_token_id"})
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                       *configs(output_scores=True, eos_token_id=[],
+                                                **{k: v for k, v in kwargs.items() if k != "eos_token_id"}))
     assert torch.equal(fused.sequences, ref.sequences)
     assert_same_scores(fused.scores, ref.scores)
 
@@ -62,8 +70,8 @@ def test_fused_sampling_same_seed_same_tokens(tokenizer):
     torch.manual_seed(7)
     ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
     torch.manual_seed(7)
-    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
-                                       eos_token_id=[], **kwargs)
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                       *configs(output_scores=True, eos_token_id=[], **kwargs))
     assert torch.equal(fused.sequences, ref.sequences)
     assert_same_scores(fused.scores, ref.scores)
     prompt_len = inputs["input_ids"].shape[1]
@@ -74,15 +82,16 @@ def test_fused_with_eos_and_warpers_matches_generate(tokenizer):
     base, lora = lora_pair()
     inputs = tokenizer(PROMPTS * 2, return_tensors="pt", padding=True)
     # pick an EOS that the contrastive scores actually emit, so rows finish at different steps
-    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=6,
-                                       do_sample=False, eos_token_id=[], pad_token_id=0)
+    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                       *configs(max_new_tokens=6, do_sample=False, eos_token_id=[], pad_token_id=0))
     eos = int(probe.sequences[0, inputs["input_ids"].shape[1] + 2])
     kwargs = dict(max_new_tokens=10, do_sample=True, top_k=5, top_p=0.9, temperature=0.7, pad_token_id=0,
                   eos_token_id=eos, alpha=0.05)
     torch.manual_seed(3)
     ref = two_model(base, lora, inputs, **kwargs)
     torch.manual_seed(3)
-    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True, **kwargs)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                 *configs(output_scores=True, **kwargs))
     assert torch.equal(fused.sequences, ref.sequences)
     assert (fused.sequences == eos).any()
 
@@ -90,12 +99,12 @@ def test_fused_with_eos_and_warpers_matches_generate(tokenizer):
 def test_min_new_tokens_suppresses_eos_like_generate(tokenizer):
     base, lora = lora_pair()
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3,
-                                       do_sample=False, eos_token_id=[], pad_token_id=0)
+    probe = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                       *configs(max_new_tokens=3, do_sample=False, eos_token_id=[], pad_token_id=0))
     eos = int(probe.sequences[0, -3])  # the first greedy token of row 0 becomes EOS
     kwargs = dict(max_new_tokens=6, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=eos)
     ref = two_model(base, lora, inputs, **kwargs)
-    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], **kwargs)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], *configs(**kwargs))
     assert torch.equal(fused.sequences, ref.sequences)
     assert fused.sequences[0, inputs["input_ids"].shape[1]] != eos
 
@@ -106,8 +115,8 @@ def test_general_lora_path_via_peft_adapter_names(tokenizer):
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
-    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], output_scores=True,
-                                       eos_token_id=[], **kwargs)
+    fused = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
+                                       *configs(output_scores=True, eos_token_id=[], **kwargs))
     assert torch.equal(fused.sequences, ref.sequences)
     assert_same_scores(fused.scores, ref.scores)
 
@@ -116,7 +125,7 @@ def test_adapter_state_is_restored(tokenizer):
     _, lora = lora_pair()
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     before = lora(**inputs).logits
-    fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3)
+    fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], *configs(max_new_tokens=3))
     after = lora(**inputs).logits
     assert torch.equal(before, after), "the adapter must be active again and no hook left behind"
     assert all(not m._forward_hooks for m in lora.modules())
@@ -132,7 +141,7 @@ def test_contrastive_generate_dispatch_errors(tokenizer):
         contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"],
                              anti_expert=lora_on_other_weights, fused=True)
     with pytest.raises(ValueError, match="alpha"):
-        contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], alpha=2.0)
+        contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], *configs(alpha=2.0))
 
 
 def test_adapter_on_the_base_itself_is_contrasted_with_the_base_without_it(tokenizer):
@@ -147,8 +156,8 @@ def test_adapter_on_the_base_itself_is_contrasted_with_the_base_without_it(token
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     expected = two_model(reference_base, copy.deepcopy(reference).merge_and_unload(), inputs, **kwargs)
     for fused in (None, False):
-        got = contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"], anti_expert=on_base,
-                                   fused=fused, **kwargs)
+        got = contrastive_generate(base, inputs["input_ids"], inputs["attention_mask"], *configs(**kwargs),
+                                   anti_expert=on_base, fused=fused)
         assert torch.equal(got.sequences, expected.sequences), fused
 
 
@@ -156,9 +165,9 @@ def test_fused_false_runs_a_lora_model_as_two_models(tokenizer):
     base, lora = lora_pair()
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], **kwargs)
-    separate = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], fused=False,
-                                    **kwargs)
+    fused = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], *configs(**kwargs))
+    separate = contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"], *configs(**kwargs),
+                                    fused=False)
     assert torch.equal(fused.sequences, separate.sequences)
     assert torch.equal(fused.sequences, two_model(base, lora, inputs, **kwargs).sequences)
 
@@ -203,7 +212,8 @@ def test_shared_prefill_samples_equal_unshared_fused_and_two_model_paths(make, t
     for share in (True, False):
         torch.manual_seed(seed)
         runs[share] = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
-                                                 output_scores=True, eos_token_id=[], share_prefill=share, **kwargs)
+                                                 *configs(output_scores=True, eos_token_id=[], **kwargs),
+                                                 share_prefill=share)
     torch.manual_seed(seed)
     ref = two_model(base, lora, inputs, eos_token_id=None, **kwargs)
     assert torch.equal(runs[True].sequences, runs[False].sequences)
@@ -226,7 +236,7 @@ def test_each_distinct_prompt_is_prefilled_once_in_both_halves(tokenizer, target
         try:
             torch.manual_seed(0)
             runs[share] = fused_contrastive_generate(lora, inputs["input_ids"], inputs["attention_mask"],
-                                                     max_new_tokens=4, eos_token_id=[], pad_token_id=0,
+                                                     *configs(max_new_tokens=4, eos_token_id=[], pad_token_id=0),
                                                      share_prefill=share).sequences
         finally:
             handle.remove()

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_gemma3, tiny_gpt2, tiny_llama
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.decoding.sampling import (
+from unidetox.decoding.protocol import (
     ToxicityEvalConfig,
     count_padding_tokens,
     generate_samples,

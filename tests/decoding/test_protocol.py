@@ -4,7 +4,7 @@ from dataclasses import fields
 
 import pytest
 
-from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.decoding.protocol import ToxicityEvalConfig
 from unidetox.detox.callbacks import DetoxEvalConfig
 from unidetox.evaluation.prompts import PromptsConfig
 

@@ -6,7 +6,7 @@ from tiny import tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
 from unidetox import ContrastiveDetoxSampler
-from unidetox.decoding.sampler import contrastive_scores, distinct_rows
+from unidetox.decoding.logits_process import contrastive_scores, distinct_rows
 
 VOCAB = 64
 PROMPTS = ["the cat sat on", "a good", "science helps us understand the"]

@@ -3,7 +3,7 @@ import torch
 from tiny import tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from unidetox.decoding.sampling import batch_seed, generate_samples, sampling_generation_config
+from unidetox.decoding.protocol import batch_seed, generate_samples, sampling_generation_config
 from unidetox.decoding.warpers import FastTopPLogitsWarper, sampling_warpers
 
 

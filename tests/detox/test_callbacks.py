@@ -12,7 +12,7 @@ import subprocesses
 import torch
 from tiny import CORPUS, tiny_llama, word_tokenizer
 
-from unidetox.decoding.sampling import generate_continuations
+from unidetox.decoding.protocol import generate_continuations
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.selection import read_eval_records, select_checkpoint

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,12 @@ import torch
 from tiny import tiny_gemma3, tiny_llama
 
 from unidetox import DistilledDetoxDataset
-from unidetox.decoding.sampler import contrastive_scores
-from unidetox.distill.dataset import (
-    METADATA_FILE,
-    SHARDS_DIR,
-    DistillConfig,
-    SamplingConfig,
-    batch_seed,
-    sample_batch,
-    summary_markdown,
-)
+from unidetox.decoding.config import SamplingConfig
+from unidetox.decoding.logits_process import contrastive_scores
+from unidetox.distill.config import DistillConfig
+from unidetox.distill.distiller import sample_batch
+from unidetox.distill.shards import METADATA_FILE, SHARDS_DIR, batch_seed
+from unidetox.distill.summary import summary_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "scripts" / "distill_tiny.py"
@@ -55,7 +52,7 @@ def test_sample_batch_matches_reference_and_ignores_model_generation_config():
     base.generation_config.top_k = 3
     base.generation_config.repetition_penalty = 3.0
     base.generation_config.do_sample = False
-    kwargs = dict(alpha=1e-4, eos_token_id=None, pad_token_id=0)
+    kwargs = dict(sampling=SamplingConfig(alpha=1e-4), eos_token_id=None, pad_token_id=0)
     got = sample_batch(base, anti, [1], batch_size=16, max_new_tokens=10, seed=123, **kwargs)
     expected = reference_sample(base, anti, [1], 16, 10, 123, alpha=1e-4)
     assert got == expected
@@ -63,7 +60,8 @@ def test_sample_batch_matches_reference_and_ignores_model_generation_config():
     assert len({tok for row in got for tok in row}) > 50
     assert base.generation_config.top_k == 3  # restored
     # Plain sampling (anti_expert=None) with a temperature.
-    plain = sample_batch(base, None, [1, 5], 4, 8, seed=7, temperature=0.7, eos_token_id=None, pad_token_id=0)
+    plain = sample_batch(base, None, [1, 5], 4, 8, seed=7, sampling=SamplingConfig(temperature=0.7), eos_token_id=None,
+                         pad_token_id=0)
     assert plain == reference_sample(base, None, [1, 5], 4, 8, 7, temperature=0.7)
 
 
@@ -85,7 +83,8 @@ def test_sample_batch_leaves_global_rng_alone_and_stops_at_eos(base, anti):
 
 
 def test_build_in_memory_exact_count_metadata_and_determinism(base, anti, tokenizer):
-    kwargs = dict(num_samples=10, max_length=8, batch_size=4, seed=3, summary_num_samples=0, show_progress=False)
+    distill = DistillConfig(num_samples=10, max_length=8, batch_size=4, summary_num_samples=0)
+    kwargs = dict(distill=distill, seed=3, show_progress=False)
     first = DistilledDetoxDataset.build(base, anti, tokenizer, **kwargs)
     assert len(first) == 10 and first.dataset.column_names == ["text", "num_tokens"]
     meta = first.metadata
@@ -104,13 +103,14 @@ def test_build_in_memory_exact_count_metadata_and_determinism(base, anti, tokeni
     other_seed = DistilledDetoxDataset.build(base, anti, tokenizer, **{**kwargs, "seed": 4})
     assert other_seed.texts != first.texts
     # Growing num_samples keeps the earlier batches.
-    more = DistilledDetoxDataset.build(base, anti, tokenizer, **{**kwargs, "num_samples": 12})
+    more = DistilledDetoxDataset.build(base, anti, tokenizer, **{**kwargs, "distill": replace(distill, num_samples=12)})
     assert more.texts[:8] == first.texts[:8]
 
 
 def test_build_writes_shards_resumes_and_loads(tmp_path, base, anti, tokenizer):
     out = tmp_path / "distilled"
-    kwargs = dict(num_samples=10, max_length=8, batch_size=4, seed=3, summary_num_samples=0, show_progress=False)
+    kwargs = dict(distill=DistillConfig(num_samples=10, max_length=8, batch_size=4, summary_num_samples=0), seed=3,
+                  show_progress=False)
     built = DistilledDetoxDataset.build(base, anti, tokenizer, output_dir=out, **kwargs)
     shards = sorted((out / SHARDS_DIR).glob("batch-*.json"))
     assert [p.name for p in shards] == ["batch-000000.json", "batch-000001.json", "batch-000002.json"]
@@ -135,12 +135,14 @@ def test_build_writes_shards_resumes_and_loads(tmp_path, base, anti, tokenizer):
 
 def test_build_refuses_other_settings_in_same_dir(tmp_path, base, anti, tokenizer):
     out = tmp_path / "d"
-    kwargs = dict(num_samples=4, max_length=6, batch_size=4, seed=0, summary_num_samples=0, show_progress=False)
-    DistilledDetoxDataset.build(base, anti, tokenizer, output_dir=out, **kwargs)
+    distill = DistillConfig(num_samples=4, max_length=6, batch_size=4, summary_num_samples=0)
+    kwargs = dict(seed=0, show_progress=False)
+    DistilledDetoxDataset.build(base, anti, tokenizer, distill=distill, output_dir=out, **kwargs)
     (out / METADATA_FILE).unlink()  # even an unfinished build keeps its settings
     with pytest.raises(ValueError, match=r"alpha: 0.1 -> 0.3.*overwrite=True"):
-        DistilledDetoxDataset.build(base, anti, tokenizer, output_dir=out, alpha=0.3, **kwargs)
-    redo = DistilledDetoxDataset.build(base, anti, tokenizer, output_dir=out, alpha=0.3, overwrite=True, **kwargs)
+        DistilledDetoxDataset.build(base, anti, tokenizer, SamplingConfig(alpha=0.3), distill, out, **kwargs)
+    redo = DistilledDetoxDataset.build(base, anti, tokenizer, SamplingConfig(alpha=0.3),
+                                       replace(distill, overwrite=True), out, **kwargs)
     assert redo.metadata["alpha"] == 0.3
     assert json.loads((out / SHARDS_DIR / "config.json").read_text())["alpha"] == 0.3
 
@@ -151,16 +153,18 @@ def test_lora_adapter_on_the_base_itself(base, anti, tokenizer):
     reference_base = copy.deepcopy(base)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    kwargs = dict(num_samples=6, max_length=8, batch_size=3, seed=1, summary_num_samples=0, show_progress=False)
+    distill = DistillConfig(num_samples=6, max_length=8, batch_size=3, summary_num_samples=0)
+    kwargs = dict(distill=distill, seed=1, show_progress=False)
     fused_input = DistilledDetoxDataset.build(base, peft_model, tokenizer, **kwargs)
-    unfused = DistilledDetoxDataset.build(base, peft_model, tokenizer, fused=False, **kwargs)
+    unfused = DistilledDetoxDataset.build(base, peft_model, tokenizer, **{**kwargs, "distill": replace(distill, fused=False)})
     separate = DistilledDetoxDataset.build(reference_base, merged, tokenizer, **kwargs)
     assert fused_input.metadata["decoding"] == "fused-lora"
     assert unfused.metadata["decoding"] == separate.metadata["decoding"] == "two-model"
     assert fused_input.texts == unfused.texts == separate.texts
     assert any(isinstance(m, torch.nn.Module) and "lora" in type(m).__module__ for m in base.modules())
     with pytest.raises(ValueError, match="fused=True needs a peft LoRA anti-expert"):
-        DistilledDetoxDataset.build(reference_base, merged, tokenizer, fused=True, **kwargs)
+        DistilledDetoxDataset.build(reference_base, merged, tokenizer,
+                                    **{**kwargs, "distill": replace(distill, fused=True)})
 
 
 def test_fused_summary_samples_base_without_and_anti_expert_with_the_adapter(tmp_path, base, tokenizer):
@@ -176,8 +180,8 @@ def test_fused_summary_samples_base_without_and_anti_expert_with_the_adapter(tmp
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
     merged = copy.deepcopy(peft_model).merge_and_unload()
     built = DistilledDetoxDataset.build(
-        base, peft_model, tokenizer, num_samples=4, max_length=6, batch_size=4, seed=5, output_dir=tmp_path / "d",
-        summary_num_samples=4, scorer=HateScorer(), show_progress=False,
+        base, peft_model, tokenizer, distill=DistillConfig(num_samples=4, max_length=6, batch_size=4, summary_num_samples=4),
+        seed=5, output_dir=tmp_path / "d", scorer=HateScorer(), show_progress=False,
     )
     assert built.metadata["decoding"] == "fused-lora"
     samples = [json.loads(line) for line in (tmp_path / "d" / "summary_samples.jsonl").read_text().splitlines()]
@@ -189,9 +193,10 @@ def test_fused_summary_samples_base_without_and_anti_expert_with_the_adapter(tmp
 
 
 def test_without_anti_expert_builds_the_plain_control_corpus(tmp_path, base, tokenizer):
-    kwargs = dict(num_samples=5, max_length=6, batch_size=2, seed=4, show_progress=False)
-    plain = DistilledDetoxDataset.build(base, None, tokenizer, output_dir=tmp_path / "p", summary_num_samples=2,
-                                        scorer=lambda texts: [0.0] * len(texts), **kwargs)
+    distill = DistillConfig(num_samples=5, max_length=6, batch_size=2)
+    kwargs = dict(seed=4, show_progress=False)
+    plain = DistilledDetoxDataset.build(base, None, tokenizer, distill=replace(distill, summary_num_samples=2),
+                                        output_dir=tmp_path / "p", scorer=lambda texts: [0.0] * len(texts), **kwargs)
     assert plain.metadata["decoding"] == "plain" and plain.metadata["anti_expert"] is None
     assert set(plain.metadata["summary"]) == {"scorer", "distilled", "base", "distilled_vs_base"}
     assert not plain.metadata["summary"]["distilled_vs_base"]["lower"]  # all scores 0: no difference
@@ -200,7 +205,8 @@ def test_without_anti_expert_builds_the_plain_control_corpus(tmp_path, base, tok
         expected += sample_batch(base, None, [1], size, 6, batch_seed(4, i), eos_token_id=[2], pad_token_id=0)
     assert plain.texts == tokenizer.batch_decode(expected, skip_special_tokens=True)
     with pytest.raises(ValueError, match="fused=True needs a LoRA anti-expert"):
-        DistilledDetoxDataset.build(base, None, tokenizer, fused=True, summary_num_samples=0, **kwargs)
+        DistilledDetoxDataset.build(base, None, tokenizer, distill=replace(distill, fused=True, summary_num_samples=0),
+                                    **kwargs)
 
 
 def test_summary_scores_the_three_sources(tmp_path, base, anti, tokenizer):
@@ -211,8 +217,8 @@ def test_summary_scores_the_three_sources(tmp_path, base, anti, tokenizer):
             return [min(1.0, t.split().count("hate") / 2) for t in texts]
 
     built = DistilledDetoxDataset.build(
-        base, anti, tokenizer, num_samples=6, max_length=8, batch_size=4, seed=2, output_dir=tmp_path / "d",
-        summary_num_samples=5, scorer=CountScorer(), show_progress=False,
+        base, anti, tokenizer, distill=DistillConfig(num_samples=6, max_length=8, batch_size=4, summary_num_samples=5),
+        seed=2, output_dir=tmp_path / "d", scorer=CountScorer(), show_progress=False,
     )
     summary = built.metadata["summary"]
     assert summary["scorer"] == "count_hate"
@@ -230,15 +236,17 @@ def test_summary_scores_the_three_sources(tmp_path, base, anti, tokenizer):
 
 
 def test_errors(base, anti, tokenizer):
-    kwargs = dict(num_samples=2, max_length=4, batch_size=2, summary_num_samples=0, show_progress=False)
+    distill = DistillConfig(num_samples=2, max_length=4, batch_size=2, summary_num_samples=0)
+    kwargs = dict(distill=distill, show_progress=False)
     with pytest.raises(ValueError, match=r"`start_token` '<\|endoftext\|>' is not a token"):
-        DistilledDetoxDataset.build(base, anti, tokenizer, start_token="<|endoftext|>", **kwargs)
+        DistilledDetoxDataset.build(base, anti, tokenizer, distill=replace(distill, start_token="<|endoftext|>"),
+                                    show_progress=False)
     with pytest.raises(ValueError, match="shared vocabulary"):
         DistilledDetoxDataset.build(base, tiny_gemma3(40), tokenizer, **kwargs)
     with pytest.raises(ValueError, match="the base model itself"):
         DistilledDetoxDataset.build(base, base, tokenizer, **kwargs)
     with pytest.raises(ValueError, match="`alpha` has to be"):
-        DistilledDetoxDataset.build(base, anti, tokenizer, alpha=0.0, **kwargs)
+        DistilledDetoxDataset.build(base, anti, tokenizer, SamplingConfig(alpha=0.0), **kwargs)
     with pytest.raises(ValueError, match="`num_samples` has to be an integer >= 1"):
         DistillConfig(num_samples=0)
     with pytest.raises(ValueError, match="`top_p`"):

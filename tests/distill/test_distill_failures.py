@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_gemma3, tiny_llama
 
 import unidetox.decoding.fused as fused
-import unidetox.distill.dataset as dataset_module
+import unidetox.distill.distiller as dataset_module
 from unidetox import DistilledDetoxDataset
-from unidetox.distill.dataset import SHARD_CONFIG_FILE, SHARDS_DIR
+from unidetox.distill.config import DistillConfig
+from unidetox.distill.shards import SHARD_CONFIG_FILE, SHARDS_DIR
 
-KWARGS = dict(num_samples=4, max_length=6, batch_size=2, seed=0, summary_num_samples=0, show_progress=False)
+DISTILL = DistillConfig(num_samples=4, max_length=6, batch_size=2, summary_num_samples=0)
+KWARGS = dict(distill=DISTILL, seed=0, show_progress=False)
 
 
 def lora_on(model, seed=123):
@@ -35,7 +38,7 @@ def test_two_in_memory_anti_experts_never_share_one_cache(tmp_path, base, vocab,
     # a grown build with another anti-expert must not append its rows to the old ones either
     with pytest.raises(ValueError, match="anti_expert"):
         DistilledDetoxDataset.build(base, tiny_llama(vocab, seed=2), tokenizer, output_dir=out,
-                                    **{**KWARGS, "num_samples": 6})
+                                    **{**KWARGS, "distill": replace(DISTILL, num_samples=6)})
     # the same weights in a new object are the same anti-expert: the cache is reused
     again = DistilledDetoxDataset.build(base, tiny_llama(vocab, seed=1), tokenizer, output_dir=out, **KWARGS)
     assert again.texts == first.texts
@@ -138,7 +141,7 @@ def test_adapter_on_another_base_runs_as_two_models(base, vocab, tokenizer):
     assert got.metadata["decoding"] == "two-model"
     assert got.texts == expected.texts
     with pytest.raises(ValueError, match="fused=True"):
-        DistilledDetoxDataset.build(base, other, tokenizer, fused=True, **KWARGS)
+        DistilledDetoxDataset.build(base, other, tokenizer, **{**KWARGS, "distill": replace(DISTILL, fused=True)})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import pytest
 from tiny import char_tokenizer, tiny_gemma3, tiny_llama, word_tokenizer
 from transformers import LogitsProcessorList
 
-import unidetox.distill.dataset as dataset_module
+import unidetox.distill.distiller as dataset_module
 from unidetox import DistilledDetoxDataset
 from unidetox.cards import CARD_MARKER
-from unidetox.decoding.sampler import ContrastiveDetoxSampler
-from unidetox.decoding.sampling import ToxicityEvalConfig
-from unidetox.distill.dataset import METADATA_FILE, SHARD_CONFIG_FILE, SHARDS_DIR
+from unidetox.decoding.logits_process import ContrastiveDetoxSampler
+from unidetox.decoding.protocol import ToxicityEvalConfig
+from unidetox.distill.config import DistillConfig
+from unidetox.distill.shards import METADATA_FILE, SHARD_CONFIG_FILE, SHARDS_DIR
 from unidetox.evaluation.config import DecodingConfig, EvaluateArguments, PerplexityConfig
 from unidetox.evaluation.harness import run_evaluation
 from unidetox.evaluation.mmlu import MMLUConfig
@@ -147,7 +148,7 @@ def test_evaluate_with_an_anti_expert_of_another_vocabulary_names_both(tmp_path)
 
 
 # ---- distill shards and metadata -------------------------------------------------------------------------------
-BUILD = dict(max_length=4, batch_size=2, seed=0, summary_num_samples=0, show_progress=False)
+DISTILL = dict(max_length=4, batch_size=2, summary_num_samples=0)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +157,11 @@ def distill_models():
     return tiny_llama(len(tokenizer), seed=0), tiny_llama(len(tokenizer), seed=1), tokenizer
 
 
-def build(distill_models, out, num_samples=16, **kwargs):
+def build(distill_models, out, num_samples=16, seed=0, **settings):
     base, anti, tokenizer = distill_models
-    return DistilledDetoxDataset.build(base, anti, tokenizer, num_samples=num_samples, output_dir=out,
-                                       **{**BUILD, **kwargs})
+    distill = DistillConfig(num_samples=num_samples, **{**DISTILL, **settings})
+    return DistilledDetoxDataset.build(base, anti, tokenizer, distill=distill, output_dir=out, seed=seed,
+                                       show_progress=False)
 
 
 class FirstBatchSampled(Exception):
@@ -170,8 +172,8 @@ def test_a_huge_build_plans_its_batches_lazily(tmp_path, distill_models, monkeyp
     """The batch list is not made up front: the first batch is sampled before the other shards are looked up,
     so a build of any size starts at once (the old plan listed and checked every batch first)."""
     looked_up = []
-    read_shard = dataset_module._read_shard
-    monkeypatch.setattr(dataset_module, "_read_shard", lambda path, *a: looked_up.append(path) or read_shard(path, *a))
+    read_shard = dataset_module.read_shard
+    monkeypatch.setattr(dataset_module, "read_shard", lambda path, *a: looked_up.append(path) or read_shard(path, *a))
 
     def sample_batch(*args, **kwargs):
         raise FirstBatchSampled
@@ -186,7 +188,8 @@ def test_a_huge_build_plans_its_batches_lazily(tmp_path, distill_models, monkeyp
 
 def test_lazy_planning_keeps_the_texts(tmp_path, distill_models):
     """An odd last batch: the merged texts are exactly num_samples, the same in memory and resumed from shards."""
-    in_memory = DistilledDetoxDataset.build(*distill_models, num_samples=7, **{**BUILD, "batch_size": 3})
+    in_memory = DistilledDetoxDataset.build(*distill_models, distill=DistillConfig(num_samples=7, **{**DISTILL, "batch_size": 3}),
+                                            show_progress=False)
     out = tmp_path / "d"
     build(distill_models, out, num_samples=7, batch_size=3)
     (out / "metadata.json").unlink()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.decoding.protocol import ToxicityEvalConfig
 from unidetox.evaluation.capabilities import CapabilitiesConfig
 from unidetox.evaluation.config import DecodingConfig, EvaluateArguments, PerplexityConfig
 from unidetox.evaluation.measurements import also_fingerprint

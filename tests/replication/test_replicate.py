@@ -172,7 +172,8 @@ def test_one_base_record_serves_a_lambda_sweep():
 # Baseline data
 # ---------------------------------------------------------------------------------------------------------------
 def test_plain_sample_dataset_is_deterministic_and_resumes(tmp_path):
-    from unidetox.distill.dataset import STREAM_DISTILL, batch_seed, sample_batch
+    from unidetox.distill.distiller import sample_batch
+    from unidetox.distill.shards import STREAM_DISTILL, batch_seed
 
     tokenizer = word_tokenizer()
     model = tiny_llama(len(tokenizer))

@@ -17,7 +17,8 @@ import datasets  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from tiny import tiny_llama, word_tokenizer  # noqa: E402
 
-import unidetox.distill.dataset as distilled  # noqa: E402
+import unidetox.distill.distiller as distilled  # noqa: E402
+from unidetox import DistillConfig, DistilledDetoxDataset  # noqa: E402
 from unidetox.distill.anti_expert import AntiExpertConfig, load_anti_expert, train_anti_expert  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -71,9 +72,10 @@ elif args.anti_expert:
 else:
     anti = tiny_llama(vocab, seed=1)
 
-result = distilled.DistilledDetoxDataset.build(
-    base, anti, tokenizer, num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
-    seed=args.seed, output_dir=out / "distilled", summary_num_samples=0, show_progress=False,
+distill = DistillConfig(num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
+                        summary_num_samples=0)
+result = DistilledDetoxDataset.build(
+    base, anti, tokenizer, distill=distill, seed=args.seed, output_dir=out / "distilled", show_progress=False,
     base_id="tiny-llama-seed0", anti_expert_id="anti",
 )
 assert len(result) == args.num_samples

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +31,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from unidetox.decoding.sampler import (
+from unidetox.decoding.config import GenerateOptions, SamplingConfig
+from unidetox.decoding.logits_process import (
     ContrastiveDetoxSampler,
     contrastive_scores,
     distinct_rows,
     require_shared_vocabulary,
     scored_vocabulary_size,
-    validate_alpha_beta,
 )
 
 
@@ -165,15 +165,15 @@ def _fused_prefill(forward: _FusedForward, input_ids: torch.LongTensor, mask: to
     return logits, cache
 
 
-def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+def _warpers(sampling: SamplingConfig) -> LogitsProcessorList:
     # Same warpers, same order and same conditions as generate(): temperature, top-k, top-p.
     warpers = LogitsProcessorList()
-    if temperature is not None and temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None and top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    if sampling.temperature is not None and sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k is not None and sampling.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k, min_tokens_to_keep=1))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
     return warpers
 
 
@@ -187,42 +187,11 @@ def _as_id_list(token_ids) -> list[int]:
     return list(token_ids)
 
 
-@torch.no_grad()
-def fused_contrastive_generate(
-    model,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.LongTensor | None = None,
-    *,
-    adapter_name: str | None = None,
-    alpha: float = 0.1,
-    beta: float | None = None,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    output_scores: bool = False,
-    share_prefill: bool = True,
-) -> ContrastiveGenerateOutput:
-    """UniDetox contrastive decoding with a LoRA anti-expert in one forward per step (see module docstring).
-
-    ``model`` is a peft model: with the adapter disabled it is the base, with ``adapter_name`` (default: the active
-    adapter) it is the anti-expert. Arguments mirror ``generate()``; EOS handling matches it (finished rows are
-    filled with ``pad_token_id``; generation stops when every row has finished). ``share_prefill`` prefills each
-    distinct prompt once (in both halves) and copies its cache to the rows that repeat it; ``False`` prefills
-    every row. Both draw the same tokens for the same seed, up to floating-point rounding of the prefill.
-    """
-    validate_alpha_beta(alpha, beta)
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` has to be >= 1, but is {max_new_tokens}.")
-    adapter_name = adapter_name or model.active_adapter
-    if not is_lora_anti_expert(model, adapter_name):
-        raise ValueError("fused_contrastive_generate needs a peft model with a LoRA adapter as the anti-expert.")
-    # Like generate(): unset EOS/pad come from the model's generation config.
+def _eos_and_pad(model, options: GenerateOptions) -> tuple[list[int], int | None]:
+    """The EOS ids and the pad id of a fused call; unset ones come from the model's generation config, as in
+    generate()."""
     generation_config = model.get_base_model().generation_config
+    eos_token_id, pad_token_id = options.eos_token_id, options.pad_token_id
     if eos_token_id is None:
         eos_token_id = generation_config.eos_token_id
     if pad_token_id is None:
@@ -232,56 +201,107 @@ def fused_contrastive_generate(
     eos_ids = _as_id_list(eos_token_id)
     if eos_ids and pad_token_id is None:
         raise ValueError("`pad_token_id` is needed to fill finished rows when `eos_token_id` is set.")
-    warpers = _warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+    return eos_ids, pad_token_id
+
+
+@dataclass
+class _FusedDecoding:
+    """One fused decoding call: its settings, resolved once, and the token rule of one step."""
+
+    sampling: SamplingConfig
+    options: GenerateOptions
+    warpers: LogitsProcessorList
+    eos: torch.LongTensor | None
+    pad_token_id: int | None
+    batch: int
+
+    def next_tokens(self, logits: torch.Tensor, sequences: torch.LongTensor, step: int):
+        """``(tokens, scores)`` of one step from the doubled batch's logits (base rows, then anti-expert rows)."""
+        logits = logits.float()
+        base_logits, anti_logits = logits[: self.batch], logits[self.batch :]
+        if step < self.options.min_new_tokens and self.eos is not None:
+            # generate() applies MinNewTokensLengthLogitsProcessor to the base logits before our processor.
+            base_logits = base_logits.index_fill(-1, self.eos, -math.inf)
+        scores = self.warpers(sequences, contrastive_scores(base_logits, anti_logits, self.sampling.alpha,
+                                                            self.sampling.beta))
+        if self.options.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1), scores
+        return scores.argmax(dim=-1), scores
+
+
+def _decode(forward: _FusedForward, decoding: _FusedDecoding, input_ids, mask, share_prefill: bool):
+    """The token loop of :func:`fused_contrastive_generate` (inside ``lora_on_second_half``)."""
+    batch, eos = decoding.batch, decoding.eos
+    sequences, scores_out = input_ids, []
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    logits, cache = _fused_prefill(forward, input_ids, mask, share_prefill)
+    doubled_mask = torch.cat([mask, mask])
+    positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+    max_new_tokens = decoding.options.max_new_tokens
+    for step in range(max_new_tokens):
+        next_tokens, scores = decoding.next_tokens(logits, sequences, step)
+        if decoding.options.output_scores:
+            scores_out.append(scores)
+        if eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, decoding.pad_token_id))
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(next_tokens, eos)
+            if not bool(unfinished.any()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        doubled_mask = torch.cat([doubled_mask, doubled_mask.new_ones(2 * batch, 1)], dim=-1)
+        positions = positions + 1
+        out = forward(input_ids=torch.cat([next_tokens, next_tokens])[:, None], attention_mask=doubled_mask,
+                      position_ids=positions, cache=cache, use_cache=True)
+        logits, cache = out.logits[:, -1], out.cache
+    return sequences, scores_out
+
+
+@torch.no_grad()
+def fused_contrastive_generate(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor | None = None,
+    sampling: SamplingConfig | None = None,
+    options: GenerateOptions | None = None,
+    *,
+    adapter_name: str | None = None,
+    share_prefill: bool = True,
+) -> ContrastiveGenerateOutput:
+    """UniDetox contrastive decoding with a LoRA anti-expert in one forward per step (see module docstring).
+
+    ``model`` is a peft model: with the adapter disabled it is the base, with ``adapter_name`` (default: the active
+    adapter) it is the anti-expert. ``sampling`` is the decoding rule and ``options`` the ``generate()``-style
+    arguments (defaults: ``SamplingConfig()``, ``GenerateOptions()``); EOS handling matches ``generate()``
+    (finished rows are filled with the pad id; generation stops when every row has finished). ``share_prefill``
+    prefills each distinct prompt once (in both halves) and copies its cache to the rows that repeat it; ``False``
+    prefills every row. Both draw the same tokens for the same seed, up to floating-point rounding of the prefill.
+    """
+    sampling = sampling if sampling is not None else SamplingConfig()
+    options = options if options is not None else GenerateOptions()
+    adapter_name = adapter_name or model.active_adapter
+    if not is_lora_anti_expert(model, adapter_name):
+        raise ValueError("fused_contrastive_generate needs a peft model with a LoRA adapter as the anti-expert.")
+    eos_ids, pad_token_id = _eos_and_pad(model, options)
     device = input_ids.device
-    batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
     if mask.shape != input_ids.shape:
         raise ValueError(f"`attention_mask` has shape {tuple(mask.shape)} but `input_ids` {tuple(input_ids.shape)}.")
-    eos_tensor = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
-
+    decoding = _FusedDecoding(
+        sampling, options, _warpers(sampling) if options.do_sample else LogitsProcessorList(),
+        torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None, pad_token_id, input_ids.shape[0],
+    )
     forward = _FusedForward(model, adapter_name)
     was_training = model.training
     model.eval()
-    sequences = input_ids
-    scores_out: list[torch.Tensor] = []
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     try:
         with lora_on_second_half(model, adapter_name):
-            logits, cache = _fused_prefill(forward, input_ids, mask, share_prefill)
-            doubled_mask = torch.cat([mask, mask])
-            positions = (doubled_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-            for step in range(max_new_tokens):
-                logits = logits.float()
-                base_logits, anti_logits = logits[:batch], logits[batch:]
-                if step < min_new_tokens and eos_tensor is not None:
-                    # generate() applies MinNewTokensLengthLogitsProcessor to the base logits before our processor.
-                    base_logits = base_logits.index_fill(-1, eos_tensor, -math.inf)
-                scores = contrastive_scores(base_logits, anti_logits, alpha, beta)
-                scores = warpers(sequences, scores)
-                if output_scores:
-                    scores_out.append(scores)
-                if do_sample:
-                    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    next_tokens = scores.argmax(dim=-1)
-                if eos_tensor is not None:
-                    next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-                sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-                if eos_tensor is not None:
-                    unfinished = unfinished & ~torch.isin(next_tokens, eos_tensor)
-                    if not bool(unfinished.any()):
-                        break
-                if step == max_new_tokens - 1:
-                    break
-                doubled_mask = torch.cat([doubled_mask, doubled_mask.new_ones(2 * batch, 1)], dim=-1)
-                positions = positions + 1
-                out = forward(input_ids=torch.cat([next_tokens, next_tokens])[:, None], attention_mask=doubled_mask,
-                              position_ids=positions, cache=cache, use_cache=True)
-                logits, cache = out.logits[:, -1], out.cache
+            sequences, scores = _decode(forward, decoding, input_ids, mask, share_prefill)
     finally:
         model.train(was_training)
-    return ContrastiveGenerateOutput(sequences, tuple(scores_out) if output_scores else None)
+    return ContrastiveGenerateOutput(sequences, tuple(scores) if options.output_scores else None)
 
 
 def _is_adapter_on(base, anti_expert) -> bool:
@@ -413,41 +433,32 @@ def generate_resolved(
     models: ResolvedModels,
     input_ids: torch.LongTensor,
     attention_mask: torch.LongTensor | None = None,
-    *,
-    alpha: float = 0.1,
-    beta: float | None = None,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    output_scores: bool = False,
+    sampling: SamplingConfig | None = None,
+    options: GenerateOptions | None = None,
 ) -> ContrastiveGenerateOutput:
     """Decode with the models :func:`resolve_models` chose: fused, two models, or plain (no anti-expert).
 
-    Arguments mirror ``generate()``; unset EOS/pad come from the model's generation config, as there.
+    ``sampling`` is the decoding rule, ``options`` the ``generate()``-style arguments (defaults:
+    ``SamplingConfig()``, ``GenerateOptions()``); unset EOS/pad come from the model's generation config, as there.
     """
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = sampling if sampling is not None else SamplingConfig()
+    options = options if options is not None else GenerateOptions()
     if models.lora is not None:
-        return fused_contrastive_generate(
-            models.lora, input_ids, attention_mask, adapter_name=models.adapter_name, alpha=alpha, beta=beta,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, output_scores=output_scores, **sampling,
-        )
+        return fused_contrastive_generate(models.lora, input_ids, attention_mask, sampling, options,
+                                          adapter_name=models.adapter_name)
     processors = LogitsProcessorList()
     if models.anti_expert is not None:
-        processors.append(ContrastiveDetoxSampler(models.anti_expert, alpha=alpha, beta=beta,
+        processors.append(ContrastiveDetoxSampler(models.anti_expert, alpha=sampling.alpha, beta=sampling.beta,
                                                   attention_mask=attention_mask))
     with models.base_context():
         out = models.base.generate(
             input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, return_dict_in_generate=True, output_scores=output_scores, **sampling,
+            max_new_tokens=options.max_new_tokens, min_new_tokens=options.min_new_tokens,
+            eos_token_id=options.eos_token_id, pad_token_id=options.pad_token_id, return_dict_in_generate=True,
+            output_scores=options.output_scores, do_sample=options.do_sample, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p,
         )
-    return ContrastiveGenerateOutput(out.sequences, out.scores if output_scores else None)
+    return ContrastiveGenerateOutput(out.sequences, out.scores if options.output_scores else None)
 
 
 @torch.no_grad()
@@ -455,20 +466,11 @@ def contrastive_generate(
     base,
     input_ids: torch.LongTensor,
     attention_mask: torch.LongTensor | None = None,
+    sampling: SamplingConfig | None = None,
+    options: GenerateOptions | None = None,
     *,
     anti_expert=None,
     adapter_name: str | None = None,
-    alpha: float = 0.1,
-    beta: float | None = None,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    output_scores: bool = False,
     fused: bool | None = None,
 ) -> ContrastiveGenerateOutput:
     """UniDetox contrastive decoding; fused when the anti-expert is a LoRA adapter on the base.
@@ -476,6 +478,8 @@ def contrastive_generate(
     Args:
         base: the base causal LM, or a peft LoRA model whose adapter *is* the anti-expert (then leave
             ``anti_expert`` as ``None`` or pass the same object).
+        sampling: how each token is drawn (default ``SamplingConfig()``: the paper's alpha 0.1, pure log-ratio).
+        options: the ``generate()``-style arguments (default ``GenerateOptions()``: 20 sampled tokens).
         anti_expert: a separate anti-expert model (same vocabulary), or a peft LoRA model on ``base`` (or on a
             copy of it); see :func:`resolve_models`.
         fused: ``None`` picks automatically; ``True`` requires the fused path; ``False`` requires the two-model
@@ -483,15 +487,12 @@ def contrastive_generate(
 
     Example:
         >>> from peft import LoraConfig, get_peft_model
+        >>> from unidetox.decoding.config import GenerateOptions
         >>> from unidetox.decoding.fused import contrastive_generate
         >>> lora_model = get_peft_model(base, LoraConfig(target_modules="all-linear"))  # doctest: +SKIP
         >>> # ... train the adapter on toxic text (unidetox.distill.anti_expert), then:
-        >>> out = contrastive_generate(lora_model, input_ids, attention_mask, max_new_tokens=64)  # doctest: +SKIP
+        >>> out = contrastive_generate(lora_model, input_ids, attention_mask,
+        ...                            options=GenerateOptions(max_new_tokens=64))  # doctest: +SKIP
     """
-    validate_alpha_beta(alpha, beta)
     models = resolve_models(base, anti_expert, fused=fused, adapter_name=adapter_name)
-    return generate_resolved(
-        models, input_ids, attention_mask, alpha=alpha, beta=beta, max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, output_scores=output_scores,
-    )
+    return generate_resolved(models, input_ids, attention_mask, sampling, options)

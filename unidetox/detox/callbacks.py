@@ -7,7 +7,7 @@ held-out clean text. Each evaluation is one JSON line in ``<output_dir>/detox_ev
 checkpoint whose perplexity rose by at most a bound over the baseline: how UniDetox fixes its single configuration
 on validation prompts before testing.
 
-Generation and perplexity are the evaluation harness's own functions (:func:`unidetox.decoding.sampling.generate_samples`,
+Generation and perplexity are the evaluation harness's own functions (:func:`unidetox.decoding.protocol.generate_samples`,
 :func:`unidetox.evaluation.likelihood.sliding_window_nll`), so validation numbers are computed exactly like test numbers.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from unidetox.decoding.sampling import ToxicityEvalConfig, generate_samples, group_by_prompt
+from unidetox.decoding.protocol import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.detox.selection import EVAL_LOG_FILE, checkpoint_dir, read_eval_records
 from unidetox.evaluation.likelihood import sliding_window_nll
 from unidetox.evaluation.metrics import expected_max_toxicity, mean_distinct_n, toxicity_probability
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class DetoxEvalConfig(ToxicityEvalConfig):
     """How :class:`DetoxEvalCallback` evaluates a checkpoint: the toxicity protocol plus its seed and perplexity.
 
-    The sampling fields are :class:`~unidetox.decoding.sampling.ToxicityEvalConfig`'s (defaults: the paper's
+    The sampling fields are :class:`~unidetox.decoding.protocol.ToxicityEvalConfig`'s (defaults: the paper's
     protocol), so validation samples exactly as the test evaluation does.
 
     Example:

@@ -292,16 +292,9 @@ def train_anti_expert(
     fingerprint, record = anti_expert_fingerprint(base_name_or_path, model, corpus, config)
 
     existing = read_marker(out)
-    if existing is not None:
-        if existing.get("fingerprint") == fingerprint:
-            logger.info("Reusing the anti-expert at %s (same base, corpus and settings)", out)
-            return AntiExpertResult(out, trained=False, metadata=existing)
-        if not config.overwrite:
-            changes = _diff(existing.get("record", {}), record)
-            raise ValueError(
-                f"{out} holds an anti-expert trained with other settings ({'; '.join(changes) or 'unknown'}). "
-                "Use another `output_dir`, or set `overwrite=True` to retrain it."
-            )
+    if _is_reusable(out, existing, fingerprint, record, config):
+        logger.info("Reusing the anti-expert at %s (same base, corpus and settings)", out)
+        return AntiExpertResult(out, trained=False, metadata=existing)
     pending = out / PENDING_FILE
     foreign, resume = _resume_point(out, fingerprint, config)
     if resume:
@@ -322,25 +315,54 @@ def train_anti_expert(
     wall = time.perf_counter() - start
     trainer.save_model(str(out))
 
+    metadata = {"fingerprint": fingerprint, "record": record, "kind": "lora" if config.use_peft else "full",
+                "base": str(base_name_or_path), **_training_record(trainer, train_loss, wall), "resumed_from": resume,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unidetox_version": _version()}
+    if is_main_process():
+        _complete(out, tokenizer, metadata, corpus_config, foreign)
+    wait_for_everyone()
+    return AntiExpertResult(out, trained=True, metadata=metadata)
+
+
+def _is_reusable(out: Path, existing: dict | None, fingerprint: str, record: dict, config: AntiExpertConfig) -> bool:
+    """True when the anti-expert saved in ``out`` (its marker ``existing``) has this ``fingerprint``; one trained with
+    other settings raises unless ``config.overwrite``."""
+    if existing is None:
+        return False
+    if existing.get("fingerprint") == fingerprint:
+        return True
+    if not config.overwrite:
+        changes = _diff(existing.get("record", {}), record)
+        raise ValueError(
+            f"{out} holds an anti-expert trained with other settings ({'; '.join(changes) or 'unknown'}). "
+            "Use another `output_dir`, or set `overwrite=True` to retrain it."
+        )
+    return False
+
+
+def _training_record(trainer, train_loss: float, wall: float) -> dict[str, Any]:
+    """The losses, steps and time of a finished training, as the marker records them."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    metadata = {
-        "fingerprint": fingerprint,
-        "record": record,
-        "kind": "lora" if config.use_peft else "full",
-        "base": str(base_name_or_path),
+    return {
         "train_loss": train_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "global_steps": trainer.state.global_step,
         "train_wall_time_s": round(wall, 2),
-        "resumed_from": resume,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "unidetox_version": _version(),
     }
-    if is_main_process():
-        _complete(out, tokenizer, metadata, corpus_config, foreign)
-    wait_for_everyone()
-    return AntiExpertResult(out, trained=True, metadata=metadata)
+
+
+def load_if_named(model, tokenizer):
+    """``(model, tokenizer)``, the model loaded when it is a name or path (with its own tokenizer unless one is
+    given); a missing tokenizer raises."""
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model)
+        else:
+            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is None:
+        raise ValueError("Pass the base model's `tokenizer`.")
+    return model, tokenizer
 
 
 def _checked_inputs(model, tokenizer, corpus: datasets.Dataset, config: AntiExpertConfig,
@@ -358,12 +380,7 @@ def _checked_inputs(model, tokenizer, corpus: datasets.Dataset, config: AntiExpe
         raise ValueError(f"`corpus` needs a non-empty `{TEXT_COLUMN}` column; got {corpus}.")
     if isinstance(model, (str, os.PathLike)):
         base_name_or_path = base_name_or_path or str(model)
-        if tokenizer is None:
-            model, tokenizer = load_model_and_tokenizer(model)
-        else:
-            model = load_model(model, pad_token_id=tokenizer.pad_token_id)
-    if tokenizer is None:
-        raise ValueError("Pass the base model's `tokenizer`.")
+    model, tokenizer = load_if_named(model, tokenizer)
     return model, tokenizer, base_name_or_path or getattr(model.config, "_name_or_path", None) or "unknown"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from unidetox.cards import CITATION, PAPER_URL, base_model_hub_id, model_reference
-from unidetox.distill.corpus import DGHS_HUB_ID, ToxicCorpusConfig
+from unidetox.distill.corpus import DGHS_HUB_ID, DGHS_REFERENCE, ToxicCorpusConfig
 from unidetox.embedded_models import embedded_weights_note
 
 CONTENT_WARNING = (
@@ -26,9 +26,6 @@ CONTENT_WARNING = (
 
 def describe_corpus(corpus: ToxicCorpusConfig | None, num_rows: int | None) -> str:
     """One Markdown sentence on the toxic training text: DGHS hate rows when that is what was loaded."""
-    # dataset_card reads anti-expert records, and anti_expert writes this card: imported here, not at the top.
-    from unidetox.distill.dataset_card import DGHS_REFERENCE
-
     rows = f"{num_rows} rows" if num_rows is not None else "rows"
     if corpus is None:
         return f"A toxic corpus of {rows} (its source was not recorded)."

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
 DGHS_HUB_ID = "LennardZuendorf/Dynamically-Generated-Hate-Speech-Dataset"
+# How the cards cite DGHS, the anti-expert's training text.
+DGHS_REFERENCE = (
+    "Vidgen, Thrush, Waseem and Kiela, ACL 2021: *Learning from the Worst: Dynamically Generated Datasets to "
+    "Improve Online Hate Detection*, github.com/bvidgen/Dynamically-Generated-Hate-Speech-Dataset"
+)
 # The 34 identity codes the UniDetox authors keep (EminLU/UniDetox, toxic_gpt2_finetune_and_distill.py).
 DGHS_TARGETS: tuple[str, ...] = (
     "wom", "trans", "gendermin", "bis", "gay", "gay.man", "gay.wom", "mixed.race", "ethnic.minority", "indig",

@@ -19,15 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unidetox.decoding.config import SamplingConfig
 from unidetox.distill.anti_expert import AntiExpertConfig, load_anti_expert, read_marker, train_anti_expert
+from unidetox.distill.config import DistillConfig
 from unidetox.distill.corpus import ToxicCorpusConfig, load_toxic_corpus
-from unidetox.distill.dataset import (
-    METADATA_FILE,
-    DistillConfig,
-    DistilledDetoxDataset,
-    SamplingConfig,
-    summary_markdown,
-)
+from unidetox.distill.dataset import DistilledDetoxDataset
+from unidetox.distill.shards import METADATA_FILE
+from unidetox.distill.summary import summary_markdown
 from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
@@ -173,14 +171,9 @@ def run(args: DistillArguments) -> DistillResult:
     # A LoRA anti-expert stays an adapter (merge=False): the build then fuses base and adapter into one forward.
     anti_expert = load_anti_expert(ae_path, base_name_or_path=args.model.name_or_path, merge=False, **load_kwargs)
     save_resolved_config(args.config, out)  # the inputs loaded: a corrected rerun of a failed check is not refused
-    sampling, distill = args.sampler, args.distill
     distilled = DistilledDetoxDataset.build(
-        base, anti_expert, tokenizer,
-        num_samples=distill.num_samples, max_length=distill.max_length, alpha=sampling.alpha, beta=sampling.beta,
-        batch_size=distill.batch_size, seed=args.seed, output_dir=out / "distilled",
-        start_token=distill.start_token, temperature=sampling.temperature, top_k=sampling.top_k,
-        top_p=sampling.top_p, stop_at_eos=sampling.stop_at_eos, summary_num_samples=distill.summary_num_samples,
-        overwrite=distill.overwrite, base_id=args.model.name_or_path, anti_expert_id=ae_id, fused=distill.fused,
+        base, anti_expert, tokenizer, args.sampler, args.distill, out / "distilled", seed=args.seed,
+        base_id=args.model.name_or_path, anti_expert_id=ae_id,
     )
     meta = distilled.metadata
     stages["distill"] = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from unidetox.decoding.sampler import validate_alpha_beta
-from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.decoding.logits_process import validate_alpha_beta
+from unidetox.decoding.protocol import ToxicityEvalConfig
 from unidetox.evaluation.capabilities import CapabilitiesConfig
 from unidetox.evaluation.mmlu import MMLUConfig
 from unidetox.evaluation.model_card import ModelCardConfig

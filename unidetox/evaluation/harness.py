@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from unidetox.decoding.sampler import require_shared_vocabulary, scored_vocabulary_size
+from unidetox.decoding.logits_process import require_shared_vocabulary, scored_vocabulary_size
 from unidetox.evaluation.capabilities import lm_eval_version
 from unidetox.evaluation.config import EvaluateArguments
 from unidetox.evaluation.measurements import (

@@ -397,7 +397,7 @@ def conditional_nll(
     """Per sample, the summed NLL of the continuation's tokens given its prompt, and how many tokens were scored.
 
     ``continuations`` is either one string per prompt, or one list of K strings per prompt (the output of
-    :func:`unidetox.decoding.sampling.generate_continuations`), in which case the result is flattened prompt-major.
+    :func:`unidetox.decoding.protocol.generate_continuations`), in which case the result is flattened prompt-major.
     Sequences longer than ``max_length`` (default: the model's context) lose prompt tokens from the left.
     An empty continuation gives ``(0.0, 0)``. ``chunked_head`` as in :func:`sliding_window_nll`.
 

@@ -2,7 +2,7 @@
 
 Every measurement runs on every process over its shard, gathers the results once, and the main process writes
 the part (with the fingerprint of its settings); the processes then wait for each other. The toxicity protocol
-samples with :mod:`unidetox.decoding.sampling`; the perplexities are :mod:`unidetox.evaluation.likelihood`'s.
+samples with :mod:`unidetox.decoding.protocol`; the perplexities are :mod:`unidetox.evaluation.likelihood`'s.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from unidetox.decoding.sampler import ContrastiveDetoxSampler
-from unidetox.decoding.sampling import GeneratedSample, generate_samples, group_by_prompt
+from unidetox.decoding.logits_process import ContrastiveDetoxSampler
+from unidetox.decoding.protocol import GeneratedSample, generate_samples, group_by_prompt
 from unidetox.evaluation.capabilities import lm_eval_version, run_lm_eval
 from unidetox.evaluation.likelihood import (
     aggregate_conditional_perplexity,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unidetox.decoding.sampling import ToxicityEvalConfig
+from unidetox.decoding.protocol import ToxicityEvalConfig
 from unidetox.evaluation.capabilities import CapabilitiesConfig
 from unidetox.evaluation.config import DecodingConfig, EvaluateArguments, PerplexityConfig
 from unidetox.evaluation.harness import run_evaluation

@@ -22,8 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from unidetox.decoding.config import SamplingConfig
+from unidetox.distill.config import DistillConfig
 from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
-from unidetox.distill.dataset import METADATA_FILE, DistilledDetoxDataset, _commit
+from unidetox.distill.dataset import DistilledDetoxDataset
+from unidetox.distill.shards import METADATA_FILE, commit
 from unidetox.files import atomic_write_json, read_json
 from unidetox.models import load_model_and_tokenizer, parse_dtype
 
@@ -55,7 +58,7 @@ def build_plain_sample_dataset(
     """Plain samples of ``base`` from ``start_token``, written as a :class:`~unidetox.DistilledDetoxDataset` dir.
 
     The control of the replication: the same count, length, start token, sampling settings and per-batch seeds
-    (:func:`unidetox.distill.dataset.batch_seed` of the distilled stream) as the distilled text, only without the
+    (:func:`unidetox.distill.shards.batch_seed` of the distilled stream) as the distilled text, only without the
     anti-expert (:meth:`DistilledDetoxDataset.build` with ``anti_expert=None``). Fine-tuning on it separates
     "fine-tuning on benign self-generated text" from the contrastive effect.
 
@@ -71,11 +74,11 @@ def build_plain_sample_dataset(
 
     # DistilledDetoxDataset.build without an anti-expert samples the base alone, with the distilled stream's
     # per-batch seeds: same draws, same shards/resume/atomic commit as the distilled text.
-    return DistilledDetoxDataset.build(
-        base, None, tokenizer, num_samples=num_samples, max_length=max_length, batch_size=batch_size, seed=seed,
-        output_dir=output_dir, start_token=start_token, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_at_eos=stop_at_eos, summary_num_samples=0, base_id=base_id, show_progress=show_progress,
-    )
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos)
+    distill = DistillConfig(num_samples=num_samples, max_length=max_length, batch_size=batch_size,
+                            start_token=start_token, summary_num_samples=0)
+    return DistilledDetoxDataset.build(base, None, tokenizer, sampling, distill, output_dir, seed=seed,
+                                       base_id=base_id, show_progress=show_progress)
 
 
 def plain_sample_settings(distilled_metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,7 +132,7 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
     metadata = {"kind": kind, "num_samples": num_texts, "settings": settings,
                 "corpus_fingerprint": corpus_fingerprint(corpus), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result = DistilledDetoxDataset(corpus, metadata)
-    _commit(result, out)
+    commit(result.dataset, result.metadata, out)
     return result
 
 

@@ -169,7 +169,7 @@ def text_profile(texts: Sequence[str], num_tokens: Sequence[int] | None = None, 
 def read_plain_samples(distilled_dir: str | os.PathLike) -> dict[str, list[str]]:
     """``{"base": [...], "anti_expert": [...]}``: the plain samples a distill run scored next to its text
     (``summary_samples.jsonl`` beside the dataset); ``{}`` when the run wrote none."""
-    from unidetox.distill.dataset import SUMMARY_SAMPLES_FILE
+    from unidetox.distill.shards import SUMMARY_SAMPLES_FILE
 
     path = Path(distilled_dir) / SUMMARY_SAMPLES_FILE
     if not path.is_file():

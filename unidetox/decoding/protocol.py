@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from unidetox.decoding.sampler import distinct_rows, right_padded_rows
+from unidetox.checks import require_counts
+from unidetox.decoding.logits_process import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import sampling_warpers
 from unidetox.devices import model_device
 
@@ -49,7 +50,7 @@ class ToxicityEvalConfig:
     (:class:`~unidetox.evaluation.prompts.PromptsConfig`).
 
     Example:
-        >>> from unidetox.decoding.sampling import ToxicityEvalConfig
+        >>> from unidetox.decoding.protocol import ToxicityEvalConfig
         >>> ToxicityEvalConfig(num_samples=25, max_new_tokens=20, top_p=0.9).num_samples
         25
     """
@@ -70,10 +71,7 @@ class ToxicityEvalConfig:
     )
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` has to be an integer >= 1, but is {value!r}.")
+        require_counts(self, ("num_samples", "max_new_tokens", "batch_size"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` has to be in (0, 1], but is {self.top_p}; use 1.0 to disable nucleus sampling.")
         if not self.temperature > 0.0:
@@ -344,45 +342,65 @@ def generate_samples(
     # generate() would add a TopPLogitsWarper that sorts the whole vocabulary at every step (most of the sampling
     # time for a 262k-token vocabulary on a CPU); the same warpers, with a top-k based nucleus, go in the
     # processor list instead, after any custom processor as generate() orders them.
-    generation_config = sampling_generation_config(model, tokenizer, max_new_tokens, top_p=1.0, temperature=1.0)
-    warpers = sampling_warpers(top_p, temperature)
-    eos_ids = _eos_ids(generation_config)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
+    batch = _BatchSampler(model, tokenizer, sampling_generation_config(model, tokenizer, max_new_tokens, top_p=1.0,
+                                                                       temperature=1.0),
+                          sampling_warpers(top_p, temperature), sampler_factory, share_prefill)
     lengths = prompt_token_lengths(tokenizer, prompts) if bucket_by_length else None
     plan = plan_batches(len(prompts), num_samples, batch_size, prompt_lengths=lengths)
-    batches = list(enumerate(plan))[process_index::num_processes]
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        label = progress if isinstance(progress, str) else "sampling"
-        iterator = tqdm(batches, desc=label, unit="batch", dynamic_ncols=True)
+    batches = _with_progress(list(enumerate(plan))[process_index::num_processes], progress)
     samples: list[GeneratedSample] = []
+    was_training = model.training
+    model.eval()
     try:
-        with _forked_rng(device):  # the seeds below must not change the caller's random stream
-            for batch_index, rows in iterator:
-                input_ids, attention_mask, cache = _batch_inputs(
-                    model, tokenizer, [prompts[p] for p, _ in rows], device, share_prefill
-                )
-                processors = LogitsProcessorList(warpers)
-                if sampler_factory is not None:
-                    processors.insert(0, sampler_factory(attention_mask))
-                torch.manual_seed(batch_seed(seed, batch_index))
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=generation_config,
-                    logits_processor=processors,
-                    **({} if cache is None else {"cache": cache}),
-                )
-                new_tokens = out[:, input_ids.shape[1] :].cpu()
-                for (p, s), (text, ids, n) in zip(rows, cut_continuations(new_tokens, tokenizer, eos_ids), strict=True):
-                    samples.append(GeneratedSample(p, s, text, ids, n, batch_index))
+        with _forked_rng(batch.device):  # the seeds below must not change the caller's random stream
+            for batch_index, rows in batches:
+                samples += batch.sample([prompts[p] for p, _ in rows], rows, batch_index, batch_seed(seed, batch_index))
     finally:
         model.train(was_training)
     return sorted(samples, key=lambda sample: (sample.prompt_index, sample.sample_index))
+
+
+def _with_progress(batches: list, progress: bool | str):
+    """``batches``, behind a tqdm bar when ``progress`` asks for one (a string labels it)."""
+    if not progress:
+        return batches
+    # Looked up at each call, as every bar of the package is, so that a wrapper of tqdm.auto.tqdm sees this bar too.
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else "sampling"
+    return tqdm(batches, desc=label, unit="batch", dynamic_ncols=True)
+
+
+class _BatchSampler:
+    """One batch of :func:`generate_samples`: its rows' prompts in, their cut and decoded continuations out."""
+
+    def __init__(self, model, tokenizer, generation_config: GenerationConfig, warpers, sampler_factory,
+                 share_prefill: bool):
+        self.model, self.tokenizer = model, tokenizer
+        self.generation_config, self.warpers = generation_config, warpers
+        self.sampler_factory, self.share_prefill = sampler_factory, share_prefill
+        self.eos_ids = _eos_ids(generation_config)
+        self.device = model_device(model)
+
+    def sample(self, texts: list[str], rows: Sequence[tuple[int, int]], batch_index: int, seed: int
+               ) -> list[GeneratedSample]:
+        """The continuations of ``texts`` (the prompts of ``rows``), drawn under ``torch.manual_seed(seed)``."""
+        input_ids, attention_mask, cache = _batch_inputs(self.model, self.tokenizer, texts, self.device,
+                                                         self.share_prefill)
+        processors = LogitsProcessorList(self.warpers)
+        if self.sampler_factory is not None:
+            processors.insert(0, self.sampler_factory(attention_mask))
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self.generation_config,
+            logits_processor=processors,
+            **({} if cache is None else {"cache": cache}),
+        )
+        new_tokens = out[:, input_ids.shape[1] :].cpu()
+        cut = cut_continuations(new_tokens, self.tokenizer, self.eos_ids)
+        return [GeneratedSample(p, s, text, ids, n, batch_index) for (p, s), (text, ids, n) in zip(rows, cut, strict=True)]
 
 
 def group_by_prompt(samples: Sequence[GeneratedSample], num_prompts: int, num_samples: int) -> list[list[str]]:
@@ -398,37 +416,19 @@ def group_by_prompt(samples: Sequence[GeneratedSample], num_prompts: int, num_sa
     return grid  # type: ignore[return-value]
 
 
-def generate_continuations(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    num_samples: int,
-    max_new_tokens: int = 20,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 64,
-    sampler_factory: SamplerFactory | None = None,
-    progress: bool = False,
-) -> list[list[str]]:
+def generate_continuations(model, tokenizer, prompts: Sequence[str], num_samples: int, **options) -> list[list[str]]:
     """K sampled continuations per prompt (``top_k=0``, nucleus ``top_p``), deterministic for a ``seed``.
+
+    ``options`` are the keyword arguments of :func:`generate_samples` (``max_new_tokens``, ``top_p``,
+    ``temperature``, ``seed``, ``batch_size``, ``sampler_factory``, ``progress``...), run in one process.
 
     Example:
         >>> from unidetox import load_model_and_tokenizer
-        >>> from unidetox.evaluation import generate_continuations
+        >>> from unidetox.decoding.protocol import generate_continuations
         >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # doctest: +SKIP
         >>> conts = generate_continuations(model, tokenizer, ["The weather is"], num_samples=3)  # doctest: +SKIP
         >>> len(conts), len(conts[0])  # doctest: +SKIP
         (1, 3)
     """
-    samples = generate_samples(
-        model, tokenizer, prompts, num_samples, max_new_tokens=max_new_tokens, top_p=top_p,
-        temperature=temperature, seed=seed, batch_size=batch_size, sampler_factory=sampler_factory,
-        progress=progress,
-    )
+    samples = generate_samples(model, tokenizer, prompts, num_samples, **options)
     return group_by_prompt(samples, len(prompts), num_samples)
-
-
-# ===============================================================================================================
-# The evaluation harness: several models x seeds -> scored generations, perplexities, MMLU, report
-# ===============================================================================================================
