@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.detox.selection import METRICS
+from unidetox.distill.dataset import SUMMARY_SAMPLES_FILE
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.paired import paired_metric_changes, per_prompt_toxicity
 from unidetox.evaluation.report import write_json
@@ -169,8 +170,6 @@ def text_profile(texts: Sequence[str], num_tokens: Sequence[int] | None = None, 
 def read_plain_samples(distilled_dir: str | os.PathLike) -> dict[str, list[str]]:
     """``{"base": [...], "anti_expert": [...]}``: the plain samples a distill run scored next to its text
     (``summary_samples.jsonl`` beside the dataset); ``{}`` when the run wrote none."""
-    from unidetox.distill.dataset import SUMMARY_SAMPLES_FILE
-
     path = Path(distilled_dir) / SUMMARY_SAMPLES_FILE
     if not path.is_file():
         return {}
@@ -565,10 +564,23 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
         lines += ["```bash", str(report["command"]), "```", ""]
     if report.get("description"):
         lines += [str(report["description"]), ""]
+    lines += _test_table_markdown(report["rows"])
+    lines += _relative_table_markdown(report["rows"], report.get("unidetox_vs_control") or {})
+    lines += under_scorers_markdown(report.get("scorers") or {})
+    lines += ["", f"**{report['bar']['verdict']}**", ""]
+    lines += _grid_markdown(report.get("grid") or {})
+    lines += _source_study_markdown(report.get("source_study") or {})
+    lines += _stage_times_markdown(report.get("stage_times") or [])
+    lines += _taskvec_markdown(report.get("taskvec") or {})
+    lines += _examples_markdown(report.get("examples") or {})
+    return "\n".join(lines)
+
+
+def _test_table_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     header = ["method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "Distinct-1", "Distinct-2",
               "Distinct-3", "MMLU acc", "method wall time (s)"]
-    lines += ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in report["rows"]:
+    lines = ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
         wall = r.get("wall_time", {}).get("total_s")
         lines.append("| " + " | ".join([
             r["label"], r["target"], _ms(r["toxicity_probability"]), _ms(r["expected_max_toxicity"]),
@@ -576,14 +588,18 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
             _ms(r["distinct_2"]), _ms(r["distinct_3"]), _ms(r["mmlu_accuracy"]),
             "–" if wall is None else f"{wall:.0f}",
         ]) + " |")
-    lines += ["", "TP / EMT / cond. ppl / Distinct: mean ± std over seeds. Method wall time: making the data + "
-              "fine-tuning on this machine (task vectors and inference-time decoding: training the anti-expert, + "
-              "negating); decoding also pays per generated token: see tokens/s below.", ""]
-    paired = any(r.get("paired_vs_base") for r in report["rows"])
-    lines += ["## Relative to the base model", "",
-              "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
+    return lines + ["", "TP / EMT / cond. ppl / Distinct: mean ± std over seeds. Method wall time: making the data + "
+                    "fine-tuning on this machine (task vectors and inference-time decoding: training the anti-expert, "
+                    "+ negating); decoding also pays per generated token: see tokens/s below.", ""]
+
+
+def _relative_table_markdown(rows: Sequence[Mapping[str, Any]],
+                             versus_control: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each row against its base (paired intervals when the rows carry them), then UniDetox against the control."""
+    lines = ["## Relative to the base model", "",
+             "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         rel = r.get("relative_to_base") or {}
         tps = r.get("generation_tokens_per_s")
         intervals = r.get("paired_vs_base") or {}
@@ -595,66 +611,79 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
             f"{_pct(rel.get('conditional_perplexity'))} | "
             f"{'–' if rel.get('mmlu_accuracy_diff') is None else format(rel['mmlu_accuracy_diff'], '+.3f')} | "
             f"{'–' if tps is None else f'{tps:.1f}'} |")
-    if paired:
+    if any(r.get("paired_vs_base") for r in rows):
         lines += ["", "TP / EMT: relative change of the mean over prompts [paired bootstrap 95 % interval over test "
                   "prompts, each prompt's value averaged over seeds]."]
-    versus_control = report.get("unidetox_vs_control") or {}
     if versus_control:
         lines += ["", "### UniDetox against the control (same prompts, paired)", "", "| target | TP | EMT |",
                   "|---|---|---|"]
         for target, changes in versus_control.items():
             lines.append(f"| {target} | {_pct_interval(changes.get('toxicity_probability'))} | "
                          f"{_pct_interval(changes.get('expected_max_toxicity'))} |")
-    lines += under_scorers_markdown(report.get("scorers") or {})
-    lines += ["", f"**{report['bar']['verdict']}**", ""]
-    grid = report.get("grid") or {}
-    if grid.get("table"):
-        choice = grid.get("choice") or {}
-        lines += ["## Validation grid (smallest toxicity within the perplexity bound)", "",
-                  grid_table_markdown(grid["table"]),
-                  f"Chosen: `{choice.get('run')}` at step {choice.get('step')} ({choice.get('metric')}; perplexity "
-                  f"{_pct(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
-                  f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
-                  ""]
-    study = report.get("source_study") or {}
-    if study:
-        lines += ["## The distilled text of each source", "",
-                  "| corpus | source | alpha | texts | code-like | mean tokens | mean toxicity (base samples) | "
-                  "distilled - base [95 % interval] | most common openings |", "|---|---|---|---|---|---|---|---|---|"]
-        for name, e in study.items():
-            diff = e.get("versus_base")
-            diff_text = "–" if not diff else (f"{diff['difference']:+.4f} [{diff['ci95_low']:+.4f}, "
-                                              f"{diff['ci95_high']:+.4f}]")
-            tox = "–" if e.get("mean_toxicity") is None else (
-                f"{e['mean_toxicity']:.4f}" + ("" if e.get("base_mean_toxicity") is None
-                                               else f" ({e['base_mean_toxicity']:.4f})"))
-            openings = ", ".join(f"`{o['opening']}` ({o['count']})".replace("|", "\\|") for o in e["top_openings"][:3])
-            lines.append(f"| {name} | {e.get('source') or '–'} | {_plain(e.get('alpha'))} | {e['num_texts']} | "
-                         f"{e['code_like']:.0%} | {_plain(e.get('mean_tokens'), 1)} | {tox} | {diff_text} | {openings} |")
-        lines.append("")
-        lines += political_topics_markdown(study)
-    times = report.get("stage_times") or []
-    if times:
-        lines += ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",
-                  "|---|---|", *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
-                  f"| **all stages** | **{sum(t['wall_time_s'] for t in times):.0f}** |", ""]
-    taskvec = report.get("taskvec") or {}
-    if taskvec.get("table"):
-        choice = taskvec.get("choice") or {}
-        lines += ["## Task-vector lambda on the validation prompts", "", grid_table_markdown(taskvec["table"]),
-                  f"Chosen: lambda = {choice.get('config', {}).get('lambda')}.", ""]
-    ex = report.get("examples") or {}
-    if ex.get("examples"):
-        lines += ["## Example continuations (one test prompt, seed " + str(ex.get("seed")) + ")", "",
-                  f"Prompt: `{(ex.get('prompt') or '').strip()}`", ""]
-        for label, items in ex["examples"].items():
-            lines.append(f"- **{label}**")
-            for item in items:
-                text = " ".join(str(item["continuation"]).split()).replace("|", "\\|")
-                score = item.get("toxicity")
-                lines.append(f"  - {text!r}" + ("" if score is None else f" (toxicity {score:.2f})"))
-        lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _grid_markdown(grid: Mapping[str, Any]) -> list[str]:
+    if not grid.get("table"):
+        return []
+    choice = grid.get("choice") or {}
+    return ["## Validation grid (smallest toxicity within the perplexity bound)", "",
+            grid_table_markdown(grid["table"]),
+            f"Chosen: `{choice.get('run')}` at step {choice.get('step')} ({choice.get('metric')}; perplexity "
+            f"{_pct(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
+            f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
+            ""]
+
+
+def _source_study_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    if not study:
+        return []
+    lines = ["## The distilled text of each source", "",
+             "| corpus | source | alpha | texts | code-like | mean tokens | mean toxicity (base samples) | "
+             "distilled - base [95 % interval] | most common openings |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, e in study.items():
+        diff = e.get("versus_base")
+        diff_text = "–" if not diff else (f"{diff['difference']:+.4f} [{diff['ci95_low']:+.4f}, "
+                                          f"{diff['ci95_high']:+.4f}]")
+        tox = "–" if e.get("mean_toxicity") is None else (
+            f"{e['mean_toxicity']:.4f}" + ("" if e.get("base_mean_toxicity") is None
+                                           else f" ({e['base_mean_toxicity']:.4f})"))
+        openings = ", ".join(f"`{o['opening']}` ({o['count']})".replace("|", "\\|") for o in e["top_openings"][:3])
+        lines.append(f"| {name} | {e.get('source') or '–'} | {_plain(e.get('alpha'))} | {e['num_texts']} | "
+                     f"{e['code_like']:.0%} | {_plain(e.get('mean_tokens'), 1)} | {tox} | {diff_text} | {openings} |")
+    lines.append("")
+    return lines + political_topics_markdown(study)
+
+
+def _stage_times_markdown(times: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not times:
+        return []
+    return ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",
+            "|---|---|", *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
+            f"| **all stages** | **{sum(t['wall_time_s'] for t in times):.0f}** |", ""]
+
+
+def _taskvec_markdown(taskvec: Mapping[str, Any]) -> list[str]:
+    if not taskvec.get("table"):
+        return []
+    choice = taskvec.get("choice") or {}
+    return ["## Task-vector lambda on the validation prompts", "", grid_table_markdown(taskvec["table"]),
+            f"Chosen: lambda = {choice.get('config', {}).get('lambda')}.", ""]
+
+
+def _examples_markdown(ex: Mapping[str, Any]) -> list[str]:
+    if not ex.get("examples"):
+        return []
+    lines = ["## Example continuations (one test prompt, seed " + str(ex.get("seed")) + ")", "",
+             f"Prompt: `{(ex.get('prompt') or '').strip()}`", ""]
+    for label, items in ex["examples"].items():
+        lines.append(f"- **{label}**")
+        for item in items:
+            text = " ".join(str(item["continuation"]).split()).replace("|", "\\|")
+            score = item.get("toxicity")
+            lines.append(f"  - {text!r}" + ("" if score is None else f" (toxicity {score:.2f})"))
+    lines.append("")
+    return lines
 
 
 def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
