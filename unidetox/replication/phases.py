@@ -495,7 +495,8 @@ def _method_rows(rep: Replication, grid: GridPhase, data: BaselineData, taskvec:
                         "wall_time": {"data_s": ae_seconds, "train_s": 0.0, "total_s": ae_seconds}})
     if taskvec is not None:
         ae_seconds = grid.anti_expert_seconds(args.anti_expert_source)
-        methods.append({"method": "taskvec", "target": args.grid.target, "model_key": taskvec.record["choice"]["checkpoint"],
+        methods.append({"method": "taskvec", "target": args.grid.target,
+                        "model_key": taskvec.record["choice"]["checkpoint"],
                         "wall_time": {"data_s": ae_seconds, "train_s": taskvec.seconds,
                                       "total_s": ae_seconds + taskvec.seconds}})
     return methods

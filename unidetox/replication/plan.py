@@ -225,8 +225,8 @@ def model_test_args(args: ReplicateArguments, label: str, model) -> evaluate_sta
 def decoding_test_args(args: ReplicateArguments, anti_expert: str) -> evaluate_stage.EvaluateArguments:
     """Inference-time contrastive decoding of the grid target with ``anti_expert`` on the test prompts."""
     return evaluate_on_test(args, [args.grid_target.model], Path(args.output_dir) / "test" / "decoding",
-                            [f"decoding.anti_expert={quote(anti_expert)}", f"decoding.alpha={args.baselines.decoding_alpha}",
-                             "decoding.also_plain=false"])
+                            [f"decoding.anti_expert={quote(anti_expert)}",
+                             f"decoding.alpha={args.baselines.decoding_alpha}", "decoding.also_plain=false"])
 
 
 def apply_method_args(args: ReplicateArguments, target: TargetArguments, method: str, data_path, run_dir, lr: float,

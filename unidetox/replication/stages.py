@@ -2,8 +2,9 @@
 
 A stage is a stage pipeline's run (:meth:`Stages.run_pipeline_stage`: ``distill``, ``detox``, ``evaluate``, whose
 ``finished(args)`` says whether the output directory already holds the run, and refuses one made with other
-settings) or a function with its own completion check (:meth:`Stages.run_function_stage`). Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, with
-its wall time: for a job, the job's run time, and its ``job_id``).
+settings) or a function with its own completion check (:meth:`Stages.run_function_stage`). Every stage appends
+one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, with its wall time: for a job, the job's
+run time, and its ``job_id``).
 
 Without an engine (``launcher.engine=inprocess``) this process runs every stage in turn. With
 ``launcher.engine=submitit`` (:mod:`unidetox.replication.launcher`) a stage that is not finished is submitted as a
