@@ -28,14 +28,14 @@ from unidetox.replication.baselines import (
     negate_task_vector,
     plain_sample_settings,
 )
+from unidetox.replication.formatting import format_number
 from unidetox.replication.report import (
     assemble_report,
     example_continuations,
-    format_number,
-    grid_table_markdown,
     judge_success,
     write_replication_report,
 )
+from unidetox.replication.report_markdown import grid_table_markdown
 from unidetox.replication.stages import Stages
 from unidetox.run_dir import CONFIG_FILE, OutputDirConflict
 

@@ -41,6 +41,7 @@ from unidetox.replication.baselines import (
     plain_sample_settings,
 )
 from unidetox.replication.config import ReplicateArguments
+from unidetox.replication.formatting import format_number
 from unidetox.replication.plan import (
     CHOSEN_RECIPE_FILE,
     apply_args,
@@ -60,13 +61,11 @@ from unidetox.replication.plan import (
 from unidetox.replication.report import (
     assemble_report,
     example_continuations,
-    format_number,
     grid_records,
-    read_plain_samples,
-    source_study,
     stage_times,
     write_replication_report,
 )
+from unidetox.replication.source_study import read_plain_samples, source_study
 from unidetox.replication.stages import LOG_FILE, Stages
 
 ModelKey = tuple[str, str]  # (target, method): a row of the table

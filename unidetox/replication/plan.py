@@ -22,7 +22,7 @@ from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.files import atomic_write_text
 from unidetox.hydra_config import compose_config
 from unidetox.replication.config import ReplicateArguments, TargetArguments, ValidationMeasurementArguments
-from unidetox.replication.report import format_number
+from unidetox.replication.formatting import format_number
 
 
 def quote(value) -> str:
