@@ -368,7 +368,7 @@ def _lambda_records(report: dict[str, Any], base: str, lam_dirs: dict[float, Pat
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Test evaluation
 # ----------------------------------------------------------------------------------------------------------------
-class TestModels:
+class ModelsUnderTest:
     """The model each (target, method) is tested as, resolved when first needed: a detox stage's name becomes the
     full model that stage saved (waiting for its job), and its training seconds are known from then on."""
 
@@ -387,8 +387,8 @@ class TestModels:
 
 
 @dataclass
-class TestPhase:
-    models: TestModels
+class EvaluatedOnTest:
+    models: ModelsUnderTest
     test: evaluate_stage.EvaluateResult  # the joint test stage: every method x target
     decoding: evaluate_stage.EvaluateResult | None  # inference-time decoding (None when off)
 
@@ -397,24 +397,24 @@ class TestPhase:
         return [self.test.report] + ([self.decoding.report] if self.decoding is not None else [])
 
 
-def evaluate_on_test_prompts(rep: Replication, applied: AppliedModels, taskvec: TaskVectors | None) -> TestPhase:
+def evaluate_on_test_prompts(rep: Replication, applied: AppliedModels, taskvec: TaskVectors | None) -> EvaluatedOnTest:
     """Each model on the test prompts as soon as it is there, then the joint test stage over all of them (it
     reuses their parts)."""
     args, stages = rep.args, rep.stages
     models = dict(applied.models)
     if taskvec is not None:
         models[(args.grid.target, "taskvec")] = taskvec.model
-    test_models = TestModels(stages, models, applied.train_seconds)
+    test_models = ModelsUnderTest(stages, models, applied.train_seconds)
     stages.run_when_ready([([m] if isinstance(m, str) else [], partial(_test_applied_model, rep, test_models, key))
                            for key, m in list(test_models.models.items())])
     stages.wait_for_all()  # every model's parts
     joint = [t.model for t in args.targets.values()] + [test_models.path(key) for key in test_models.models]
     stages.run_pipeline_stage("test", evaluate_stage, evaluate_on_test(args, joint, rep.test_dir))
     test = stages.result("test")
-    return TestPhase(test_models, test, stages.result("test/decoding") if args.baselines.decoding else None)
+    return EvaluatedOnTest(test_models, test, stages.result("test/decoding") if args.baselines.decoding else None)
 
 
-def _test_applied_model(rep: Replication, models: TestModels, key: ModelKey) -> None:
+def _test_applied_model(rep: Replication, models: ModelsUnderTest, key: ModelKey) -> None:
     rep.test_model(f"{key[0]}-{key[1]}", models.path(key))
 
 
@@ -432,7 +432,7 @@ def _full_model(result: detox_stage.DetoxResult) -> str:
 # 8. The report
 # ----------------------------------------------------------------------------------------------------------------
 def write_report(rep: Replication, distill: DistillPhase, grid: GridPhase, chosen: Selection, data: BaselineData,
-                 taskvec: TaskVectors | None, test: TestPhase) -> dict[str, Any]:
+                 taskvec: TaskVectors | None, test: EvaluatedOnTest) -> dict[str, Any]:
     """The table over every method x target, the bar, the grid, the source study and examples: ``report.json``,
     ``report.md`` and the plot, rewritten only when the report changed."""
     args, stages, out = rep.args, rep.stages, rep.out
@@ -473,7 +473,7 @@ def write_report(rep: Replication, distill: DistillPhase, grid: GridPhase, chose
 
 
 def _method_rows(rep: Replication, grid: GridPhase, data: BaselineData, taskvec: TaskVectors | None,
-                 test: TestPhase) -> list[dict[str, Any]]:
+                 test: EvaluatedOnTest) -> list[dict[str, Any]]:
     """One row per method x target: the model it is tested as and what making it took."""
     args = rep.args
     data_seconds = dict(data.seconds)
