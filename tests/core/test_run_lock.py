@@ -164,7 +164,7 @@ def test_a_stage_run_as_a_job_holds_its_own_directory(tmp_path, this_module_by_v
     stage = SimpleNamespace(run=holds_output_dir(_report_lock_holder), finished=lambda args: None)
     args = SimpleNamespace(output_dir=str(out / "stage"), config={})
     with output_dir_lock(out), Stages(out, launcher=LauncherArguments(engine="submitit", cluster="local")) as stages:
-        stages.pipeline("stage", stage, args)
+        stages.run_pipeline_stage("stage", stage, args)
         result = stages.result("stage")
     assert result["holder"] == result["pid"] != os.getpid()
     assert (out / "stage" / LOCK_FILE).read_text() == ""

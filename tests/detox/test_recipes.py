@@ -14,6 +14,7 @@ from tiny import tiny_llama, word_tokenizer
 from unidetox.detox import pipeline as detox
 from unidetox.hydra_config import CONF_DIR
 from unidetox.replication import pipeline as replicate
+from unidetox.replication import plan as replication_plan
 
 # Where a run trains and logs: the only trainer settings that differ between two runs of one recipe.
 RUN_PLACES = ("output_dir", "logging_dir")
@@ -29,11 +30,11 @@ def _write_tiny_choice(tmp_path: Path, step: int) -> tuple[replicate.ReplicateAr
     args = replicate.parse_args(["experiment=tiny", f"output_dir={tmp_path / 'rep'}"])
     distilled = tmp_path / "distilled.csv"
     datasets.Dataset.from_dict({"Text": ["a clean text", "another one"]}).to_csv(str(distilled), index=False)
-    apply = replicate.apply_args(args, args.grid_target, distilled, tmp_path / "rep" / "apply" / "x", 1e-3, step,
+    apply = replication_plan.apply_args(args, args.grid_target, distilled, tmp_path / "rep" / "apply" / "x", 1e-3, step,
                                  list(args.apply_overrides))
     choice = {"config": {"source": "smollm2", "alpha": 0.1, "learning_rate": 1e-3}, "step": step}
-    path = replicate.write_chosen_recipe(tmp_path / "rep" / replicate.CHOSEN_RECIPE_FILE,
-                                         replicate.chosen_recipe(apply), choice)
+    path = replication_plan.write_chosen_recipe(tmp_path / "rep" / replication_plan.CHOSEN_RECIPE_FILE,
+                                         replication_plan.chosen_recipe(apply), choice)
     return args, path, distilled
 
 
@@ -41,7 +42,7 @@ def _write_tiny_choice(tmp_path: Path, step: int) -> tuple[replicate.ReplicateAr
 def test_the_written_recipe_trains_another_model_as_the_replications_apply_step(tmp_path, step):
     args, recipe, distilled = _write_tiny_choice(tmp_path, step)
     other = args.targets["gemma3"]  # another family than the grid target the choice was made on
-    expected = replicate.apply_args(args, other, distilled, tmp_path / "apply", 1e-3, step, list(args.apply_overrides))
+    expected = replication_plan.apply_args(args, other, distilled, tmp_path / "apply", 1e-3, step, list(args.apply_overrides))
     parsed = detox.parse_args([f"recipe={recipe}", f"model={other.model}", f"output_dir={tmp_path / 'mine'}"])
     assert parsed.model.name_or_path == other.model
     assert _trainer_settings(parsed) == _trainer_settings(expected)
@@ -72,7 +73,7 @@ def test_the_default_is_the_replication_v2_choice_on_the_users_distilled_text(tm
     50 of the 100-step schedule; docs/results.md), applied to gemma3-270m; the data stays the user's own."""
     args = replicate.parse_args(["experiment=embedded", f"output_dir={tmp_path}"])
     gemma3 = args.targets["gemma3"]
-    chosen = replicate.apply_args(args, gemma3, "/data/distilled", tmp_path / "a", 2e-4, 50, list(args.apply_overrides))
+    chosen = replication_plan.apply_args(args, gemma3, "/data/distilled", tmp_path / "a", 2e-4, 50, list(args.apply_overrides))
     default = detox.parse_args([f"model={gemma3.model}"])
     assert _trainer_settings(default) == _trainer_settings(chosen)
     assert default.peft == chosen.peft
@@ -113,7 +114,7 @@ def test_a_replication_target_on_the_default_preset_trains_its_grid_runs_to_the_
     apply step stops where the choice was made."""
     args = replicate.parse_args(["experiment=tiny", f"output_dir={tmp_path}", "targets.smollm2.overrides=[]"])
     assert not args.grid_target.overrides  # the default trainer preset: `universal`
-    for _, parsed in replicate.plan_grid(args, {("smollm2", 0.1): "/data/distilled"}).values():
+    for _, parsed in replication_plan.plan_grid(args, {("smollm2", 0.1): "/data/distilled"}).values():
         assert parsed.trainer.max_steps == args.grid.max_steps and parsed.trainer.stop_at_step is None
-    applied = replicate.apply_args(args, args.grid_target, "/data/distilled", tmp_path / "a", 1e-3, 1, [])
+    applied = replication_plan.apply_args(args, args.grid_target, "/data/distilled", tmp_path / "a", 1e-3, 1, [])
     assert (applied.trainer.max_steps, applied.trainer.stop_at_step) == (args.grid.max_steps, 1)

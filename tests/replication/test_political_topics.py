@@ -12,7 +12,8 @@ from unidetox.replication.political_topics import (
     political_topic_study,
     political_topics,
 )
-from unidetox.replication.report import political_topics_markdown, read_plain_samples, source_study
+from unidetox.replication.report_markdown import political_topics_markdown
+from unidetox.replication.source_study import read_plain_samples, source_study
 
 POLITICAL = ["Obama spoke to the Senate today.", "The Tories lost the referendum.", "Voters chose the GOP.",
              "Socialism and fascism were debated.", "Xi Jinping met Putin."]

@@ -21,20 +21,21 @@ from tiny import tiny_llama, word_tokenizer
 from tests.conftest import SHARED_DATA
 from unidetox.detox.selection import choose_configuration
 from unidetox.replication import pipeline as replicate
+from unidetox.replication import plan as replication_plan
 from unidetox.replication.baselines import (
     build_plain_sample_dataset,
     build_text_dataset,
     negate_task_vector,
     plain_sample_settings,
 )
+from unidetox.replication.formatting import format_number
 from unidetox.replication.report import (
     assemble_report,
     example_continuations,
-    format_number,
-    grid_table_markdown,
     judge_success,
     write_replication_report,
 )
+from unidetox.replication.report_markdown import grid_table_markdown
 from unidetox.replication.stages import Stages
 from unidetox.run_dir import CONFIG_FILE, OutputDirConflict
 
@@ -278,7 +279,7 @@ def test_report_assembly_writes_consistent_files(tmp_path):
 def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path):
     args = replicate.parse_args([f"experiment={experiment}", f"output_dir={tmp_path}"])
     assert len(args.test.seeds) >= 2 and args.grid.target in args.targets
-    plan = replicate.plan_distill(args)
+    plan = replication_plan.plan_distill(args)
     assert list(plan) == [(s, a) for s in args.distill.sources for a in args.distill.alphas]
     first_alpha = args.distill.alphas[0]
     for (source, alpha), parsed in plan.items():
@@ -288,7 +289,7 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
             Path(parsed.output_dir) / "anti_expert")
         own = plan[(source, first_alpha)].anti_expert.output_dir
         assert parsed.anti_expert.pretrained_path == (None if alpha == first_alpha else own)
-    grid = replicate.plan_grid(args, {key: f"/data/distilled-{key[0]}-{key[1]}" for key in plan})
+    grid = replication_plan.plan_grid(args, {key: f"/data/distilled-{key[0]}-{key[1]}" for key in plan})
     assert len(grid) == len(args.distill.sources) * len(args.distill.alphas) * len(args.grid.learning_rates)
     for config, parsed in grid.values():
         assert parsed.trainer.learning_rate == config["learning_rate"]
@@ -297,23 +298,23 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
         assert parsed.data.path == f"/data/distilled-{config['source']}-{config['alpha']}"
         # the replication's validation protocol, field for field
         assert parsed.validation.callback == args.validation.protocol
-        assert parsed.validation.prompts == replicate.validation_prompts(args)
+        assert parsed.validation.prompts == replication_plan.validation_prompts(args)
     last = args.grid.max_steps
     for name, target in args.targets.items():  # applying the configuration to every target composes
         # At the grid's last step: a plain run of that many steps.
-        parsed = replicate.apply_args(args, target, "/data/x.csv", tmp_path / name, 1e-4, last, args.apply_overrides)
+        parsed = replication_plan.apply_args(args, target, "/data/x.csv", tmp_path / name, 1e-4, last, args.apply_overrides)
         assert parsed.model.name_or_path == target.model
         assert parsed.trainer.max_steps == last and parsed.trainer.stop_at_step is None
         # A checkpoint from the middle of the grid run: the grid's schedule, stopped at that step.
-        parsed = replicate.apply_args(args, target, "/data/x.csv", tmp_path / name, 1e-4, last - 1,
+        parsed = replication_plan.apply_args(args, target, "/data/x.csv", tmp_path / name, 1e-4, last - 1,
                                       args.apply_overrides)
         assert parsed.trainer.max_steps == last and parsed.trainer.stop_at_step == last - 1
         assert parsed.trainer.learning_rate == 1e-4 and parsed.trainer.save_steps == last - 1
-    parsed = replicate.validation_evaluate_args(args, ["m1", str(tmp_path / "lam0.5")], tmp_path / "v")
+    parsed = replication_plan.validation_evaluate_args(args, ["m1", str(tmp_path / "lam0.5")], tmp_path / "v")
     assert parsed.prompts.split == "validation" and not parsed.mmlu.enabled and len(parsed.models) == 2
     # the test is scored by both offline scorers; the lambda sweep, which selects, by the primary one only
     assert parsed.also_scorers == []
-    assert [c.name for c in replicate.evaluate_on_test(args, ["m1"], tmp_path / "t").also_scorers] == ["jigsaw_bilstm"]
+    assert [c.name for c in replication_plan.evaluate_on_test(args, ["m1"], tmp_path / "t").also_scorers] == ["jigsaw_bilstm"]
     # the lambda sweep measures as the grid's callback does: same protocol, seed and perplexity windows
     protocol = args.validation.protocol
     assert parsed.seeds == [protocol.seed] and parsed.eval.num_samples == protocol.num_samples
@@ -324,12 +325,12 @@ def test_every_experiment_and_its_stages_compose_and_parse(experiment, tmp_path)
 def test_embedded_experiment_lays_out_its_stages_and_equals_a_hand_run(tmp_path):
     args = replicate.parse_args(["experiment=embedded"])
     assert args.output_dir == "runs/replicate-embedded" and args.anti_expert_source == "smollm2"
-    plan = replicate.plan_distill(args)
+    plan = replication_plan.plan_distill(args)
     assert [p.output_dir for p in plan.values()] == [
         "runs/replicate-embedded/distill-smollm2-a0.1", "runs/replicate-embedded/distill-gemma3-a0.1"]
     assert [p.model.name_or_path for p in plan.values()] == ["smollm2-135m", "gemma3-270m"]
     distilled = {key: f"{p.output_dir}/distilled" for key, p in plan.items()}
-    grid = replicate.plan_grid(args, distilled)
+    grid = replication_plan.plan_grid(args, distilled)
     assert sorted(p.output_dir for _, p in grid.values()) == [
         f"runs/replicate-embedded/grid/smollm2-{s}-a0.1-lr{lr}" for s in ("gemma3", "smollm2") for lr in ("2e-4", "5e-4")]
     # The same settings as the detox command a user would type for this grid point, so a run made by hand at the
@@ -361,7 +362,7 @@ def test_distillation_sources_are_checked_when_parsed():
     args = replicate.parse_args(["experiment=embedded", "distill.sources.gemma3.model=smollm2-135m",
                                  "baselines.decoding=false", "baselines.taskvec=false"])
     with pytest.raises(ValueError, match="name the same model"):
-        replicate.plan_distill(args)
+        replication_plan.plan_distill(args)
 
 
 class FakePipeline:
@@ -397,11 +398,11 @@ def test_a_stage_made_with_another_config_is_an_error_unless_incremental(tmp_pat
 
     FakePipeline.calls = []
     stages = Stages(tmp_path)
-    assert stages.pipeline("test", FakePipeline, stage_args(["a"])) == {"models": ["a"]}
-    assert stages.pipeline("test", FakePipeline, stage_args(["a"])) == {"models": ["a"]}
+    assert stages.run_pipeline_stage("test", FakePipeline, stage_args(["a"])) == {"models": ["a"]}
+    assert stages.run_pipeline_stage("test", FakePipeline, stage_args(["a"])) == {"models": ["a"]}
     with pytest.raises(OutputDirConflict, match="other settings"):
-        stages.pipeline("test", FakePipeline, stage_args(["a", "b"], incremental=False))
-    assert stages.pipeline("test", FakePipeline, stage_args(["a", "b"])) == {"models": ["a", "b"]}
+        stages.run_pipeline_stage("test", FakePipeline, stage_args(["a", "b"], incremental=False))
+    assert stages.run_pipeline_stage("test", FakePipeline, stage_args(["a", "b"])) == {"models": ["a", "b"]}
     assert FakePipeline.calls == [["a"], ["a", "b"]]
     assert [e["status"] for e in stages.session] == ["ran", "cached", "ran"]
     assert stages.result("test") == {"models": ["a", "b"]}
@@ -409,13 +410,13 @@ def test_a_stage_made_with_another_config_is_an_error_unless_incremental(tmp_pat
 
 def test_validation_and_test_prompts_are_disjoint(shared_data):
     args = replicate.parse_args(["experiment=embedded", f"data_dir={shared_data}"])
-    validation = replicate.validation_prompts(args)
-    test = replicate.evaluate_on_test(args, ["m"], "/tmp/x", ["prompts.num_prompts=100"]).prompts
-    info = replicate.assert_disjoint_prompts(validation, test)
+    validation = replication_plan.validation_prompts(args)
+    test = replication_plan.evaluate_on_test(args, ["m"], "/tmp/x", ["prompts.num_prompts=100"]).prompts
+    info = replication_plan.assert_disjoint_prompts(validation, test)
     assert info == {"validation_prompts": 50, "test_prompts": 100}
-    other_split = replicate.evaluate_on_test(args, ["m"], "/tmp/x", ["prompts.split_seed=1"]).prompts
+    other_split = replication_plan.evaluate_on_test(args, ["m"], "/tmp/x", ["prompts.split_seed=1"]).prompts
     with pytest.raises(ValueError, match="split_seed"):
-        replicate.assert_disjoint_prompts(validation, other_split)
+        replication_plan.assert_disjoint_prompts(validation, other_split)
 
 
 # ---------------------------------------------------------------------------------------------------------------

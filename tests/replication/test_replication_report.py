@@ -10,14 +10,12 @@ import pytest
 from unidetox.replication.report import (
     add_paired_intervals,
     assemble_report,
-    looks_like_code,
     per_prompt_toxicity,
-    render_replication_markdown,
-    source_study,
     stage_times,
-    text_profile,
     write_replication_report,
 )
+from unidetox.replication.report_markdown import render_replication_markdown
+from unidetox.replication.source_study import looks_like_code, source_study, text_profile
 
 
 def _generations(model: str, levels: np.ndarray, seeds=(0, 1), samples: int = 4, seed: int = 0):

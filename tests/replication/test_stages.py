@@ -92,12 +92,12 @@ def _max_overlap(intervals) -> int:
 def test_jobs_run_at_most_the_limit_at_once_and_finished_stages_are_not_submitted(tmp_path):
     stages = _stages(tmp_path, max_concurrent_jobs=2, gpus_per_node=1)
     _sleep_and_report(_args(tmp_path, "grid/done"))  # a stage finished earlier
-    assert stages.pipeline("grid/done", SLEEPER, _args(tmp_path, "grid/done"))["name"] == "grid/done"
+    assert stages.run_pipeline_stage("grid/done", SLEEPER, _args(tmp_path, "grid/done"))["name"] == "grid/done"
     names = [f"grid/run{i}" for i in range(3)]
     together = SimpleNamespace(run=_sleep_once_two_started_and_report, finished=_finished)
     for name in names:
         args = _args(tmp_path, name, seconds=1.5, starts=str(tmp_path / "starts"))
-        assert stages.pipeline(name, together, args) is None  # submitted
+        assert stages.run_pipeline_stage(name, together, args) is None  # submitted
     reports = {name: stages.result(name) for name in names}
 
     assert [r["name"] for r in reports.values()] == names and all(r["pid"] != os.getpid() for r in reports.values())
@@ -116,7 +116,7 @@ def test_jobs_run_at_most_the_limit_at_once_and_finished_stages_are_not_submitte
     submitted = sorted(p.name for p in (tmp_path / "rep" / "jobs").glob("*_submitted.pkl"))
     assert submitted == sorted(f"{e['job_id']}_submitted.pkl" for e in log[1:])  # the finished one never was
     # Once finished, a stage is found again without a job.
-    assert stages.pipeline("grid/run0", SLEEPER, _args(tmp_path, "grid/run0", seconds=1.5)) == reports["grid/run0"]
+    assert stages.run_pipeline_stage("grid/run0", SLEEPER, _args(tmp_path, "grid/run0", seconds=1.5)) == reports["grid/run0"]
     assert stages.session[-1]["status"] == "cached"
 
 
@@ -131,9 +131,9 @@ def test_a_full_driver_submits_the_next_stage_when_any_job_ends_not_only_the_old
     # The long job runs until the next one has run: a driver that waited for the oldest job would start the next
     # only after the long one's bound, which no job start-up on a busy machine reaches.
     long = SimpleNamespace(run=_report_once_another_stage_reported, finished=_finished)
-    stages.pipeline("grid/long", long, _args(tmp_path, "grid/long", until=str(tmp_path / "rep" / "grid/next")))
-    stages.pipeline("grid/short", SLEEPER, _args(tmp_path, "grid/short", seconds=0.5))
-    stages.pipeline("grid/next", SLEEPER, _args(tmp_path, "grid/next", seconds=0.5))  # waits for a free slot
+    stages.run_pipeline_stage("grid/long", long, _args(tmp_path, "grid/long", until=str(tmp_path / "rep" / "grid/next")))
+    stages.run_pipeline_stage("grid/short", SLEEPER, _args(tmp_path, "grid/short", seconds=0.5))
+    stages.run_pipeline_stage("grid/next", SLEEPER, _args(tmp_path, "grid/next", seconds=0.5))  # waits for a free slot
     long, short, after = (stages.result(f"grid/{n}") for n in ("long", "short", "next"))
     assert short["end"] <= after["start"] < long["end"]  # it took the short job's slot while the long one ran
 
@@ -171,9 +171,9 @@ def test_a_failing_job_raises_with_its_stderr_cancels_the_others_and_the_interru
     started = tmp_path / "started"
     slow_args = _args(tmp_path, "grid/slow", hold=str(hold), started=str(started))
     stages = _stages(tmp_path, max_concurrent_jobs=2)
-    stages.pipeline("grid/slow", resumable, slow_args)
+    stages.run_pipeline_stage("grid/slow", resumable, slow_args)
     slow_dir = Path(slow_args.output_dir)
-    stages.pipeline("grid/bad", SimpleNamespace(run=_failing_run, finished=_finished),
+    stages.run_pipeline_stage("grid/bad", SimpleNamespace(run=_failing_run, finished=_finished),
                     _args(tmp_path, "grid/bad", after=str(started)))
     with pytest.raises(StageJobFailed) as err:
         stages.result("grid/bad")
@@ -192,7 +192,7 @@ def test_a_failing_job_raises_with_its_stderr_cancels_the_others_and_the_interru
     # The rerun submits the unfinished stage again; it resumes from its own part.
     hold.unlink()
     again = _stages(tmp_path, max_concurrent_jobs=2)
-    again.pipeline("grid/slow", resumable, slow_args)
+    again.run_pipeline_stage("grid/slow", resumable, slow_args)
     assert again.result("grid/slow") == {"resumed_from": [0]}
     assert (slow_dir / "part-0").stat().st_mtime_ns == part0 and (slow_dir / "part-2").is_file()
 
@@ -213,7 +213,7 @@ from unidetox.replication.stages import Stages
 
 args = SimpleNamespace(output_dir={stage_dir!r}, config={config!r})
 with Stages(Path({rep!r}), launcher=LauncherArguments(engine="submitit", cluster="local")) as stages:
-    stages.pipeline("grid/slow", SimpleNamespace(run=test_stages._resumable_run, finished=test_stages._finished), args)
+    stages.run_pipeline_stage("grid/slow", SimpleNamespace(run=test_stages._resumable_run, finished=test_stages._finished), args)
     stages.result("grid/slow")
 """
 
@@ -276,7 +276,7 @@ def test_a_sigterm_to_the_driver_cancels_its_jobs_and_the_stage_resumes(tmp_path
         assert (slow_dir / "part-0").is_file() and not (slow_dir / "part-1").exists()
 
     with _stages(tmp_path) as again:
-        again.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+        again.run_pipeline_stage("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
         assert again.result("grid/slow") == {"resumed_from": [0]}
 
 
@@ -298,7 +298,7 @@ def test_a_job_left_running_by_a_killed_driver_is_refused_until_it_ends(tmp_path
     # Once it has ended, the next driver forgets it and the stage resumes from its own part.
     stages = _stages(tmp_path)
     assert not record.exists()
-    stages.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+    stages.run_pipeline_stage("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
     assert json.loads(record.read_text())["grid/slow"]["stage_dir"] == str(Path(slow_args.output_dir).absolute())
     assert stages.result("grid/slow") == {"resumed_from": [0]}
     assert not record.exists()  # collected: nobody needs to look for it
@@ -311,7 +311,7 @@ def test_leaving_the_stages_block_by_an_exception_cancels_the_running_jobs(tmp_p
     try:
         with pytest.raises(RuntimeError, match="the driver broke"):
             with _stages(tmp_path) as stages:
-                stages.pipeline("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
+                stages.run_pipeline_stage("grid/slow", SimpleNamespace(run=_resumable_run, finished=_finished), slow_args)
                 assert _wait_until(started.is_file, gave_up=lambda: not stages.running("grid/slow")), (
                     "the job never started" + ("" if stages.running("grid/slow") else ": it ended first"))
                 raise RuntimeError("the driver broke")
@@ -337,16 +337,16 @@ def _read_model(args):
 def test_a_stage_reading_a_running_stage_directory_waits_for_it(tmp_path):
     stages = _stages(tmp_path, max_concurrent_jobs=2)
     model_dir = tmp_path / "rep" / "apply" / "x" / "model"
-    stages.library("apply/x", lambda: None, lambda: _write_model(model_dir), model_dir.parent)
+    stages.run_function_stage("apply/x", lambda: None, lambda: _write_model(model_dir), model_dir.parent)
     reader = SimpleNamespace(run=_read_model, finished=lambda args: None)
-    stages.pipeline("test/x", reader, _args(tmp_path, "test/x", models=[str(model_dir)]))
+    stages.run_pipeline_stage("test/x", reader, _args(tmp_path, "test/x", models=[str(model_dir)]))
     assert stages.result("test/x") == {"made": True}
     assert [e["stage"] for e in stages.session] == ["apply/x", "test/x"]
 
 
 def test_run_when_ready_works_on_what_is_ready_first(tmp_path):
     stages = _stages(tmp_path, max_concurrent_jobs=2)
-    stages.pipeline("apply/slow", SLEEPER, _args(tmp_path, "apply/slow", seconds=3.0))
+    stages.run_pipeline_stage("apply/slow", SLEEPER, _args(tmp_path, "apply/slow", seconds=3.0))
     order = []
     stages.run_when_ready([(["apply/slow"], lambda: order.append(("slow", stages.result("apply/slow")["name"]))),
                            (["data/unidetox"], lambda: order.append(("ready", None))),
@@ -362,7 +362,7 @@ def test_the_debug_cluster_runs_each_job_in_this_process_with_its_threads(tmp_pa
     stages = Stages(tmp_path / "rep", launcher=LauncherArguments(engine="submitit", cluster="debug",
                                                                  threads_per_job=1))
     try:
-        assert stages.pipeline("grid/a", SLEEPER, _args(tmp_path, "grid/a")) is None
+        assert stages.run_pipeline_stage("grid/a", SLEEPER, _args(tmp_path, "grid/a")) is None
         report = stages.result("grid/a")
     finally:
         torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,6 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
     ``target == none`` in the local files, so the paper's 34-identity filter (meant for hate rows) is NOT applied:
     it would keep no row. The texts are a seeded shuffle (``corpus_config.shuffle_seed``) of the filtered rows.
     """
-    from dataclasses import replace
-
     if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
         raise ValueError(f"`num_texts` has to be an integer >= 1, but is {num_texts!r}.")
     out = Path(output_dir)
@@ -167,8 +166,6 @@ def negate_task_vector(
         >>> from unidetox.replication.baselines import negate_task_vector
         >>> negate_task_vector("smollm2-135m", "runs/distill/anti_expert", 0.5, "runs/taskvec/lam0.5")  # doctest: +SKIP
     """
-    import torch
-
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"`lam` (the negation strength lambda) has to be a finite number >= 0, but is {lam!r}.")
     adapter_dir = Path(adapter_dir).expanduser()
@@ -182,50 +179,72 @@ def negate_task_vector(
     started = time.perf_counter()
     base, tokenizer = _load_base(base_name_or_path, dtype)
     if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("use_dora"):
-            raise ValueError(
-                f"{adapter_dir} is a {adapter_config.get('peft_type')} adapter (use_dora="
-                f"{adapter_config.get('use_dora')}); task-vector negation by scaling lora_B needs a plain LoRA adapter."
-            )
-        if adapter_config.get("modules_to_save"):
-            raise ValueError(
-                f"{adapter_dir} also trains full modules {adapter_config['modules_to_save']} (modules_to_save), whose "
-                "delta is not a LoRA product; negate a plain LoRA adapter or a fully fine-tuned model."
-            )
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-        scaled = 0
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                # delta W = scaling * B @ A, linear in B: scaling B by -lam turns the merge into W - lam * delta W.
-                if "lora_B" in name:
-                    param.mul_(-float(lam))
-                    scaled += 1
-        if scaled == 0:
-            raise ValueError(f"{adapter_dir} has no lora_B weights to scale; is it a LoRA adapter?")
-        model = model.merge_and_unload()
+        model = _negate_lora_adapter(base, adapter_dir, lam)
     elif (adapter_dir / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
-
-        anti = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=next(base.parameters()).dtype)
-        anti_params = dict(anti.named_parameters())
-        with torch.no_grad():
-            for name, param in base.named_parameters():
-                if name not in anti_params or anti_params[name].shape != param.shape:
-                    raise ValueError(
-                        f"The anti-expert {adapter_dir} does not match the base {base_name_or_path} at parameter {name}; "
-                        "a task vector needs the same architecture."
-                    )
-                param.add_(anti_params[name] - param, alpha=-float(lam))
-        model = base
-        del anti
+        model = _negate_fine_tuned_model(base, base_name_or_path, adapter_dir, lam)
     else:
         raise FileNotFoundError(
             f"No anti-expert at {adapter_dir}: pass a saved LoRA adapter (adapter_config.json) or a model directory "
             "(config.json), e.g. the distill recipe's <output_dir>/anti_expert."
         )
+    _replace_model_directory(model, tokenizer, out)
+    atomic_write_json(out / TASK_VECTOR_MARKER, {"settings": settings,
+                                                 "wall_time_s": round(time.perf_counter() - started, 2),
+                                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return out
+
+
+def _negate_lora_adapter(base, adapter_dir: Path, lam: float):
+    """``base`` merged with the LoRA adapter at ``adapter_dir``, every ``lora_B`` scaled by ``-lam`` first."""
+    import torch
+    from peft import PeftModel
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if adapter_config.get("peft_type", "LORA") != "LORA" or adapter_config.get("use_dora"):
+        raise ValueError(
+            f"{adapter_dir} is a {adapter_config.get('peft_type')} adapter (use_dora="
+            f"{adapter_config.get('use_dora')}); task-vector negation by scaling lora_B needs a plain LoRA adapter."
+        )
+    if adapter_config.get("modules_to_save"):
+        raise ValueError(
+            f"{adapter_dir} also trains full modules {adapter_config['modules_to_save']} (modules_to_save), whose "
+            "delta is not a LoRA product; negate a plain LoRA adapter or a fully fine-tuned model."
+        )
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    scaled = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # delta W = scaling * B @ A, linear in B: scaling B by -lam turns the merge into W - lam * delta W.
+            if "lora_B" in name:
+                param.mul_(-float(lam))
+                scaled += 1
+    if scaled == 0:
+        raise ValueError(f"{adapter_dir} has no lora_B weights to scale; is it a LoRA adapter?")
+    return model.merge_and_unload()
+
+
+def _negate_fine_tuned_model(base, base_name_or_path, anti_expert_dir: Path, lam: float):
+    """``base`` with every parameter moved to ``base + (-lam) * (anti - base)`` (in place: the loaded copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    anti = AutoModelForCausalLM.from_pretrained(str(anti_expert_dir), dtype=next(base.parameters()).dtype)
+    anti_params = dict(anti.named_parameters())
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name not in anti_params or anti_params[name].shape != param.shape:
+                raise ValueError(
+                    f"The anti-expert {anti_expert_dir} does not match the base {base_name_or_path} at parameter "
+                    f"{name}; a task vector needs the same architecture."
+                )
+            param.add_(anti_params[name] - param, alpha=-float(lam))
+    del anti
+    return base
+
+
+def _replace_model_directory(model, tokenizer, out: Path) -> None:
+    """Save ``model`` and ``tokenizer`` beside ``out`` and move the files in (the marker dropped first, so a
+    directory caught half-replaced is never taken for complete)."""
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
@@ -238,7 +257,3 @@ def negate_task_vector(
             shutil.rmtree(target)
         os.replace(item, target)
     staging.rmdir()
-    atomic_write_json(out / TASK_VECTOR_MARKER, {"settings": settings,
-                                                 "wall_time_s": round(time.perf_counter() - started, 2),
-                                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return out

@@ -9,9 +9,7 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,8 @@ from unidetox.evaluation.paired import paired_metric_changes, per_prompt_toxicit
 from unidetox.evaluation.report import write_json
 from unidetox.files import atomic_write_text
 from unidetox.intervals import DEFAULT_RESAMPLES
-from unidetox.replication.political_topics import POLITICAL_LEXICON, political_topic_study
+from unidetox.replication.formatting import percent_change
+from unidetox.replication.report_markdown import render_replication_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +36,6 @@ METHOD_LABELS = {
     "decoding": "inference-time contrastive decoding",
     "taskvec": "task-vector negation",
 }
-
-
-def format_number(value: float) -> str:
-    """Compact, stable text for a hyperparameter in a directory name: ``0.0005 -> "5e-4"``, ``0.1 -> "0.1"``.
-
-    Example:
-        >>> from unidetox.replication.report import format_number
-        >>> [format_number(v) for v in (5e-4, 2.5e-4, 0.1, 1.0, 2)]
-        ['5e-4', '2.5e-4', '0.1', '1', '2']
-    """
-    value = float(value)
-    if value != 0 and abs(value) < 1e-2:
-        mantissa, exponent = f"{value:.6e}".split("e")
-        mantissa = mantissa.rstrip("0").rstrip(".")
-        return f"{mantissa}e{int(exponent)}"
-    return f"{value:.6g}"
 
 
 # ================================================================================================================
@@ -80,34 +63,6 @@ def grid_records(runs: Mapping[str, tuple[Mapping[str, Any], Sequence[Mapping[st
     return records
 
 
-def grid_table_markdown(table: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
-    """The validation grid as Markdown: one row per (run, checkpoint), the chosen row in bold."""
-    if not table:
-        return "(empty grid)\n"
-    keys = list(keys) if keys is not None else list(dict.fromkeys(k for r in table for k in r.get("config", {})))
-    header = ["run", *keys, "TP", "EMT", "WikiText ppl", "ppl vs base", "within bound", "chosen"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in table:
-        cfg = r.get("config", {})
-        cells = [str(r.get("run")), *[_plain(cfg.get(k)) for k in keys], _plain(r.get("toxicity_probability")),
-                 _plain(r.get("expected_max_toxicity")), _plain(r.get("perplexity"), 2),
-                 "base" if r.get("baseline") else f"{r['perplexity_increase']:+.1%}",
-                 "–" if r.get("baseline") else ("yes" if r.get("within_bound") else "no"),
-                 "**chosen**" if r.get("chosen") else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plain(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return format_number(value) if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
-    return str(value)
-
-
 # ================================================================================================================
 # Paired intervals over the test prompts
 # ================================================================================================================
@@ -130,81 +85,6 @@ def add_paired_intervals(
             versus_control[target] = paired_metric_changes(per_prompt, control["model"], ud["model"], num_resamples,
                                                            seed)
     return versus_control
-
-
-# ================================================================================================================
-# The distilled text: where it comes from and what it looks like
-# ================================================================================================================
-# Characters and keywords of program text; the share of such texts is how far the contrast drifts away from prose.
-_CODE_PATTERN = re.compile(r"[{};=\[\]]|\bdef\s|\bimport\s|\breturn\b|</?[a-z]+>|\bfunction\b")
-
-
-def looks_like_code(text: str, window: int = 200) -> bool:
-    """True when the first ``window`` characters hold program syntax (braces, ``;``, ``=``, brackets, ``def``,
-    ``import``, ``return``, tags).
-
-    Example:
-        >>> from unidetox.replication.report import looks_like_code
-        >>> looks_like_code("def f(x):\\n    return x"), looks_like_code("The weather was fine, and we walked home.")
-        (True, False)
-    """
-    return bool(_CODE_PATTERN.search(text[:window]))
-
-
-def text_profile(texts: Sequence[str], num_tokens: Sequence[int] | None = None, opening_chars: int = 12,
-                 top: int = 5) -> dict[str, Any]:
-    """The share of code-like texts, the most common openings (first ``opening_chars`` characters, whitespace
-    collapsed) and the mean tokens per text (when ``num_tokens`` is given)."""
-    if not texts:
-        raise ValueError("No texts to profile.")
-    openings = Counter(" ".join(t.split())[:opening_chars] for t in texts)
-    return {
-        "num_texts": len(texts),
-        "code_like": sum(looks_like_code(t) for t in texts) / len(texts),
-        "top_openings": [{"opening": o, "count": c} for o, c in openings.most_common(top)],
-        "mean_tokens": (sum(num_tokens) / len(num_tokens)) if num_tokens else None,
-    }
-
-
-def read_plain_samples(distilled_dir: str | os.PathLike) -> dict[str, list[str]]:
-    """``{"base": [...], "anti_expert": [...]}``: the plain samples a distill run scored next to its text
-    (``summary_samples.jsonl`` beside the dataset); ``{}`` when the run wrote none."""
-    from unidetox.distill.shards import SUMMARY_SAMPLES_FILE
-
-    path = Path(distilled_dir) / SUMMARY_SAMPLES_FILE
-    if not path.is_file():
-        return {}
-    out: dict[str, list[str]] = defaultdict(list)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            out[record["source"]].append(record["text"])
-    return dict(out)
-
-
-def source_study(corpora: Mapping[str, Mapping[str, Any]],
-                 num_resamples: int = DEFAULT_RESAMPLES) -> dict[str, dict[str, Any]]:
-    """One entry per distilled corpus: ``{name: {"source", "alpha", "texts", "num_tokens", "summary",
-    "plain_samples"}}`` -> its :func:`text_profile`, the distill summary's toxicity against the base's plain
-    samples (``summary["distilled_vs_base"]``: the difference of mean toxicity with its bootstrap interval), and
-    ``political_topics``: the share of its texts, of the base's plain samples and of the anti-expert's samples
-    (``plain_samples``, :func:`read_plain_samples`) that mention political topics
-    (:func:`~unidetox.replication.political_topics.political_topic_study`)."""
-    out = {}
-    for name, corpus in corpora.items():
-        plain = corpus.get("plain_samples") or {}
-        summary = corpus.get("summary") or {}
-        entry = {"source": corpus.get("source"), "alpha": corpus.get("alpha"),
-                 **text_profile(corpus["texts"], corpus.get("num_tokens"))}
-        diff = summary.get("distilled_vs_base")
-        entry["mean_toxicity"] = (summary.get("distilled") or {}).get("mean_toxicity")
-        entry["base_mean_toxicity"] = (summary.get("base") or {}).get("mean_toxicity")
-        entry["versus_base"] = dict(diff) if diff else None
-        entry["political_topics"] = political_topic_study(
-            {"texts": corpus["texts"], "base_samples": plain.get("base"), "anti_expert_samples": plain.get("anti_expert")},
-            num_resamples=num_resamples)
-        out[name] = entry
-    return out
 
 
 def stage_times(log_lines: Iterable[str]) -> list[dict[str, Any]]:
@@ -338,27 +218,13 @@ def judge_success(
         intervals = {None: "", True: ", intervals exclude 0", False: ", an interval includes 0"}[
             c["intervals_exclude_zero"]]
         parts.append(
-            f"{t}: TP {_pct(c['tp_change'])}, EMT {_pct(c['emt_change'])} (need <= -{min_toxicity_drop:.0%}"
-            f"{intervals}), WikiText ppl {_pct(c['ppl_change'])} (need <= +{max_ppl_increase:.0%}), MMLU {mmlu}, "
+            f"{t}: TP {percent_change(c['tp_change'])}, EMT {percent_change(c['emt_change'])} (need <= -{min_toxicity_drop:.0%}"
+            f"{intervals}), WikiText ppl {percent_change(c['ppl_change'])} (need <= +{max_ppl_increase:.0%}), MMLU {mmlu}, "
             f"beats control: {control}"
         )
     verdict = ("Bar MET" if met else "Bar NOT met") + ": " + "; ".join(parts) + "."
     return {"met": met, "checks": checks, "min_toxicity_drop": min_toxicity_drop,
             "max_ppl_increase": max_ppl_increase, "verdict": verdict}
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value:+.1%}"
-
-
-def _pct_interval(change: Mapping[str, Any] | None) -> str:
-    """``-47.0 % [-60.1 %, -31.2 %]``: a paired change with its 95 % interval."""
-    if not change:
-        return "–"
-    text = f"{change['change']:+.1%} [{change['low']:+.1%}, {change['high']:+.1%}]"
-    undefined = change.get("undefined_resamples") or 0.0
-    # Resamples that drew no prompt the reference found toxic have no relative change: say how many were dropped.
-    return text + (f" ({undefined:.0%} of resamples undefined)" if undefined >= 0.005 else "")
 
 
 def example_continuations(
@@ -494,169 +360,6 @@ def bar_under_every_scorer(primary: Mapping[str, Any], primary_name: str,
     return {**primary, "met": met, "met_by_scorer": met_by_scorer, "verdict": verdict}
 
 
-def _ms(entry, digits: int = 3) -> str:
-    if entry is None:
-        return "–"
-    if isinstance(entry, Mapping):
-        mean, std = entry.get("mean"), entry.get("std")
-        if mean is None:
-            return "–"
-        if entry.get("n", 1) > 1 and std is not None and not math.isnan(std):
-            return f"{mean:.{digits}f} ± {std:.{digits}f}"
-        return f"{mean:.{digits}f}"
-    return f"{float(entry):.{digits}f}"
-
-
-def _share_cell(share: Mapping[str, Any] | None) -> str:
-    if not share:
-        return "–"
-    return f"{share['share']:.1%} [{share['low']:.1%}, {share['high']:.1%}] (n={share['n']})"
-
-
-def political_topics_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The source study's political-topic shares as a Markdown section (no lines when none were measured)."""
-    rows = {name: e["political_topics"] for name, e in study.items() if e.get("political_topics")}
-    if not rows:
-        return []
-    lines = ["## Political topics (lexicon)", "",
-             "| corpus | its texts | base, plain samples | anti-expert, plain samples | texts - base samples "
-             "[95 % interval] |", "|---|---|---|---|---|"]
-    for name, topics in rows.items():
-        shares, diff = topics["shares"], (topics.get("versus_reference") or {}).get("texts")
-        diff_text = "–" if not diff else f"{diff['difference']:+.1%} [{diff['ci95_low']:+.1%}, {diff['ci95_high']:+.1%}]"
-        lines.append(f"| {name} | {_share_cell(shares.get('texts'))} | {_share_cell(shares.get('base_samples'))} | "
-                     f"{_share_cell(shares.get('anti_expert_samples'))} | {diff_text} |")
-    lines += ["", f"Share of texts that mention a political topic: a term of the lexicon in "
-              f"`unidetox/replication/political_topics.py` ({', '.join(POLITICAL_LEXICON)}), matched on word "
-              "boundaries [bootstrap 95 % interval over texts]. What a lexicon can and cannot say: it counts "
-              "mentions, so it shows whether the contrast shifts the text toward politics compared with the base "
-              "model's own samples drawn the same way; it cannot say which side a text takes, whether it praises or "
-              "attacks, or whether a model fine-tuned on the text leans one way: that needs stance annotation or "
-              "probes of the fine-tuned model. It misses paraphrase and misspelling and also counts other senses of "
-              "its words (\"a liberal amount\"), so compare shares between text sets, not against zero.", ""]
-    return lines
-
-
-def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """One section per further scorer: each row's TP/EMT and change against the base, UniDetox against the
-    control, and the bar's verdict under that scorer."""
-    lines = []
-    for name, under in under_scorers.items():
-        lines += ["", f"## Under `{name}` (the same test samples, scored by it)", "",
-                  "| method | target | TP | EMT | TP vs base | EMT vs base |", "|---|---|---|---|---|---|"]
-        for r in under["rows"]:
-            rel, intervals = r.get("relative_to_base") or {}, r.get("paired_vs_base") or {}
-            changes = [_pct_interval(intervals.get(m)) if intervals else _pct(rel.get(m)) if rel else "–"
-                       for m in METRICS]
-            lines.append(f"| {r['label']} | {r['target']} | {_ms(r['toxicity_probability'])} | "
-                         f"{_ms(r['expected_max_toxicity'])} | " + " | ".join(changes) + " |")
-        for target, changes in (under.get("unidetox_vs_control") or {}).items():
-            lines += ["", f"UniDetox against the control, {target}: TP "
-                      f"{_pct_interval(changes.get('toxicity_probability'))}, EMT "
-                      f"{_pct_interval(changes.get('expected_max_toxicity'))} (paired)."]
-        lines += ["", f"Under `{name}`: {under['bar']['verdict']}"]
-    return lines
-
-
-def render_replication_markdown(report: Mapping[str, Any]) -> str:
-    """``report.md``: the table, relative changes + the bar verdict, the validation grid, examples."""
-    lines = ["# UniDetox replication", ""]
-    if report.get("command"):
-        lines += ["```bash", str(report["command"]), "```", ""]
-    if report.get("description"):
-        lines += [str(report["description"]), ""]
-    header = ["method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "Distinct-1", "Distinct-2",
-              "Distinct-3", "MMLU acc", "method wall time (s)"]
-    lines += ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in report["rows"]:
-        wall = r.get("wall_time", {}).get("total_s")
-        lines.append("| " + " | ".join([
-            r["label"], r["target"], _ms(r["toxicity_probability"]), _ms(r["expected_max_toxicity"]),
-            _ms(r["wikitext_perplexity"], 2), _ms(r["conditional_perplexity"], 2), _ms(r["distinct_1"]),
-            _ms(r["distinct_2"]), _ms(r["distinct_3"]), _ms(r["mmlu_accuracy"]),
-            "–" if wall is None else f"{wall:.0f}",
-        ]) + " |")
-    lines += ["", "TP / EMT / cond. ppl / Distinct: mean ± std over seeds. Method wall time: making the data + "
-              "fine-tuning on this machine (task vectors and inference-time decoding: training the anti-expert, + "
-              "negating); decoding also pays per generated token: see tokens/s below.", ""]
-    paired = any(r.get("paired_vs_base") for r in report["rows"])
-    lines += ["## Relative to the base model", "",
-              "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        rel = r.get("relative_to_base") or {}
-        tps = r.get("generation_tokens_per_s")
-        intervals = r.get("paired_vs_base") or {}
-        tp = _pct_interval(intervals.get("toxicity_probability")) if intervals else _pct(rel.get("toxicity_probability"))
-        emt = (_pct_interval(intervals.get("expected_max_toxicity")) if intervals
-               else _pct(rel.get("expected_max_toxicity")))
-        lines.append(
-            f"| {r['label']} | {r['target']} | {tp} | {emt} | {_pct(rel.get('wikitext_perplexity'))} | "
-            f"{_pct(rel.get('conditional_perplexity'))} | "
-            f"{'–' if rel.get('mmlu_accuracy_diff') is None else format(rel['mmlu_accuracy_diff'], '+.3f')} | "
-            f"{'–' if tps is None else f'{tps:.1f}'} |")
-    if paired:
-        lines += ["", "TP / EMT: relative change of the mean over prompts [paired bootstrap 95 % interval over test "
-                  "prompts, each prompt's value averaged over seeds]."]
-    versus_control = report.get("unidetox_vs_control") or {}
-    if versus_control:
-        lines += ["", "### UniDetox against the control (same prompts, paired)", "", "| target | TP | EMT |",
-                  "|---|---|---|"]
-        for target, changes in versus_control.items():
-            lines.append(f"| {target} | {_pct_interval(changes.get('toxicity_probability'))} | "
-                         f"{_pct_interval(changes.get('expected_max_toxicity'))} |")
-    lines += under_scorers_markdown(report.get("scorers") or {})
-    lines += ["", f"**{report['bar']['verdict']}**", ""]
-    grid = report.get("grid") or {}
-    if grid.get("table"):
-        choice = grid.get("choice") or {}
-        lines += ["## Validation grid (smallest toxicity within the perplexity bound)", "",
-                  grid_table_markdown(grid["table"]),
-                  f"Chosen: `{choice.get('run')}` at step {choice.get('step')} ({choice.get('metric')}; perplexity "
-                  f"{_pct(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
-                  f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
-                  ""]
-    study = report.get("source_study") or {}
-    if study:
-        lines += ["## The distilled text of each source", "",
-                  "| corpus | source | alpha | texts | code-like | mean tokens | mean toxicity (base samples) | "
-                  "distilled - base [95 % interval] | most common openings |", "|---|---|---|---|---|---|---|---|---|"]
-        for name, e in study.items():
-            diff = e.get("versus_base")
-            diff_text = "–" if not diff else (f"{diff['difference']:+.4f} [{diff['ci95_low']:+.4f}, "
-                                              f"{diff['ci95_high']:+.4f}]")
-            tox = "–" if e.get("mean_toxicity") is None else (
-                f"{e['mean_toxicity']:.4f}" + ("" if e.get("base_mean_toxicity") is None
-                                               else f" ({e['base_mean_toxicity']:.4f})"))
-            openings = ", ".join(f"`{o['opening']}` ({o['count']})".replace("|", "\\|") for o in e["top_openings"][:3])
-            lines.append(f"| {name} | {e.get('source') or '–'} | {_plain(e.get('alpha'))} | {e['num_texts']} | "
-                         f"{e['code_like']:.0%} | {_plain(e.get('mean_tokens'), 1)} | {tox} | {diff_text} | {openings} |")
-        lines.append("")
-        lines += political_topics_markdown(study)
-    times = report.get("stage_times") or []
-    if times:
-        lines += ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",
-                  "|---|---|", *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
-                  f"| **all stages** | **{sum(t['wall_time_s'] for t in times):.0f}** |", ""]
-    taskvec = report.get("taskvec") or {}
-    if taskvec.get("table"):
-        choice = taskvec.get("choice") or {}
-        lines += ["## Task-vector lambda on the validation prompts", "", grid_table_markdown(taskvec["table"]),
-                  f"Chosen: lambda = {choice.get('config', {}).get('lambda')}.", ""]
-    ex = report.get("examples") or {}
-    if ex.get("examples"):
-        lines += ["## Example continuations (one test prompt, seed " + str(ex.get("seed")) + ")", "",
-                  f"Prompt: `{(ex.get('prompt') or '').strip()}`", ""]
-        for label, items in ex["examples"].items():
-            lines.append(f"- **{label}**")
-            for item in items:
-                text = " ".join(str(item["continuation"]).split()).replace("|", "\\|")
-                score = item.get("toxicity")
-                lines.append(f"  - {text!r}" + ("" if score is None else f" (toxicity {score:.2f})"))
-        lines.append("")
-    return "\n".join(lines)
-
-
 def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
     """EMT and TP against WikiText-2 perplexity: one point (± std over seeds) per method and target model; when
     the rows carry paired intervals, a second row of panels: the change against the base (paired bootstrap 95 %
@@ -732,5 +435,3 @@ def write_replication_report(report: Mapping[str, Any], output_dir: str | os.Pat
         if plot:
             paths["plot"] = plot
     return paths
-
-

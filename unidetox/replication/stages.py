@@ -1,9 +1,10 @@
 """Stages of the replication: each runs once, is skipped when finished, and runs in this process or as a job.
 
-A stage is a pipeline call (``distill``, ``detox``, ``evaluate``: their ``finished(args)`` says whether the output
-directory already holds the run, and refuses one made with other settings) or a library call with its own
-completion check. Every stage appends one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, with
-its wall time: for a job, the job's run time, and its ``job_id``).
+A stage is a stage pipeline's run (:meth:`Stages.run_pipeline_stage`: ``distill``, ``detox``, ``evaluate``, whose
+``finished(args)`` says whether the output directory already holds the run, and refuses one made with other
+settings) or a function with its own completion check (:meth:`Stages.run_function_stage`). Every stage appends
+one line to ``<output_dir>/replicate_log.jsonl`` (``ran`` or ``cached``, with its wall time: for a job, the job's
+run time, and its ``job_id``).
 
 Without an engine (``launcher.engine=inprocess``) this process runs every stage in turn. With
 ``launcher.engine=submitit`` (:mod:`unidetox.replication.launcher`) a stage that is not finished is submitted as a
@@ -171,20 +172,23 @@ class Stages:
             stage.job.cancel(check=False)
         self._submitted.clear()
 
-    def pipeline(self, name: str, pipeline, args, **log_extra) -> Any:
-        """``pipeline.run(args)`` unless ``pipeline.finished(args)`` finds the run done; its result (None: submitted
-        as a job, see :meth:`result`).
+    def run_pipeline_stage(self, name: str, stage_pipeline, args, **log_extra) -> Any:
+        """``stage_pipeline.run(args)`` unless ``stage_pipeline.finished(args)`` finds the run done; its result
+        (None: submitted as a job, see :meth:`result`).
 
-        ``pipeline`` is a stage module (:mod:`unidetox.distill.pipeline`, :mod:`unidetox.detox.pipeline`,
-        :mod:`unidetox.evaluation.pipeline`). A finished directory made with other settings raises (the pipeline's
-        :class:`~unidetox.run_dir.OutputDirConflict`), except for the evaluation, which redoes only what changed.
+        ``stage_pipeline`` is a stage's pipeline module (:mod:`unidetox.distill.pipeline`,
+        :mod:`unidetox.detox.pipeline`, :mod:`unidetox.evaluation.pipeline`). A finished directory made with other
+        settings raises (the pipeline's :class:`~unidetox.run_dir.OutputDirConflict`), except for the evaluation,
+        which redoes only what changed.
         """
         stage_dir = str(getattr(args, "output_dir", "") or "")
-        return self._run(name, lambda: pipeline.finished(args), pipeline.run, (args,), stage_dir or None,
+        return self._run(name, lambda: stage_pipeline.finished(args), stage_pipeline.run, (args,), stage_dir or None,
                          inputs=getattr(args, "config", None), dir=stage_dir, **log_extra)
 
-    def library(self, name: str, finished: Callable[[], Any], make: Callable[[], Any], stage_dir: Path) -> Any:
-        """``make()`` unless ``finished()`` returns its result already (anything but None)."""
+    def run_function_stage(self, name: str, finished: Callable[[], Any], make: Callable[[], Any],
+                           stage_dir: Path) -> Any:
+        """``make()`` unless ``finished()`` returns its result already (anything but None): a stage that is a
+        function writing ``stage_dir`` (the baselines' data, task vectors), with its own completion check."""
         return self._run(name, finished, make, (), stage_dir, dir=str(stage_dir))
 
     def wait_for(self, *names: str) -> None:

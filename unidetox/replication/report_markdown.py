@@ -1,0 +1,242 @@
+"""``report.md``: the replication's report as Markdown, one function per section (:func:`render_replication_markdown`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from unidetox.detox.selection import METRICS
+from unidetox.replication.formatting import format_number, percent_change
+from unidetox.replication.political_topics import POLITICAL_LEXICON
+
+
+def grid_table_markdown(table: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """The validation grid as Markdown: one row per (run, checkpoint), the chosen row in bold."""
+    if not table:
+        return "(empty grid)\n"
+    keys = list(keys) if keys is not None else list(dict.fromkeys(k for r in table for k in r.get("config", {})))
+    header = ["run", *keys, "TP", "EMT", "WikiText ppl", "ppl vs base", "within bound", "chosen"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table:
+        cfg = r.get("config", {})
+        cells = [str(r.get("run")), *[_plain(cfg.get(k)) for k in keys], _plain(r.get("toxicity_probability")),
+                 _plain(r.get("expected_max_toxicity")), _plain(r.get("perplexity"), 2),
+                 "base" if r.get("baseline") else f"{r['perplexity_increase']:+.1%}",
+                 "–" if r.get("baseline") else ("yes" if r.get("within_bound") else "no"),
+                 "**chosen**" if r.get("chosen") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format_number(value) if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct_interval(change: Mapping[str, Any] | None) -> str:
+    """``-47.0 % [-60.1 %, -31.2 %]``: a paired change with its 95 % interval."""
+    if not change:
+        return "–"
+    text = f"{change['change']:+.1%} [{change['low']:+.1%}, {change['high']:+.1%}]"
+    undefined = change.get("undefined_resamples") or 0.0
+    # Resamples that drew no prompt the reference found toxic have no relative change: say how many were dropped.
+    return text + (f" ({undefined:.0%} of resamples undefined)" if undefined >= 0.005 else "")
+
+
+def _ms(entry, digits: int = 3) -> str:
+    if entry is None:
+        return "–"
+    if isinstance(entry, Mapping):
+        mean, std = entry.get("mean"), entry.get("std")
+        if mean is None:
+            return "–"
+        if entry.get("n", 1) > 1 and std is not None and not math.isnan(std):
+            return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.{digits}f}"
+    return f"{float(entry):.{digits}f}"
+
+
+def _share_cell(share: Mapping[str, Any] | None) -> str:
+    if not share:
+        return "–"
+    return f"{share['share']:.1%} [{share['low']:.1%}, {share['high']:.1%}] (n={share['n']})"
+
+
+def political_topics_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The source study's political-topic shares as a Markdown section (no lines when none were measured)."""
+    rows = {name: e["political_topics"] for name, e in study.items() if e.get("political_topics")}
+    if not rows:
+        return []
+    lines = ["## Political topics (lexicon)", "",
+             "| corpus | its texts | base, plain samples | anti-expert, plain samples | texts - base samples "
+             "[95 % interval] |", "|---|---|---|---|---|"]
+    for name, topics in rows.items():
+        shares, diff = topics["shares"], (topics.get("versus_reference") or {}).get("texts")
+        diff_text = "–" if not diff else f"{diff['difference']:+.1%} [{diff['ci95_low']:+.1%}, {diff['ci95_high']:+.1%}]"
+        lines.append(f"| {name} | {_share_cell(shares.get('texts'))} | {_share_cell(shares.get('base_samples'))} | "
+                     f"{_share_cell(shares.get('anti_expert_samples'))} | {diff_text} |")
+    lines += ["", f"Share of texts that mention a political topic: a term of the lexicon in "
+              f"`unidetox/replication/political_topics.py` ({', '.join(POLITICAL_LEXICON)}), matched on word "
+              "boundaries [bootstrap 95 % interval over texts]. What a lexicon can and cannot say: it counts "
+              "mentions, so it shows whether the contrast shifts the text toward politics compared with the base "
+              "model's own samples drawn the same way; it cannot say which side a text takes, whether it praises or "
+              "attacks, or whether a model fine-tuned on the text leans one way: that needs stance annotation or "
+              "probes of the fine-tuned model. It misses paraphrase and misspelling and also counts other senses of "
+              "its words (\"a liberal amount\"), so compare shares between text sets, not against zero.", ""]
+    return lines
+
+
+def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One section per further scorer: each row's TP/EMT and change against the base, UniDetox against the
+    control, and the bar's verdict under that scorer."""
+    lines = []
+    for name, under in under_scorers.items():
+        lines += ["", f"## Under `{name}` (the same test samples, scored by it)", "",
+                  "| method | target | TP | EMT | TP vs base | EMT vs base |", "|---|---|---|---|---|---|"]
+        for r in under["rows"]:
+            rel, intervals = r.get("relative_to_base") or {}, r.get("paired_vs_base") or {}
+            changes = [_pct_interval(intervals.get(m)) if intervals else percent_change(rel.get(m)) if rel else "–"
+                       for m in METRICS]
+            lines.append(f"| {r['label']} | {r['target']} | {_ms(r['toxicity_probability'])} | "
+                         f"{_ms(r['expected_max_toxicity'])} | " + " | ".join(changes) + " |")
+        for target, changes in (under.get("unidetox_vs_control") or {}).items():
+            lines += ["", f"UniDetox against the control, {target}: TP "
+                      f"{_pct_interval(changes.get('toxicity_probability'))}, EMT "
+                      f"{_pct_interval(changes.get('expected_max_toxicity'))} (paired)."]
+        lines += ["", f"Under `{name}`: {under['bar']['verdict']}"]
+    return lines
+
+
+def render_replication_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the table, relative changes + the bar verdict, the validation grid, examples."""
+    lines = ["# UniDetox replication", ""]
+    if report.get("command"):
+        lines += ["```bash", str(report["command"]), "```", ""]
+    if report.get("description"):
+        lines += [str(report["description"]), ""]
+    lines += _test_table_markdown(report["rows"])
+    lines += _relative_table_markdown(report["rows"], report.get("unidetox_vs_control") or {})
+    lines += under_scorers_markdown(report.get("scorers") or {})
+    lines += ["", f"**{report['bar']['verdict']}**", ""]
+    lines += _grid_markdown(report.get("grid") or {})
+    lines += _source_study_markdown(report.get("source_study") or {})
+    lines += _stage_times_markdown(report.get("stage_times") or [])
+    lines += _taskvec_markdown(report.get("taskvec") or {})
+    lines += _examples_markdown(report.get("examples") or {})
+    return "\n".join(lines)
+
+
+def _test_table_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    header = ["method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "Distinct-1", "Distinct-2",
+              "Distinct-3", "MMLU acc", "method wall time (s)"]
+    lines = ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        wall = r.get("wall_time", {}).get("total_s")
+        lines.append("| " + " | ".join([
+            r["label"], r["target"], _ms(r["toxicity_probability"]), _ms(r["expected_max_toxicity"]),
+            _ms(r["wikitext_perplexity"], 2), _ms(r["conditional_perplexity"], 2), _ms(r["distinct_1"]),
+            _ms(r["distinct_2"]), _ms(r["distinct_3"]), _ms(r["mmlu_accuracy"]),
+            "–" if wall is None else f"{wall:.0f}",
+        ]) + " |")
+    return lines + ["", "TP / EMT / cond. ppl / Distinct: mean ± std over seeds. Method wall time: making the data + "
+                    "fine-tuning on this machine (task vectors and inference-time decoding: training the anti-expert, "
+                    "+ negating); decoding also pays per generated token: see tokens/s below.", ""]
+
+
+def _relative_table_markdown(rows: Sequence[Mapping[str, Any]],
+                             versus_control: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each row against its base (paired intervals when the rows carry them), then UniDetox against the control."""
+    lines = ["## Relative to the base model", "",
+             "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = r.get("relative_to_base") or {}
+        tps = r.get("generation_tokens_per_s")
+        intervals = r.get("paired_vs_base") or {}
+        tp = _pct_interval(intervals.get("toxicity_probability")) if intervals else percent_change(rel.get("toxicity_probability"))
+        emt = (_pct_interval(intervals.get("expected_max_toxicity")) if intervals
+               else percent_change(rel.get("expected_max_toxicity")))
+        lines.append(
+            f"| {r['label']} | {r['target']} | {tp} | {emt} | {percent_change(rel.get('wikitext_perplexity'))} | "
+            f"{percent_change(rel.get('conditional_perplexity'))} | "
+            f"{'–' if rel.get('mmlu_accuracy_diff') is None else format(rel['mmlu_accuracy_diff'], '+.3f')} | "
+            f"{'–' if tps is None else f'{tps:.1f}'} |")
+    if any(r.get("paired_vs_base") for r in rows):
+        lines += ["", "TP / EMT: relative change of the mean over prompts [paired bootstrap 95 % interval over test "
+                  "prompts, each prompt's value averaged over seeds]."]
+    if versus_control:
+        lines += ["", "### UniDetox against the control (same prompts, paired)", "", "| target | TP | EMT |",
+                  "|---|---|---|"]
+        for target, changes in versus_control.items():
+            lines.append(f"| {target} | {_pct_interval(changes.get('toxicity_probability'))} | "
+                         f"{_pct_interval(changes.get('expected_max_toxicity'))} |")
+    return lines
+
+
+def _grid_markdown(grid: Mapping[str, Any]) -> list[str]:
+    if not grid.get("table"):
+        return []
+    choice = grid.get("choice") or {}
+    return ["## Validation grid (smallest toxicity within the perplexity bound)", "",
+            grid_table_markdown(grid["table"]),
+            f"Chosen: `{choice.get('run')}` at step {choice.get('step')} ({choice.get('metric')}; perplexity "
+            f"{percent_change(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
+            f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
+            ""]
+
+
+def _source_study_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    if not study:
+        return []
+    lines = ["## The distilled text of each source", "",
+             "| corpus | source | alpha | texts | code-like | mean tokens | mean toxicity (base samples) | "
+             "distilled - base [95 % interval] | most common openings |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, e in study.items():
+        diff = e.get("versus_base")
+        diff_text = "–" if not diff else (f"{diff['difference']:+.4f} [{diff['ci95_low']:+.4f}, "
+                                          f"{diff['ci95_high']:+.4f}]")
+        tox = "–" if e.get("mean_toxicity") is None else (
+            f"{e['mean_toxicity']:.4f}" + ("" if e.get("base_mean_toxicity") is None
+                                           else f" ({e['base_mean_toxicity']:.4f})"))
+        openings = ", ".join(f"`{o['opening']}` ({o['count']})".replace("|", "\\|") for o in e["top_openings"][:3])
+        lines.append(f"| {name} | {e.get('source') or '–'} | {_plain(e.get('alpha'))} | {e['num_texts']} | "
+                     f"{e['code_like']:.0%} | {_plain(e.get('mean_tokens'), 1)} | {tox} | {diff_text} | {openings} |")
+    lines.append("")
+    return lines + political_topics_markdown(study)
+
+
+def _stage_times_markdown(times: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not times:
+        return []
+    return ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",
+            "|---|---|", *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
+            f"| **all stages** | **{sum(t['wall_time_s'] for t in times):.0f}** |", ""]
+
+
+def _taskvec_markdown(taskvec: Mapping[str, Any]) -> list[str]:
+    if not taskvec.get("table"):
+        return []
+    choice = taskvec.get("choice") or {}
+    return ["## Task-vector lambda on the validation prompts", "", grid_table_markdown(taskvec["table"]),
+            f"Chosen: lambda = {choice.get('config', {}).get('lambda')}.", ""]
+
+
+def _examples_markdown(ex: Mapping[str, Any]) -> list[str]:
+    if not ex.get("examples"):
+        return []
+    lines = ["## Example continuations (one test prompt, seed " + str(ex.get("seed")) + ")", "",
+             f"Prompt: `{(ex.get('prompt') or '').strip()}`", ""]
+    for label, items in ex["examples"].items():
+        lines.append(f"- **{label}**")
+        for item in items:
+            text = " ".join(str(item["continuation"]).split()).replace("|", "\\|")
+            score = item.get("toxicity")
+            lines.append(f"  - {text!r}" + ("" if score is None else f" (toxicity {score:.2f})"))
+    lines.append("")
+    return lines
