@@ -38,7 +38,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "model": "unidetox.models:ModelArguments",
         "data": "unidetox.detox.pipeline:DataArguments",
         "trainer": "unidetox.detox.config:UniversalDetoxConfig",
-        "peft": "peft:LoraConfig",
+        "peft": "unidetox.lora:LoraArguments",
         "select": "unidetox.detox.pipeline:SelectArguments",
         "eval.prompts": "unidetox.evaluation.prompts:PromptsConfig",
         "eval.callback": "unidetox.detox.callbacks:DetoxEvalConfig",

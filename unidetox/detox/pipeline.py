@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
+
 from unidetox.cards import MODEL_CARD_FILE, merge_eval_results, validation_eval_results
 from unidetox.checkpoints import (
     checkpoint_dirs,
@@ -45,6 +47,7 @@ from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested, without_trainer_push
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.logging_setup import configure_logging
+from unidetox.lora import LoraArguments
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
@@ -106,7 +109,7 @@ class DetoxArguments:
     model: ModelArguments
     data: DataArguments
     trainer: UniversalDetoxConfig
-    peft: Any = None  # a peft.LoraConfig, or None for full fine-tuning
+    peft: LoraConfig | None = None  # the `peft` section (LoraArguments) as a peft.LoraConfig; None: full fine-tuning
     select: SelectArguments = field(default_factory=SelectArguments)
     validation: ValidationArguments = field(default_factory=ValidationArguments)
     resume: bool | str = "auto"
@@ -166,20 +169,6 @@ def resolve_data_path(path: str) -> Path:
     return p
 
 
-def build_peft_config(section: dict[str, Any] | None):
-    """``peft`` section -> ``peft.LoraConfig`` (``use_peft: false`` -> None, i.e. full fine-tuning)."""
-    section = dict(section or {})
-    if not section.pop("use_peft", False):
-        return None
-    from peft import LoraConfig
-
-    section.setdefault("task_type", "CAUSAL_LM")
-    try:
-        return LoraConfig(**section)
-    except TypeError as err:
-        raise ValueError(f"Bad `peft` section {section}: {err}. Use peft.LoraConfig field names.") from err
-
-
 def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
     """Compose ``conf/detox.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
     cfg = compose_config("detox", list(overrides))
@@ -191,7 +180,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
         model=parse_dataclass(cfg.model, ModelArguments, name="model"),
         data=parse_dataclass(cfg.data, DataArguments, name="data"),
         trainer=parse_dataclass(cfg.trainer, UniversalDetoxConfig, name="trainer"),
-        peft=build_peft_config(to_container(cfg.get("peft"))),
+        peft=parse_dataclass(cfg.get("peft") or {}, LoraArguments, name="peft").peft_config(),
         select=parse_dataclass(cfg.select, SelectArguments, name="select"),
         validation=ValidationArguments(
             enabled=bool(eval_section.get("enabled", True)),
