@@ -58,7 +58,7 @@ SECTION_DATACLASSES: dict[str, dict[str, str]] = {
         "validation": "unidetox.replication.pipeline:ValidationSplitArguments",
         "validation.protocol": "unidetox.detox.callbacks:DetoxEvalConfig",
         "grid": "unidetox.replication.pipeline:GridArguments",
-        "select": "unidetox.replication.pipeline:RuleArguments",
+        "select": "unidetox.detox.selection:SelectionRule",
         "baselines": "unidetox.replication.pipeline:BaselineArguments",
         "baselines.nothate_data": "unidetox.distill.corpus:ToxicCorpusConfig",
         "test": "unidetox.replication.pipeline:TestArguments",

@@ -38,7 +38,7 @@ from unidetox.checkpoints import (
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merged_model_path
-from unidetox.detox.selection import METRICS, read_eval_records, select_checkpoint
+from unidetox.detox.selection import SelectionRule, read_eval_records, select_checkpoint
 from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
@@ -79,16 +79,10 @@ class DataArguments:
 
 
 @dataclass
-class SelectArguments:
-    """How the checkpoint is chosen after training (the `select` section)."""
+class SelectArguments(SelectionRule):
+    """How the checkpoint is chosen after training (the `select` section): the paper's rule, and the merge."""
 
-    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative perplexity increase (0.1 = +10%)."})
-    metric: str = field(default="expected_max_toxicity", metadata={"help": "expected_max_toxicity or toxicity_probability."})
     merge: bool = field(default=True, metadata={"help": "LoRA: merge the selected checkpoint into a full model."})
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"`select.metric` has to be one of {METRICS}, but is {self.metric!r}.")
 
 
 @dataclass
@@ -310,7 +304,7 @@ def _load_data(data: DataArguments) -> tuple[Path, DistilledDetoxDataset]:
 def _select(out: Path, select: SelectArguments) -> dict[str, Any]:
     """The paper's rule over this run's checkpoints; with LoRA the chosen one is merged into a full model."""
     try:
-        choice = select_checkpoint(out, max_ppl_increase=select.max_ppl_increase, metric=select.metric)
+        choice = select_checkpoint(out, select.max_ppl_increase, select.metric, on_empty=select.on_empty)
     except ValueError as err:
         logger.warning("Checkpoint selection: %s", err)
         return {"error": str(err)}

@@ -39,7 +39,7 @@ from typing import Any
 from unidetox.detox import pipeline as detox_stage
 from unidetox.detox.callbacks import DetoxEvalConfig
 from unidetox.detox.merge import merged_model_path
-from unidetox.detox.selection import METRICS, choose_configuration
+from unidetox.detox.selection import SelectionRule, choose_configuration
 from unidetox.distill import pipeline as distill_stage
 from unidetox.distill.corpus import ToxicCorpusConfig
 from unidetox.distill.dataset import DistilledDetoxDataset
@@ -179,23 +179,6 @@ class GridArguments:
 
 
 @dataclass
-class RuleArguments:
-    """The paper's rule (:func:`unidetox.detox.selection.choose_configuration`), for the grid and the lambda sweep."""
-
-    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative WikiText perplexity increase."})
-    metric: str = field(default="expected_max_toxicity", metadata={"help": "Toxicity metric minimised."})
-    on_empty: str = field(
-        default="closest", metadata={"help": "No candidate within the bound: 'raise', or take the 'closest' (reported)."}
-    )
-
-    def __post_init__(self):
-        if self.on_empty not in ("raise", "closest"):
-            raise ValueError(f"`select.on_empty` has to be raise or closest, but is {self.on_empty!r}.")
-        if self.metric not in METRICS:
-            raise ValueError(f"`select.metric` has to be one of {METRICS}, but is {self.metric!r}.")
-
-
-@dataclass
 class BaselineArguments:
     """Which baselines run, and their settings."""
 
@@ -250,7 +233,7 @@ class ReplicateArguments:
     distill: DistillSweepArguments
     validation: ValidationArguments
     grid: GridArguments
-    select: RuleArguments
+    select: SelectionRule  # the paper's rule, for the grid and the lambda sweep
     baselines: BaselineArguments
     nothate_data: ToxicCorpusConfig
     test: TestArguments
@@ -294,7 +277,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
         validation=ValidationArguments(**vars(parse_dataclass(validation, ValidationSplitArguments, name="validation")),
                                        protocol=protocol, protocol_fields=list(protocol_section)),
         grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
-        select=parse_dataclass(cfg.select, RuleArguments, name="select"),
+        select=parse_dataclass(cfg.select, SelectionRule, name="select"),
         baselines=parse_dataclass(baselines, BaselineArguments, name="baselines"),
         nothate_data=parse_dataclass(nothate, ToxicCorpusConfig, name="baselines.nothate_data"),
         test=parse_dataclass(cfg.test, TestArguments, name="test"),
