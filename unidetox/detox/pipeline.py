@@ -86,8 +86,8 @@ class SelectArguments(SelectionRule):
 
 
 @dataclass
-class ValidationArguments:
-    """The validation measurement at step 0 and every save (the `eval` section): prompts, protocol, scorer."""
+class CheckpointValidationArguments:
+    """The validation of the model at step 0 and at every save (the `eval` section): prompts, protocol, scorer."""
 
     enabled: bool = True
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="validation"))
@@ -105,7 +105,7 @@ class DetoxArguments:
     trainer: UniversalDetoxConfig
     peft: LoraConfig | None = None  # the `peft` section (LoraArguments) as a peft.LoraConfig; None: full fine-tuning
     select: SelectArguments = field(default_factory=SelectArguments)
-    validation: ValidationArguments = field(default_factory=ValidationArguments)
+    validation: CheckpointValidationArguments = field(default_factory=CheckpointValidationArguments)
     resume: bool | str = "auto"
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -176,7 +176,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
         trainer=parse_dataclass(cfg.trainer, UniversalDetoxConfig, name="trainer"),
         peft=parse_dataclass(cfg.get("peft") or {}, LoraArguments, name="peft").peft_config(),
         select=parse_dataclass(cfg.select, SelectArguments, name="select"),
-        validation=ValidationArguments(
+        validation=CheckpointValidationArguments(
             enabled=bool(eval_section.get("enabled", True)),
             prompts=parse_dataclass(eval_section.get("prompts", {}), PromptsConfig, name="eval.prompts"),
             callback=parse_dataclass(eval_section.get("callback", {}), DetoxEvalConfig, name="eval.callback"),
@@ -196,7 +196,7 @@ def finished(args: DetoxArguments) -> DetoxResult | None:
     return result if result is not None and result.global_step == last_step else None
 
 
-def build_eval_callback(validation: ValidationArguments) -> DetoxEvalCallback | None:
+def build_eval_callback(validation: CheckpointValidationArguments) -> DetoxEvalCallback | None:
     """The validation callback, with its scorer built first (an unavailable scorer fails before any model loads)."""
     if not validation.enabled:
         return None
@@ -314,7 +314,7 @@ def _select(out: Path, select: SelectArguments) -> dict[str, Any]:
     return selection
 
 
-def _validation_results(validation: ValidationArguments, records: list[dict[str, Any]], step: int) -> list:
+def _validation_results(validation: CheckpointValidationArguments, records: list[dict[str, Any]], step: int) -> list:
     """The validation of ``step`` as model-card results (``huggingface_hub.EvalResult``)."""
     return validation_eval_results(records, step, asdict(validation.prompts), validation.perplexity_path)
 
