@@ -74,7 +74,7 @@ def test_an_unavailable_scorer_fails_before_any_model_is_loaded(tmp_path, remote
     args = evaluate.parse_args(_evaluate_overrides(tmp_path, tmp_path / "no-such-model", remote_scorer))
     with pytest.raises(ValueError, match="needs scorer.api_key"):
         evaluate.run(args)
-    validation = detox.ValidationArguments(scorer=args.scorer)
+    validation = detox.CheckpointValidationArguments(scorer=args.scorer)
     with pytest.raises(ValueError, match="needs scorer.api_key"):
         detox.build_eval_callback(validation)
 

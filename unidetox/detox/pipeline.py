@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
+
 from unidetox.cards import MODEL_CARD_FILE, merge_eval_results, validation_eval_results
 from unidetox.checkpoints import (
     checkpoint_dirs,
@@ -36,7 +38,7 @@ from unidetox.checkpoints import (
 from unidetox.detox.callbacks import DetoxEvalCallback, DetoxEvalConfig
 from unidetox.detox.config import UniversalDetoxConfig
 from unidetox.detox.merge import MERGED_SUBDIR, merged_model_path
-from unidetox.detox.selection import METRICS, read_eval_records, select_checkpoint
+from unidetox.detox.selection import SelectionRule, read_eval_records, select_checkpoint
 from unidetox.detox.trainer import UniversalDetoxTrainer
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
@@ -45,6 +47,7 @@ from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested, without_trainer_push
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.logging_setup import configure_logging
+from unidetox.lora import LoraArguments
 from unidetox.models import ModelArguments
 from unidetox.paths import require_file
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
@@ -76,21 +79,15 @@ class DataArguments:
 
 
 @dataclass
-class SelectArguments:
-    """How the checkpoint is chosen after training (the `select` section)."""
+class SelectArguments(SelectionRule):
+    """How the checkpoint is chosen after training (the `select` section): the paper's rule, and the merge."""
 
-    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative perplexity increase (0.1 = +10%)."})
-    metric: str = field(default="expected_max_toxicity", metadata={"help": "expected_max_toxicity or toxicity_probability."})
     merge: bool = field(default=True, metadata={"help": "LoRA: merge the selected checkpoint into a full model."})
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"`select.metric` has to be one of {METRICS}, but is {self.metric!r}.")
 
 
 @dataclass
-class ValidationArguments:
-    """The validation measurement at step 0 and every save (the `eval` section): prompts, protocol, scorer."""
+class CheckpointValidationArguments:
+    """The validation of the model at step 0 and at every save (the `eval` section): prompts, protocol, scorer."""
 
     enabled: bool = True
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="validation"))
@@ -106,9 +103,9 @@ class DetoxArguments:
     model: ModelArguments
     data: DataArguments
     trainer: UniversalDetoxConfig
-    peft: Any = None  # a peft.LoraConfig, or None for full fine-tuning
+    peft: LoraConfig | None = None  # the `peft` section (LoraArguments) as a peft.LoraConfig; None: full fine-tuning
     select: SelectArguments = field(default_factory=SelectArguments)
-    validation: ValidationArguments = field(default_factory=ValidationArguments)
+    validation: CheckpointValidationArguments = field(default_factory=CheckpointValidationArguments)
     resume: bool | str = "auto"
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -166,20 +163,6 @@ def resolve_data_path(path: str) -> Path:
     return p
 
 
-def build_peft_config(section: dict[str, Any] | None):
-    """``peft`` section -> ``peft.LoraConfig`` (``use_peft: false`` -> None, i.e. full fine-tuning)."""
-    section = dict(section or {})
-    if not section.pop("use_peft", False):
-        return None
-    from peft import LoraConfig
-
-    section.setdefault("task_type", "CAUSAL_LM")
-    try:
-        return LoraConfig(**section)
-    except TypeError as err:
-        raise ValueError(f"Bad `peft` section {section}: {err}. Use peft.LoraConfig field names.") from err
-
-
 def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
     """Compose ``conf/detox.yaml`` with Hydra ``overrides`` and parse every section into its dataclass."""
     cfg = compose_config("detox", list(overrides))
@@ -191,9 +174,9 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
         model=parse_dataclass(cfg.model, ModelArguments, name="model"),
         data=parse_dataclass(cfg.data, DataArguments, name="data"),
         trainer=parse_dataclass(cfg.trainer, UniversalDetoxConfig, name="trainer"),
-        peft=build_peft_config(to_container(cfg.get("peft"))),
+        peft=parse_dataclass(cfg.get("peft") or {}, LoraArguments, name="peft").peft_config(),
         select=parse_dataclass(cfg.select, SelectArguments, name="select"),
-        validation=ValidationArguments(
+        validation=CheckpointValidationArguments(
             enabled=bool(eval_section.get("enabled", True)),
             prompts=parse_dataclass(eval_section.get("prompts", {}), PromptsConfig, name="eval.prompts"),
             callback=parse_dataclass(eval_section.get("callback", {}), DetoxEvalConfig, name="eval.callback"),
@@ -213,7 +196,7 @@ def finished(args: DetoxArguments) -> DetoxResult | None:
     return result if result is not None and result.global_step == last_step else None
 
 
-def build_eval_callback(validation: ValidationArguments) -> DetoxEvalCallback | None:
+def build_eval_callback(validation: CheckpointValidationArguments) -> DetoxEvalCallback | None:
     """The validation callback, with its scorer built first (an unavailable scorer fails before any model loads)."""
     if not validation.enabled:
         return None
@@ -321,7 +304,7 @@ def _load_data(data: DataArguments) -> tuple[Path, DistilledDetoxDataset]:
 def _select(out: Path, select: SelectArguments) -> dict[str, Any]:
     """The paper's rule over this run's checkpoints; with LoRA the chosen one is merged into a full model."""
     try:
-        choice = select_checkpoint(out, max_ppl_increase=select.max_ppl_increase, metric=select.metric)
+        choice = select_checkpoint(out, select.max_ppl_increase, select.metric, on_empty=select.on_empty)
     except ValueError as err:
         logger.warning("Checkpoint selection: %s", err)
         return {"error": str(err)}
@@ -331,7 +314,7 @@ def _select(out: Path, select: SelectArguments) -> dict[str, Any]:
     return selection
 
 
-def _validation_results(validation: ValidationArguments, records: list[dict[str, Any]], step: int) -> list:
+def _validation_results(validation: CheckpointValidationArguments, records: list[dict[str, Any]], step: int) -> list:
     """The validation of ``step`` as model-card results (``huggingface_hub.EvalResult``)."""
     return validation_eval_results(records, step, asdict(validation.prompts), validation.perplexity_path)
 

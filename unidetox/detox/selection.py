@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_LOG_FILE = "detox_eval.jsonl"
 METRICS = TOXICITY_METRICS  # the metrics a checkpoint is selected on
+ON_EMPTY = ("raise", "closest")  # what the rule does when no candidate is within the perplexity bound
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> str:
@@ -94,17 +95,90 @@ class CheckpointSelection:
         return path
 
 
+@dataclass
+class SelectionRule:
+    """The paper's rule, the arguments of every choice it makes (the ``select`` sections of detox and of the
+    replication): the least toxic candidate whose perplexity rose by at most ``max_ppl_increase`` over the model
+    before any change.
+
+    Example:
+        >>> rule = SelectionRule(max_ppl_increase=0.1, metric="toxicity_probability")
+        >>> rule.on_empty
+        'raise'
+    """
+
+    max_ppl_increase: float = field(
+        default=0.1,
+        metadata={"help": "Allowed relative perplexity increase over the model before any change (0.1 = +10%)."},
+    )
+    metric: str = field(
+        default="expected_max_toxicity", metadata={"help": f"The toxicity metric minimised: {' or '.join(METRICS)}."}
+    )
+    on_empty: str = field(
+        default="raise",
+        metadata={"help": "No candidate within the bound: 'raise', or take the 'closest' one (flagged "
+                  "within_bound: false, and reported)."},
+    )
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"`metric` has to be one of {METRICS}, but is {self.metric!r}.")
+        if not (isinstance(self.max_ppl_increase, (int, float)) and math.isfinite(self.max_ppl_increase)
+                and self.max_ppl_increase >= 0):
+            raise ValueError(
+                f"`max_ppl_increase` is the allowed relative perplexity increase (0.1 = +10%) and has to be a finite "
+                f"number >= 0, but is {self.max_ppl_increase!r}."
+            )
+        if self.on_empty not in ON_EMPTY:
+            raise ValueError(f"`on_empty` has to be one of {ON_EMPTY}, but is {self.on_empty!r}.")
+
+    def choose(self, grid_records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(choice, table)`` of :func:`choose_configuration` under this rule."""
+        table = _with_bounds(_checked_records(grid_records), self.max_ppl_increase)
+        candidates = [r for r in table if not r["baseline"]]
+        if not candidates:
+            raise ValueError("The grid has only baseline records; train at least one configuration.")
+        within = [r for r in candidates if r["within_bound"]]
+        best = self._best(candidates, within)
+        best["chosen"] = True
+        choice = {**best, "metric": self.metric, "max_ppl_increase": float(self.max_ppl_increase),
+                  "num_candidates": len(candidates), "num_within_bound": len(within)}
+        return choice, table
+
+    def _best(self, candidates: list[dict[str, Any]], within: list[dict[str, Any]]) -> dict[str, Any]:
+        """The least toxic candidate within the bound; without one, the closest (``on_empty="closest"``) or an error."""
+        other = next(m for m in METRICS if m != self.metric)
+
+        def rank(r):
+            return (r[self.metric], r[other], r["perplexity"], r.get("step") or 0, str(r.get("run")))
+
+        if within:
+            return min(within, key=rank)
+        if self.on_empty == "closest":
+            best = min(candidates, key=lambda r: (r["perplexity_increase"], *rank(r)))
+            logger.warning("No candidate keeps perplexity within +%.1f%%; taking the closest (%+.1f%%).",
+                           100 * self.max_ppl_increase, 100 * best["perplexity_increase"])
+            return best
+        closest = min(candidates, key=lambda r: r["perplexity_increase"])
+        raise ValueError(
+            f"No candidate keeps perplexity within +{self.max_ppl_increase:.1%} of its baseline; the closest is "
+            f"{closest.get('run')} step {closest.get('step')} at {closest['perplexity_increase']:+.1%}. Raise "
+            "max_ppl_increase, lower the learning rates / steps of the grid, or pass on_empty='closest'."
+        )
+
+
 def select_checkpoint(
     output_dir: str | os.PathLike,
-    max_ppl_increase: float = 0.1,
-    metric: str = "expected_max_toxicity",
+    max_ppl_increase: float = SelectionRule.max_ppl_increase,
+    metric: str = SelectionRule.metric,
     log_file: str = EVAL_LOG_FILE,
     require_exists: bool = True,
+    on_empty: str = SelectionRule.on_empty,
 ) -> CheckpointSelection:
     """The least toxic checkpoint whose perplexity is at most ``(1 + max_ppl_increase)`` x the baseline's.
 
     The baseline is the step-0 evaluation (the model before fine-tuning), which :class:`DetoxEvalCallback` logs
-    when ``eval_at_start`` is on. The rule is :func:`choose_configuration`'s over this run's checkpoints: ranked by
+    when ``eval_at_start`` is on. The rule is :class:`SelectionRule`'s over this run's checkpoints: ranked by
     ``metric`` (``"expected_max_toxicity"`` or ``"toxicity_probability"``), ties broken by the other toxicity
     metric, then by lower perplexity, then by the earlier step.
 
@@ -113,19 +187,14 @@ def select_checkpoint(
         max_ppl_increase: the allowed *relative* perplexity increase over the baseline (0.1 = +10%).
         metric: the toxicity metric to minimise.
         require_exists: skip records whose checkpoint directory no longer exists.
+        on_empty: no checkpoint within the bound: ``"raise"``, or take the ``"closest"`` one.
 
     Example:
         >>> from unidetox.detox.selection import select_checkpoint
         >>> choice = select_checkpoint("runs/detox-smollm2", max_ppl_increase=0.1)  # doctest: +SKIP
         >>> choice.path, choice.metrics["expected_max_toxicity"], choice.perplexity_increase  # doctest: +SKIP
     """
-    if metric not in METRICS:
-        raise ValueError(f"`metric` has to be one of {METRICS}, but is {metric!r}.")
-    if not (isinstance(max_ppl_increase, (int, float)) and max_ppl_increase >= 0 and math.isfinite(max_ppl_increase)):
-        raise ValueError(
-            f"`max_ppl_increase` is the allowed relative perplexity increase (0.1 = +10%) and has to be a finite "
-            f"number >= 0, but is {max_ppl_increase!r}."
-        )
+    rule = SelectionRule(max_ppl_increase, metric, on_empty)
     records = read_eval_records(output_dir, log_file)
     if not records:
         raise FileNotFoundError(
@@ -150,10 +219,9 @@ def select_checkpoint(
     try:
         if not scored:
             raise ValueError("no scored checkpoints")
-        choice, _ = choose_configuration(
+        choice, _ = rule.choose(
             [{**r, "run": str(output_dir), "baseline": r["step"] == 0, "config": {"steps": r["step"]}}
-             for r in (baseline, *scored)],
-            max_ppl_increase=max_ppl_increase, metric=metric, on_empty="raise")
+             for r in (baseline, *scored)])
     except ValueError:
         table = ", ".join(f"step {c['step']}: ppl {c['perplexity']}" for c in candidates) or "no checkpoints on disk"
         raise ValueError(
@@ -170,9 +238,9 @@ def select_checkpoint(
 
 def choose_configuration(
     grid_records: Sequence[Mapping[str, Any]],
-    max_ppl_increase: float = 0.1,
-    metric: str = "expected_max_toxicity",
-    on_empty: str = "raise",
+    max_ppl_increase: float = SelectionRule.max_ppl_increase,
+    metric: str = SelectionRule.metric,
+    on_empty: str = SelectionRule.on_empty,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The paper's rule: the least toxic candidate whose perplexity is at most ``(1 + max_ppl_increase)`` x the base's.
 
@@ -186,7 +254,8 @@ def choose_configuration(
     (the candidate with the smallest perplexity increase, flagged ``within_bound: false`` in the choice).
 
     Returns ``(choice, table)``: the chosen record with ``perplexity_increase``, ``bound`` and ``within_bound``, and
-    every record (baselines included) with those columns and ``chosen``.
+    every record (baselines included) with those columns and ``chosen``. The same as
+    ``SelectionRule(max_ppl_increase, metric, on_empty).choose(grid_records)``.
 
     Example:
         >>> from unidetox.detox.selection import choose_configuration
@@ -202,21 +271,23 @@ def choose_configuration(
         >>> choice["config"]["steps"]  # step 50 is less toxic but +20% perplexity
         25
     """
-    if metric not in METRICS:
-        raise ValueError(f"`metric` has to be one of {METRICS}, but is {metric!r}.")
-    if not (isinstance(max_ppl_increase, (int, float)) and math.isfinite(max_ppl_increase) and max_ppl_increase >= 0):
-        raise ValueError(
-            f"`max_ppl_increase` is the allowed relative perplexity increase (0.1 = +10%) and has to be a finite "
-            f"number >= 0, but is {max_ppl_increase!r}."
-        )
-    if on_empty not in ("raise", "closest"):
-        raise ValueError(f"`on_empty` has to be 'raise' or 'closest', but is {on_empty!r}.")
+    return SelectionRule(max_ppl_increase, metric, on_empty).choose(grid_records)
+
+
+def _checked_records(grid_records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the records, each flagged ``baseline`` (default: ``step == 0``); raises for a missing metric."""
     records = [dict(r) for r in grid_records]
     for r in records:
         r.setdefault("baseline", r.get("step") == 0)
         missing = [k for k in (*METRICS, "perplexity") if r.get(k) is None and not (k != "perplexity" and r["baseline"])]
         if missing:
             raise ValueError(f"Grid record {r.get('run')} step {r.get('step')} lacks {missing}.")
+    return records
+
+
+def _with_bounds(records: list[dict[str, Any]], max_ppl_increase: float) -> list[dict[str, Any]]:
+    """The records with their run's baseline perplexity, bound, ``perplexity_increase``, ``within_bound`` and
+    ``chosen`` (False); a run without a baseline of its own is bounded by the mean of all baselines."""
     baselines: dict[Any, list[float]] = {}
     for r in records:
         if r["baseline"]:
@@ -228,8 +299,6 @@ def choose_configuration(
         )
     pooled = [v for values in baselines.values() for v in values]
     overall = sum(pooled) / len(pooled)
-    other = next(m for m in METRICS if m != metric)
-    table, candidates = [], []
     for r in records:
         ref = baselines.get(r.get("run"))
         base_ppl = sum(ref) / len(ref) if ref else overall
@@ -239,30 +308,4 @@ def choose_configuration(
         r["perplexity_increase"] = float(r["perplexity"]) / base_ppl - 1.0
         r["within_bound"] = float(r["perplexity"]) <= bound
         r["chosen"] = False
-        table.append(r)
-        if not r["baseline"]:
-            candidates.append(r)
-    if not candidates:
-        raise ValueError("The grid has only baseline records; train at least one configuration.")
-    within = [r for r in candidates if r["within_bound"]]
-
-    def rank(r):
-        return (r[metric], r[other], r["perplexity"], r.get("step") or 0, str(r.get("run")))
-
-    if within:
-        best = min(within, key=rank)
-    elif on_empty == "closest":
-        best = min(candidates, key=lambda r: (r["perplexity_increase"], *rank(r)))
-        logger.warning("No candidate keeps perplexity within +%.1f%%; taking the closest (%+.1f%%).",
-                       100 * max_ppl_increase, 100 * best["perplexity_increase"])
-    else:
-        closest = min(candidates, key=lambda r: r["perplexity_increase"])
-        raise ValueError(
-            f"No candidate keeps perplexity within +{max_ppl_increase:.1%} of its baseline; the closest is "
-            f"{closest.get('run')} step {closest.get('step')} at {closest['perplexity_increase']:+.1%}. Raise "
-            "max_ppl_increase, lower the learning rates / steps of the grid, or pass on_empty='closest'."
-        )
-    best["chosen"] = True
-    choice = {**best, "metric": metric, "max_ppl_increase": float(max_ppl_increase),
-              "num_candidates": len(candidates), "num_within_bound": len(within)}
-    return choice, table
+    return records

@@ -27,7 +27,7 @@ from unidetox.detox.merge import MERGED_SUBDIR, merge_lora_checkpoint
 from unidetox.detox.model_card import render_model_card
 from unidetox.detox.tokenization import as_distilled_dataset, tokenize_for_target
 from unidetox.distill.dataset import DistilledDetoxDataset
-from unidetox.models import load_tokenizer, resolve_model_path
+from unidetox.models import EMBEDDED_MODELS, load_tokenizer, resolve_model_path
 from unidetox.secret_masking import SavesArgsWithoutSecrets
 
 logger = logging.getLogger(__name__)
@@ -91,67 +91,15 @@ class UniversalDetoxTrainer(SavesArgsWithoutSecrets, SFTTrainer):
                 "`train_dataset` is required: the distilled detoxifying text (a DistilledDetoxDataset, or a path to one "
                 "or to a CSV/JSONL file)."
             )
-        # The model: hub id / local path / embedded name, or an object.
-        if isinstance(model, (str, os.PathLike)):
-            self.base_model_name = str(model)
-            model_path = resolve_model_path(model)  # embedded names -> their provisioned directory
-            if processing_class is None:
-                try:
-                    processing_class = load_tokenizer(model_path)
-                except OSError as err:
-                    raise OSError(
-                        f"Cannot load the tokenizer of model {self.base_model_name!r}: it is not a local directory "
-                        "and the hub copy is unreachable or not cached. Pass a local checkpoint path, an embedded name "
-                        "(smollm2-135m, gemma3-270m), or make the hub reachable (unset HF_HUB_OFFLINE)."
-                    ) from err
-            model = model_path  # SFTTrainer loads it with args.model_init_kwargs (fp32 by default)
-        elif isinstance(model, torch.nn.Module):
-            config = getattr(model, "config", None)
-            self.base_model_name = getattr(config, "_name_or_path", None) or f"<in-memory {type(model).__name__}>"
-            if processing_class is None:
-                name = getattr(config, "_name_or_path", None)
-                if not name:
-                    raise ValueError(
-                        "Cannot find the tokenizer of a model object without `config._name_or_path`; pass "
-                        "processing_class=<the target's tokenizer>."
-                    )
-                processing_class = load_tokenizer(name)
-        else:
-            raise TypeError(
-                "`model` must be a hub id, a local path, an embedded name "
-                f"({', '.join(['smollm2-135m', 'gemma3-270m'])}) or a model object; got {type(model).__name__}."
-            )
-        if not isinstance(processing_class, PreTrainedTokenizerBase):
-            raise TypeError(
-                f"`processing_class` must be the target's tokenizer (PreTrainedTokenizerBase); got {type(processing_class).__name__}."
-            )
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-
+        model, processing_class, self.base_model_name = _target_model_and_tokenizer(model, processing_class)
         if args is None:
-            short = Path(self.base_model_name.rstrip("/")).name
-            args = UniversalDetoxConfig(output_dir=f"unidetox-{short}")
+            args = UniversalDetoxConfig(output_dir=f"unidetox-{Path(self.base_model_name.rstrip('/')).name}")
         elif not isinstance(args, UniversalDetoxConfig):
             raise TypeError(
                 f"`args` must be a UniversalDetoxConfig (the universal configuration), got {type(args).__name__}; build "
                 "one with UniversalDetoxConfig(**your_args.to_dict()) if needed."
             )
-
-        # The data: distilled text re-tokenized for THIS target, unless already tokenized.
-        if isinstance(train_dataset, datasets.Dataset) and "input_ids" in train_dataset.column_names:
-            self.distilled_metadata: dict[str, Any] = {"source": "pre-tokenized dataset", "num_samples": len(train_dataset)}
-            tokenized = train_dataset
-        else:
-            distilled = as_distilled_dataset(train_dataset, text_column=text_column)
-            self.distilled_metadata = dict(distilled.metadata)
-            self.distilled_metadata.setdefault("num_samples", len(distilled))
-            tokenized = tokenize_for_target(
-                distilled.dataset,
-                processing_class,
-                add_bos_token=args.add_bos_token,
-                add_eos_token=args.add_eos_token,
-                num_proc=args.dataset_num_proc,
-            )
+        tokenized, self.distilled_metadata = _target_dataset(train_dataset, processing_class, args, text_column)
         self.num_target_tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
         self._peft_config_used = peft_config
         if args.stop_at_step is not None:
@@ -239,3 +187,68 @@ class UniversalDetoxTrainer(SavesArgsWithoutSecrets, SFTTrainer):
             )
         )
         return path
+
+
+def _target_model_and_tokenizer(
+    model: str | os.PathLike | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[str | PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """``(model, tokenizer, base model name)`` of the target: a name or path becomes the directory ``SFTTrainer``
+    loads the model from (an embedded name, its provisioned one); the tokenizer, when not given, is the model's own.
+    A tokenizer without a pad token pads with its EOS token."""
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        model = resolve_model_path(model)  # SFTTrainer loads it with args.model_init_kwargs (fp32 by default)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(model)
+            except OSError as err:
+                raise OSError(
+                    f"Cannot load the tokenizer of model {name!r}: it is not a local directory and the hub copy is "
+                    f"unreachable or not cached. Pass a local checkpoint path, an embedded name "
+                    f"({', '.join(EMBEDDED_MODELS)}), or make the hub reachable (unset HF_HUB_OFFLINE)."
+                ) from err
+    elif isinstance(model, torch.nn.Module):
+        config_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        name = config_name or f"<in-memory {type(model).__name__}>"
+        if tokenizer is None:
+            if not config_name:
+                raise ValueError(
+                    "Cannot find the tokenizer of a model object without `config._name_or_path`; pass "
+                    "processing_class=<the target's tokenizer>."
+                )
+            tokenizer = load_tokenizer(config_name)
+    else:
+        raise TypeError(
+            f"`model` must be a hub id, a local path, an embedded name ({', '.join(EMBEDDED_MODELS)}) or a model "
+            f"object; got {type(model).__name__}."
+        )
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"`processing_class` must be the target's tokenizer (PreTrainedTokenizerBase); got {type(tokenizer).__name__}."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, name
+
+
+def _target_dataset(
+    train_dataset: DistilledDetoxDataset | datasets.Dataset | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    args: UniversalDetoxConfig,
+    text_column: str | None,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The distilled text re-tokenized for THIS target (an already tokenized dataset is used as it is), and the
+    metadata of the distilled text."""
+    if isinstance(train_dataset, datasets.Dataset) and "input_ids" in train_dataset.column_names:
+        return train_dataset, {"source": "pre-tokenized dataset", "num_samples": len(train_dataset)}
+    distilled = as_distilled_dataset(train_dataset, text_column=text_column)
+    metadata = dict(distilled.metadata)
+    metadata.setdefault("num_samples", len(distilled))
+    tokenized = tokenize_for_target(
+        distilled.dataset,
+        tokenizer,
+        add_bos_token=args.add_bos_token,
+        add_eos_token=args.add_eos_token,
+        num_proc=args.dataset_num_proc,
+    )
+    return tokenized, metadata

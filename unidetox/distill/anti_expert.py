@@ -35,6 +35,7 @@ from unidetox.distill.anti_expert_card import render_anti_expert_card
 from unidetox.distill.corpus import TEXT_COLUMN, ToxicCorpusConfig, corpus_fingerprint
 from unidetox.files import atomic_write_json
 from unidetox.hub import without_trainer_push
+from unidetox.lora import LoraArguments
 from unidetox.model_identity import model_config_fingerprint
 from unidetox.models import (
     ADAPTER_CONFIG_FILE,
@@ -144,13 +145,7 @@ class AntiExpertConfig(SFTConfig):
         if uses_deepspeed(self.deepspeed):
             prepare_deepspeed()  # before TrainingArguments lets DeepSpeed form its process group
         super().__post_init__()
-        if self.use_peft:
-            if self.lora_r < 1:
-                raise ValueError(f"`lora_r` has to be >= 1, but is {self.lora_r}.")
-            if self.lora_alpha <= 0:
-                raise ValueError(f"`lora_alpha` has to be > 0, but is {self.lora_alpha}.")
-            if not 0.0 <= self.lora_dropout < 1.0:
-                raise ValueError(f"`lora_dropout` has to be in [0, 1), but is {self.lora_dropout}.")
+        self.lora_settings()  # raises for LoRA settings that cannot be trained with
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError(
                 f"Set `num_train_epochs` > 0 or `max_steps` > 0 (got {self.num_train_epochs} and {self.max_steps})."
@@ -162,16 +157,19 @@ class AntiExpertConfig(SFTConfig):
         values = {name: getattr(self, name, None) for name in FINGERPRINT_FIELDS}
         return {k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v) for k, v in values.items()}
 
-    def lora_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(
+    def lora_settings(self) -> LoraArguments:
+        """The LoRA settings as the detox stage spells them (no `lora_target_modules`: every linear layer)."""
+        return LoraArguments(
+            use_peft=self.use_peft,
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=list(self.lora_target_modules) if self.lora_target_modules else "all-linear",
-            task_type="CAUSAL_LM",
         )
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` of the adapter (None when ``use_peft`` is off)."""
+        return self.lora_settings().peft_config()
 
 
 @dataclass

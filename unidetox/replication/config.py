@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unidetox.detox.callbacks import DetoxEvalConfig
-from unidetox.detox.selection import METRICS
+from unidetox.detox.selection import SelectionRule
 from unidetox.distill.corpus import ToxicCorpusConfig
 from unidetox.replication.launcher import LauncherArguments
 
@@ -113,23 +113,6 @@ class GridArguments:
 
 
 @dataclass
-class RuleArguments:
-    """The paper's rule (:func:`unidetox.detox.selection.choose_configuration`), for the grid and the lambda sweep."""
-
-    max_ppl_increase: float = field(default=0.1, metadata={"help": "Allowed relative WikiText perplexity increase."})
-    metric: str = field(default="expected_max_toxicity", metadata={"help": "Toxicity metric minimised."})
-    on_empty: str = field(
-        default="closest", metadata={"help": "No candidate within the bound: 'raise', or take the 'closest' (reported)."}
-    )
-
-    def __post_init__(self):
-        if self.on_empty not in ("raise", "closest"):
-            raise ValueError(f"`select.on_empty` has to be raise or closest, but is {self.on_empty!r}.")
-        if self.metric not in METRICS:
-            raise ValueError(f"`select.metric` has to be one of {METRICS}, but is {self.metric!r}.")
-
-
-@dataclass
 class BaselineArguments:
     """Which baselines run, and their settings."""
 
@@ -184,7 +167,7 @@ class ReplicateArguments:
     distill: DistillSweepArguments
     validation: ValidationMeasurementArguments
     grid: GridArguments
-    select: RuleArguments
+    select: SelectionRule  # the paper's rule, for the grid and the lambda sweep
     baselines: BaselineArguments
     nothate_data: ToxicCorpusConfig
     test: TestArguments

@@ -25,7 +25,6 @@ from typing import Any
 
 from unidetox.detox import pipeline as detox_stage
 from unidetox.detox.merge import merged_model_path
-from unidetox.detox.selection import choose_configuration
 from unidetox.distill import pipeline as distill_stage
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation import pipeline as evaluate_stage
@@ -179,7 +178,7 @@ def select_configuration(rep: Replication, grid: GridPhase) -> Selection:
     any model, to ``chosen_recipe.yaml``."""
     args, sel = rep.args, rep.args.select
     records = grid_records({name: (config, grid.results[name].eval_records) for name, (config, _) in grid.plan.items()})
-    choice, table = choose_configuration(records, sel.max_ppl_increase, sel.metric, sel.on_empty)
+    choice, table = sel.choose(records)
     record = {"choice": choice, "table": table, "rule": {"max_ppl_increase": sel.max_ppl_increase,
                                                          "metric": sel.metric, "on_empty": sel.on_empty}}
     if _write_if_changed(rep.out / "selection.json", record):
@@ -332,7 +331,7 @@ def negate_task_vectors(rep: Replication, grid: GridPhase) -> TaskVectors | None
     stages.run_pipeline_stage("taskvec/validation", evaluate_stage,
                               validation_evaluate_args(args, models, rep.out / "taskvec" / "validation"))
     records = _lambda_records(stages.result("taskvec/validation").report, args.grid_target.model, lam_dirs)
-    choice, table = choose_configuration(records, sel.max_ppl_increase, sel.metric, sel.on_empty)
+    choice, table = sel.choose(records)
     record = {"choice": choice, "table": table}
     _write_if_changed(rep.out / "taskvec" / "selection.json", record)
     seconds = 0.0

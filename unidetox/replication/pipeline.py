@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from unidetox.detox.callbacks import DetoxEvalConfig
+from unidetox.detox.selection import SelectionRule
 from unidetox.distill.corpus import ToxicCorpusConfig
 from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
 from unidetox.logging_setup import configure_logging
@@ -48,7 +49,6 @@ from unidetox.replication.config import (
     DistillSweepArguments,
     GridArguments,
     ReplicateArguments,
-    RuleArguments,
     SuccessBar,
     TargetArguments,
     TestArguments,
@@ -94,7 +94,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
             **vars(parse_dataclass(validation, ValidationSplitArguments, name="validation")),
             protocol=protocol, protocol_fields=list(protocol_section)),
         grid=parse_dataclass(cfg.grid, GridArguments, name="grid"),
-        select=parse_dataclass(cfg.select, RuleArguments, name="select"),
+        select=parse_dataclass(cfg.select, SelectionRule, name="select"),
         baselines=parse_dataclass(baselines, BaselineArguments, name="baselines"),
         nothate_data=parse_dataclass(nothate, ToxicCorpusConfig, name="baselines.nothate_data"),
         test=parse_dataclass(cfg.test, TestArguments, name="test"),
