@@ -481,6 +481,13 @@ def _reject_nan(value, key: str) -> None:
             _reject_nan(v, f"{key}[{i}]")
 
 
+def parse_sections(cfg, sections: Mapping[str, type]) -> dict[str, Any]:
+    """``{name: parse_dataclass(cfg.name, type, name=name)}`` for each config section named in ``sections`` (a
+    section the config lacks gets its dataclass's defaults): how every stage's ``parse_args`` reads its sections.
+    """
+    return {name: parse_dataclass(cfg.get(name) or {}, kind, name=name) for name, kind in sections.items()}
+
+
 def parse_dataclass(section, dataclass_type, *, name: str | None = None):
     """Build an HF-style dataclass (``TrainingArguments`` subclasses included) from a config section.
 

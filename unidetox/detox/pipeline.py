@@ -45,7 +45,13 @@ from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.scoring import ScorerConfig, build_scorer
 from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested, without_trainer_push
-from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
+from unidetox.hydra_config import (
+    compose_config,
+    parse_dataclass,
+    parse_sections,
+    save_resolved_config,
+    to_container,
+)
 from unidetox.logging_setup import configure_logging
 from unidetox.lora import LoraArguments
 from unidetox.models import ModelArguments
@@ -171,9 +177,7 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DetoxArguments:
     if resume not in ("auto", True, False):
         raise ValueError(f"`resume` has to be auto, true or false, but is {resume!r}.")
     return DetoxArguments(
-        model=parse_dataclass(cfg.model, ModelArguments, name="model"),
-        data=parse_dataclass(cfg.data, DataArguments, name="data"),
-        trainer=parse_dataclass(cfg.trainer, UniversalDetoxConfig, name="trainer"),
+        **parse_sections(cfg, {"model": ModelArguments, "data": DataArguments, "trainer": UniversalDetoxConfig}),
         peft=parse_dataclass(cfg.get("peft") or {}, LoraArguments, name="peft").peft_config(),
         select=parse_dataclass(cfg.select, SelectArguments, name="select"),
         validation=CheckpointValidationArguments(

@@ -28,7 +28,12 @@ from unidetox.distill.shards import METADATA_FILE
 from unidetox.distill.summary import summary_markdown
 from unidetox.files import atomic_write_json, atomic_write_text, read_json
 from unidetox.hub import push_if_requested
-from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
+from unidetox.hydra_config import (
+    compose_config,
+    parse_sections,
+    save_resolved_config,
+    to_container,
+)
 from unidetox.logging_setup import configure_logging
 from unidetox.models import ModelArguments, load_model_and_tokenizer
 from unidetox.processes import is_main_process, process_state, wait_for_everyone
@@ -86,11 +91,8 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> DistillArguments:
     cfg = compose_config("distill", list(overrides))
     return DistillArguments(
         output_dir=str(cfg.output_dir),
-        model=parse_dataclass(cfg.model, ModelArguments, name="model"),
-        data=parse_dataclass(cfg.data, ToxicCorpusConfig, name="data"),
-        anti_expert=parse_dataclass(cfg.anti_expert, AntiExpertConfig, name="anti_expert"),
-        sampler=parse_dataclass(cfg.sampler, SamplingConfig, name="sampler"),
-        distill=parse_dataclass(cfg.distill, DistillConfig, name="distill"),
+        **parse_sections(cfg, {"model": ModelArguments, "data": ToxicCorpusConfig, "anti_expert": AntiExpertConfig,
+                               "sampler": SamplingConfig, "distill": DistillConfig}),
         seed=int(cfg.seed),
         config=to_container(cfg),
     )

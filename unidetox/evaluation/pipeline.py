@@ -28,7 +28,13 @@ from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.report import read_jsonl
 from unidetox.evaluation.scoring import ScorerConfig
 from unidetox.files import read_json
-from unidetox.hydra_config import compose_config, parse_dataclass, save_resolved_config, to_container
+from unidetox.hydra_config import (
+    compose_config,
+    parse_dataclass,
+    parse_sections,
+    save_resolved_config,
+    to_container,
+)
 from unidetox.logging_setup import configure_logging
 from unidetox.processes import is_main_process
 from unidetox.run_dir import check_output_dir, holds_output_dir
@@ -70,15 +76,10 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> EvaluateArguments
         models=[str(m) for m in models],
         seeds=[int(s) for s in seeds],
         output_dir=str(cfg.output_dir),
-        prompts=parse_dataclass(cfg.prompts, PromptsConfig, name="prompts"),
-        eval=parse_dataclass(cfg.eval, ToxicityEvalConfig, name="eval"),
-        scorer=parse_dataclass(cfg.scorer, ScorerConfig, name="scorer"),
+        **parse_sections(cfg, {"prompts": PromptsConfig, "eval": ToxicityEvalConfig, "scorer": ScorerConfig,
+                               "perplexity": PerplexityConfig, "mmlu": MMLUConfig, "capabilities": CapabilitiesConfig,
+                               "decoding": DecodingConfig, "model_card": ModelCardConfig}),
         **also,
-        perplexity=parse_dataclass(cfg.perplexity, PerplexityConfig, name="perplexity"),
-        mmlu=parse_dataclass(cfg.mmlu, MMLUConfig, name="mmlu"),
-        capabilities=parse_dataclass(cfg.get("capabilities", {}), CapabilitiesConfig, name="capabilities"),
-        decoding=parse_dataclass(cfg.decoding, DecodingConfig, name="decoding"),
-        model_card=parse_dataclass(cfg.get("model_card", {}), ModelCardConfig, name="model_card"),
         data_dir=cfg.data_dir,
         dtype=cfg.dtype,
         progress=bool(cfg.progress),

@@ -1,5 +1,5 @@
 """How the replication writes numbers: in directory names and stage names (:func:`format_number`) and in the
-report's text (:func:`percent_change`)."""
+report's text (:func:`percent_change`, :func:`table_head`)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def percent_change(value: float | None) -> str:
         ('-47.1%', 'n/a')
     """
     return "n/a" if value is None else f"{value:+.1%}"
+
+
+def table_head(*columns: str) -> list[str]:
+    """The first two lines of a Markdown table with these column names.
+
+    Example:
+        >>> from unidetox.replication.formatting import table_head
+        >>> table_head("target", "TP")
+        ['| target | TP |', '|---|---|']
+    """
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from unidetox.detox.selection import METRICS
-from unidetox.replication.formatting import format_number, percent_change
+from unidetox.replication.formatting import format_number, percent_change, table_head
 from unidetox.replication.political_topics import POLITICAL_LEXICON
 
 
@@ -74,8 +74,8 @@ def political_topics_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[st
     if not rows:
         return []
     lines = ["## Political topics (lexicon)", "",
-             "| corpus | its texts | base, plain samples | anti-expert, plain samples | texts - base samples "
-             "[95 % interval] |", "|---|---|---|---|---|"]
+             *table_head("corpus", "its texts", "base, plain samples", "anti-expert, plain samples",
+                         "texts - base samples [95 % interval]")]
     for name, topics in rows.items():
         shares, diff = topics["shares"], (topics.get("versus_reference") or {}).get("texts")
         diff_text = "–" if not diff else f"{diff['difference']:+.1%} [{diff['ci95_low']:+.1%}, {diff['ci95_high']:+.1%}]"
@@ -98,7 +98,7 @@ def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> li
     lines = []
     for name, under in under_scorers.items():
         lines += ["", f"## Under `{name}` (the same test samples, scored by it)", "",
-                  "| method | target | TP | EMT | TP vs base | EMT vs base |", "|---|---|---|---|---|---|"]
+                  *table_head("method", "target", "TP", "EMT", "TP vs base", "EMT vs base")]
         for r in under["rows"]:
             rel, intervals = r.get("relative_to_base") or {}, r.get("paired_vs_base") or {}
             changes = [_pct_interval(intervals.get(m)) if intervals else percent_change(rel.get(m)) if rel else "–"
@@ -135,7 +135,7 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
 def _test_table_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     header = ["method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "Distinct-1", "Distinct-2",
               "Distinct-3", "MMLU acc", "method wall time (s)"]
-    lines = ["## Test prompts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["## Test prompts", "", *table_head(*header)]
     for r in rows:
         wall = r.get("wall_time", {}).get("total_s")
         lines.append("| " + " | ".join([
@@ -153,8 +153,8 @@ def _relative_table_markdown(rows: Sequence[Mapping[str, Any]],
                              versus_control: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Each row against its base (paired intervals when the rows carry them), then UniDetox against the control."""
     lines = ["## Relative to the base model", "",
-             "| method | target | TP | EMT | WikiText-2 ppl | cond. ppl | MMLU (diff) | generation tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             *table_head("method", "target", "TP", "EMT", "WikiText-2 ppl", "cond. ppl", "MMLU (diff)",
+                         "generation tokens/s")]
     for r in rows:
         rel = r.get("relative_to_base") or {}
         tps = r.get("generation_tokens_per_s")
@@ -171,8 +171,7 @@ def _relative_table_markdown(rows: Sequence[Mapping[str, Any]],
         lines += ["", "TP / EMT: relative change of the mean over prompts [paired bootstrap 95 % interval over test "
                   "prompts, each prompt's value averaged over seeds]."]
     if versus_control:
-        lines += ["", "### UniDetox against the control (same prompts, paired)", "", "| target | TP | EMT |",
-                  "|---|---|---|"]
+        lines += ["", "### UniDetox against the control (same prompts, paired)", "", *table_head("target", "TP", "EMT")]
         for target, changes in versus_control.items():
             lines.append(f"| {target} | {_pct_interval(changes.get('toxicity_probability'))} | "
                          f"{_pct_interval(changes.get('expected_max_toxicity'))} |")
@@ -195,8 +194,8 @@ def _source_study_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not study:
         return []
     lines = ["## The distilled text of each source", "",
-             "| corpus | source | alpha | texts | code-like | mean tokens | mean toxicity (base samples) | "
-             "distilled - base [95 % interval] | most common openings |", "|---|---|---|---|---|---|---|---|---|"]
+             *table_head("corpus", "source", "alpha", "texts", "code-like", "mean tokens",
+                         "mean toxicity (base samples)", "distilled - base [95 % interval]", "most common openings")]
     for name, e in study.items():
         diff = e.get("versus_base")
         diff_text = "–" if not diff else (f"{diff['difference']:+.4f} [{diff['ci95_low']:+.4f}, "
@@ -214,8 +213,8 @@ def _source_study_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
 def _stage_times_markdown(times: Sequence[Mapping[str, Any]]) -> list[str]:
     if not times:
         return []
-    return ["## Stage wall times (this output directory, every sitting)", "", "| stage | wall time (s) |",
-            "|---|---|", *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
+    return ["## Stage wall times (this output directory, every sitting)", "", *table_head("stage", "wall time (s)"),
+            *[f"| {t['stage']} | {t['wall_time_s']:.0f} |" for t in times],
             f"| **all stages** | **{sum(t['wall_time_s'] for t in times):.0f}** |", ""]
 
 
