@@ -411,7 +411,7 @@ def test_a_jobs_pickle_holds_no_secret_and_the_job_still_gets_it(tmp_path):
     args = _PushingArgs(str(tmp_path / "rep" / "detox"), {"scorer": {"name": "perspective", "api_key": api_key}}, token)
     stages = _stages(tmp_path)
     pipeline = SimpleNamespace(run=_report_secret_digests, finished=lambda args: None)
-    assert stages.pipeline("detox", pipeline, args) is None  # submitted
+    assert stages.run_pipeline_stage("detox", pipeline, args) is None  # submitted
     received = stages.result("detox")
     assert received == {"hub_token": hashlib.sha256(token.encode()).hexdigest(),
                         "api_key": hashlib.sha256(api_key.encode()).hexdigest()}
