@@ -10,6 +10,7 @@ from tests.evaluation.test_evaluate_recipe import overrides, write_tiny_models_a
 from unidetox.cli import main
 from unidetox.evaluation import pipeline, rescore
 from unidetox.evaluation.metrics import mean_std
+from unidetox.evaluation.paired import per_prompt_toxicity
 from unidetox.evaluation.report import read_jsonl, seed_toxicity_metrics
 from unidetox.evaluation.scoring import SCORERS, ToxicityScorer, register_scorer
 from unidetox.run_dir import OutputDirConflict
@@ -99,6 +100,58 @@ def test_a_replication_is_rescored_from_its_test_evaluation_row_by_row(eval_run,
     result = _rescore(replication, f"scorer={STUB}", "num_resamples=200")
     assert result.report["evaluations"][0]["dir"] == str(replication / "test")
     assert [(p["label"], p["reference"], p["treated"]) for p in result.report["paired"]] == [("unidetox / tiny", m0, m1)]
+
+
+def _with_prompts(eval_run, run_dir, prompts_section):
+    """A copy of ``eval_run`` whose report says its prompts came from ``prompts_section``."""
+    shutil.copytree(eval_run, run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    report["config"]["prompts"] = prompts_section
+    (run_dir / "report.json").write_text(json.dumps(report))
+    return run_dir
+
+
+def _prompt_texts(eval_run):
+    return list(dict.fromkeys(g["prompt"] for g in read_jsonl(eval_run / "generations.jsonl")))
+
+
+def test_changes_by_prompt_kind_when_the_prompts_carry_labels(eval_run, stub_scorer, tmp_path):
+    texts = _prompt_texts(eval_run)
+    kinds = {text: "hate" if i % 2 else "neutral" for i, text in enumerate(texts)}
+    csv = tmp_path / "labelled.csv"
+    csv.write_text("text,target_group,label\n" + "".join(f"{t},women,{k}\n" for t, k in kinds.items()))
+    run_dir = _with_prompts(eval_run, tmp_path / "run", {"source": "auto", "path": str(csv)})
+    result = _rescore(run_dir, f"scorer={STUB}", "num_resamples=200")
+    (pair,) = result.report["paired"]
+    by_kind = pair["by_kind"]["rescored"]
+    assert list(by_kind) == ["hate", "neutral"]
+    assert [by_kind[k]["num_prompts"] for k in by_kind] == [len(texts) // 2, len(texts) - len(texts) // 2]
+    # each kind's change is the change of the mean over its prompts, by hand, under each scorer
+    stored = read_jsonl(run_dir / f"rescore-{STUB}" / "generations.jsonl")
+    kind_of = {g["prompt_id"]: kinds[g["prompt"]] for g in stored}
+    scored = {"rescored": stored, "original": [{**g, "toxicity": g["toxicity_original"]} for g in stored]}
+    for side, records in scored.items():
+        per_prompt = per_prompt_toxicity(records)
+        for kind, changes in pair["by_kind"][side].items():
+            emt = {m: sum(v["expected_max_toxicity"] for p, v in per_prompt[m].items() if kind_of[p] == kind)
+                   for m in (pair["reference"], pair["treated"])}
+            assert changes["expected_max_toxicity"]["change"] == pytest.approx(
+                emt[pair["treated"]] / emt[pair["reference"]] - 1)
+    markdown = (run_dir / f"rescore-{STUB}" / "rescore.md").read_text()
+    assert "## By prompt kind, under each scorer" in markdown
+    assert f"| {pair['label']} | `{pair['reference']}` | hate | {len(texts) // 2} |" in markdown
+
+
+def test_no_changes_by_kind_for_prompts_without_labels_or_gone(eval_run, stub_scorer, tmp_path, caplog):
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in _prompt_texts(eval_run)))
+    unlabelled = _with_prompts(eval_run, tmp_path / "unlabelled", {"source": "file", "path": str(jsonl)})
+    gone = _with_prompts(eval_run, tmp_path / "gone", {"source": "file", "path": str(tmp_path / "missing.jsonl")})
+    for run_dir in (unlabelled, gone):
+        result = _rescore(run_dir, f"scorer={STUB}", "num_resamples=200")
+        assert result.report["paired"] and all("by_kind" not in p for p in result.report["paired"])
+        assert "By prompt kind" not in (run_dir / f"rescore-{STUB}" / "rescore.md").read_text()
+    assert "cannot be loaded again" in caplog.text and "missing.jsonl" in caplog.text
 
 
 def test_a_directory_without_generations_is_named(tmp_path, stub_scorer):

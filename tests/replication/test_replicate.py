@@ -20,6 +20,8 @@ from tiny import tiny_llama, word_tokenizer
 
 from tests.conftest import SHARED_DATA
 from unidetox.detox.selection import choose_configuration
+from unidetox.evaluation.paired import prompt_kinds
+from unidetox.evaluation.prompts import load_prompts
 from unidetox.replication import pipeline as replicate
 from unidetox.replication import plan as replication_plan
 from unidetox.replication.baselines import (
@@ -419,6 +421,15 @@ def test_validation_and_test_prompts_are_disjoint(shared_data):
         replication_plan.assert_disjoint_prompts(validation, other_split)
 
 
+def test_the_report_splits_changes_by_the_kinds_of_the_test_prompts(shared_data):
+    args = replicate.parse_args(["experiment=embedded", f"data_dir={shared_data}"])
+    config = replication_plan.prompts_for_test(args)
+    assert config == replication_plan.evaluate_on_test(args, ["m"], "/tmp/x").prompts
+    prompts = load_prompts(config)
+    kinds = prompt_kinds(prompts)  # the annotated ToxiGen prompts are hateful or benign, each labelled
+    assert set(kinds) == {p.id for p in prompts} and set(kinds.values()) == {"hate", "neutral"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,6 +615,12 @@ def _assert_tiny_report(out):
         if r["method"] != "base":
             assert set(r["paired_vs_base"]) == {"toxicity_probability", "expected_max_toxicity"}, r["method"]
     assert set(report["unidetox_vs_control"]) == {"smollm2", "gemma3"}
+    # the ToxiGen test prompts are labelled: every change is split by their kinds too
+    for r in report["rows"]:
+        if r["method"] != "base":
+            assert r["paired_vs_base_by_kind"] and set(r["paired_vs_base_by_kind"]) <= {"hate", "neutral"}, r["method"]
+    assert set(report["unidetox_vs_control_by_kind"]) == {"smollm2", "gemma3"}
+    assert "## By prompt kind" in (out / "report.md").read_text()
     assert report["stage_times"] and "The distilled text of each source" in (out / "report.md").read_text()
     # The chosen configuration applied to the other target is the chosen checkpoint's: the grid's schedule (2 steps)
     # stopped at the chosen step.

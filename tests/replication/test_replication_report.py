@@ -191,3 +191,68 @@ def test_the_bar_is_met_only_when_met_under_every_scorer(tmp_path):
     both = _two_scorer_report({"b": 1.0, "u": 0.5, "c": 0.95})
     assert both["bar"]["met_by_scorer"] == {"primary": True, "other": True} and both["bar"]["met"] is True
     assert both["bar"]["verdict"].startswith("Bar MET under every scorer")
+
+
+def _kind_report(prompt_kinds):
+    """Base, UniDetox and control on 30 hateful and 30 benign prompts: under the primary scorer UniDetox falls to
+    0.4 x the base on the hateful ones and stays at the base on the benign ones, the control stays at 0.9 x; under
+    `other` UniDetox falls to 0.5 x on both kinds."""
+    levels = np.random.default_rng(3).uniform(0.3, 0.9, 60)
+    hate = np.arange(60) < 30
+    primary = {"b": np.ones(60), "u": np.where(hate, 0.4, 1.0), "c": np.full(60, 0.9)}
+    other = {"b": np.ones(60), "u": np.full(60, 0.5), "c": np.full(60, 0.9)}
+    gens = []
+    for k, key in enumerate(primary):
+        also = {(g["seed"], g["prompt_id"], g["sample_index"]): g["toxicity"]
+                for g in _generations(key, other[key] * levels, seed=10 + k)}
+        gens += [{**g, "also_toxicity": {"other": also[(g["seed"], g["prompt_id"], g["sample_index"])]}}
+                 for g in _generations(key, primary[key] * levels, seed=k)]
+    means = {"mean": 0.5, "std": 0.0, "n": 2}
+    test_models = {key: {"toxicity_probability": means, "expected_max_toxicity": means,
+                         "scorers": {"other": {"toxicity_probability": means, "expected_max_toxicity": means}},
+                         "wikitext_perplexity": {"perplexity": 30.0}} for key in primary}
+    methods = [{"method": m, "target": "t", "model_key": k} for m, k in (("base", "b"), ("unidetox", "u"),
+                                                                         ("control", "c"))]
+    return assemble_report(methods, test_models, ["t"], generations=gens, interval_resamples=1000,
+                           scorer_name="primary", prompt_kinds=prompt_kinds)
+
+
+def test_every_change_is_split_by_prompt_kind_under_each_scorer(tmp_path):
+    kinds = {f"p{i}": "hate" if i < 30 else "neutral" for i in range(60)}
+    report = _kind_report(kinds)
+    ud = {r["method"]: r for r in report["rows"]}["unidetox"]
+    hate, neutral = (ud["paired_vs_base_by_kind"][k]["expected_max_toxicity"] for k in ("hate", "neutral"))
+    assert ud["paired_vs_base_by_kind"]["hate"]["num_prompts"] == 30 and hate["n"] == 30
+    assert hate["high"] < -0.3 and neutral["low"] < 0 < neutral["high"]
+    # over every prompt the change is in between, and the bar still reads the overall intervals
+    assert hate["change"] < ud["paired_vs_base"]["expected_max_toxicity"]["change"] < neutral["change"]
+    versus_control = report["unidetox_vs_control_by_kind"]["t"]
+    assert versus_control["hate"]["expected_max_toxicity"]["high"] < 0
+    assert versus_control["neutral"]["expected_max_toxicity"]["low"] > 0  # 1.0 x the base against the control's 0.9 x
+    other = report["scorers"]["other"]
+    other_ud = {r["method"]: r for r in other["rows"]}["unidetox"]["paired_vs_base_by_kind"]
+    assert all(other_ud[k]["expected_max_toxicity"]["high"] < -0.3 for k in ("hate", "neutral"))
+    assert set(other["unidetox_vs_control_by_kind"]["t"]) == {"hate", "neutral"}
+
+    write_replication_report(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"][1]["paired_vs_base_by_kind"]["neutral"]["toxicity_probability"]["n"] == 30
+    assert saved["unidetox_vs_control_by_kind"]["t"]["hate"]["num_prompts"] == 30
+    assert saved["scorers"]["other"]["rows"][1]["paired_vs_base_by_kind"]["hate"]["expected_max_toxicity"]["high"] < 0
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## By prompt kind"):]
+    assert section.index("### Under `primary`") < section.index("### Under `other`")
+    primary_table = section[:section.index("### Under `other`")]
+    assert "| UniDetox (distilled text, chosen config) vs base | t | hate | 30 | " in primary_table
+    assert "| control: plain base samples vs base | t | neutral | 30 | " in primary_table
+    assert "| UniDetox vs control | t | neutral | 30 | " in primary_table
+    assert md.count("| UniDetox vs control | t | hate | 30 | ") == 2  # one table under each scorer
+
+
+def test_prompts_without_kinds_give_no_split():
+    for kinds in (None, {}):
+        report = _kind_report(kinds)
+        assert all("paired_vs_base_by_kind" not in r for r in report["rows"])
+        assert report["unidetox_vs_control_by_kind"] == {} and report["scorers"]["other"]["unidetox_vs_control_by_kind"] == {}
+        md = render_replication_markdown(report)
+        assert "By prompt kind" not in md and "## Under `other`" in md

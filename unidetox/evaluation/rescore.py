@@ -7,7 +7,8 @@ every continuation with the chosen scorer, and writes to ``RUN_DIR/rescore-<scor
 - ``rescore.json`` / ``rescore.md``: TP and EMT of every model under the run's scorer and the new one, side by
   side (mean ± std over seeds, as the evaluation report), how far the two scorers agree on the samples, and
   each model's change against its reference under both scorers with paired bootstrap 95 % intervals over
-  prompts (:func:`unidetox.intervals.paired_change`). A replication compares every row with the base of its
+  prompts (:func:`unidetox.intervals.paired_change`), and, when the run's prompts carry kinds (ToxiGen: hate /
+  neutral), the same changes on each kind's prompts. A replication compares every row with the base of its
   target, as its report does; an evaluation compares every model with ``reference`` (default: its first model).
 - ``generations.jsonl``: the records with ``toxicity`` replaced by the new score and the run's own score kept
   as ``toxicity_original``, so every number can be recomputed with
@@ -31,7 +32,14 @@ from typing import Any
 import numpy as np
 
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD, mean_std
-from unidetox.evaluation.paired import TOXICITY_METRICS, paired_metric_changes, per_prompt_toxicity
+from unidetox.evaluation.paired import (
+    TOXICITY_METRICS,
+    paired_changes_by_kind,
+    paired_metric_changes,
+    per_prompt_toxicity,
+    prompt_kinds,
+)
+from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 from unidetox.evaluation.report import (
     format_mean_std,
     read_jsonl,
@@ -152,6 +160,23 @@ def _records_and_reports(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return records, reports
 
 
+def run_prompt_kinds(run_dir: Path) -> dict[str, str]:
+    """``{prompt id: kind}`` of the prompts the run was evaluated on: its evaluation's prompts config (its
+    ``report.json``), loaded again. Empty when those prompts carry no kinds, or when they cannot be loaded any more
+    (a warning says why: the rest of the report does not need them)."""
+    directory = find_evaluation_dirs(run_dir)[0]
+    section = ((read_json(directory / REPORT_FILE) or {}).get("config") or {}).get("prompts")
+    if not section:
+        logger.warning("%s has no prompts config in its %s: no changes by prompt kind.", directory, REPORT_FILE)
+        return {}
+    try:
+        return prompt_kinds(load_prompts(parse_dataclass(section, PromptsConfig, name="prompts")))
+    except (OSError, ValueError, RuntimeError) as err:
+        logger.warning("The prompts of %s cannot be loaded again (%s: %s): no changes by prompt kind.", directory,
+                       type(err).__name__, err)
+        return {}
+
+
 def comparison_pairs(run_dir: Path, models: Sequence[str], reference: str | None) -> list[dict[str, str]]:
     """``[{"label", "reference", "treated"}]``: a replication's rows against the base of their target (from its
     ``report.json``), else every model against ``reference`` (default: the first model)."""
@@ -185,8 +210,10 @@ def agreement(original: Sequence[float], rescored: Sequence[float], threshold: f
 
 
 def build_report(records: Sequence[Mapping[str, Any]], new_scores: Sequence[float], pairs: Sequence[Mapping[str, str]],
-                 threshold: float, num_resamples: int, seed: int) -> dict[str, Any]:
-    """Both scorers' TP/EMT per model, their agreement, and the paired changes of ``pairs`` under each."""
+                 threshold: float, num_resamples: int, seed: int,
+                 kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Both scorers' TP/EMT per model, their agreement, and the paired changes of ``pairs`` under each; with
+    ``kinds`` (prompt id -> kind) each pair's ``by_kind`` holds them on each kind's prompts, under each scorer."""
     sides = {"original": [dict(r) for r in records],
              "rescored": [{**r, "toxicity": float(s)} for r, s in zip(records, new_scores, strict=True)]}
     models: dict[str, dict[str, Any]] = {}
@@ -198,6 +225,10 @@ def build_report(records: Sequence[Mapping[str, Any]], new_scores: Sequence[floa
     per_prompt = {side: per_prompt_toxicity(rs, threshold) for side, rs in sides.items()}
     paired = [{**pair, **{side: paired_metric_changes(per_prompt[side], pair["reference"], pair["treated"],
                                                       num_resamples, seed) for side in SIDES}} for pair in pairs]
+    if kinds:
+        for pair in paired:
+            pair["by_kind"] = {side: paired_changes_by_kind(per_prompt[side], pair["reference"], pair["treated"],
+                                                            kinds, num_resamples, seed) for side in SIDES}
     return {"models": models, "paired": paired}
 
 
@@ -221,7 +252,7 @@ def run(args: RescoreArguments) -> RescoreResult:
         "scorers": {"original": _original_scorer(reports), "rescored": args.scorer.to_public_dict()},
         "num_samples": len(records), "num_resamples": args.num_resamples, "seed": args.seed,
         **build_report(records, new_scores, comparison_pairs(run_dir, models, args.reference), threshold,
-                       args.num_resamples, args.seed),
+                       args.num_resamples, args.seed, run_prompt_kinds(run_dir)),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_FILE, config)
@@ -272,4 +303,23 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {p['label']} | `{p['reference']}` | " + " | ".join(cells) + " |")
         lines += ["", "Relative change of the mean over prompts [paired bootstrap 95 % interval over prompts, "
                   f"{report['num_resamples']} resamples; each prompt's value averaged over seeds]."]
+    lines += _by_kind_markdown(report["paired"], original, rescored)
     return "\n".join(lines) + "\n"
+
+
+def _by_kind_markdown(paired: Sequence[Mapping[str, Any]], original: str, rescored: str) -> list[str]:
+    """The changes against the reference on each prompt kind's prompts (no lines when the prompts have no kinds)."""
+    rows = [(p, kind) for p in paired for kind in (p.get("by_kind") or {}).get("original", {})]
+    if not rows:
+        return []
+    lines = ["", "## By prompt kind, under each scorer", "",
+             f"| model | reference | prompt kind | prompts | TP {original} | TP {rescored} | EMT {original} | "
+             f"EMT {rescored} |", "|---|---|---|---|---|---|---|---|"]
+    for p, kind in rows:
+        changes = [p["by_kind"][side][kind].get(metric) for metric in TOXICITY_METRICS for side in SIDES]
+        cells = [_change(change) if change else "–" for change in changes]
+        lines.append(f"| {p['label']} | `{p['reference']}` | {kind} | {p['by_kind']['original'][kind]['num_prompts']} | "
+                     + " | ".join(cells) + " |")
+    return lines + ["", "The same changes on the prompts of one kind (the prompts' labels; ToxiGen: hate = hateful, "
+                    "neutral = benign). –: undefined (fewer than 2 prompts of the kind, or the reference never toxic "
+                    "on them)."]

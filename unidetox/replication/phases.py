@@ -29,6 +29,8 @@ from unidetox.distill import pipeline as distill_stage
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation import pipeline as evaluate_stage
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
+from unidetox.evaluation.paired import prompt_kinds
+from unidetox.evaluation.prompts import load_prompts
 from unidetox.files import atomic_write_json, read_json
 from unidetox.models import load_model_and_tokenizer
 from unidetox.processes import is_main_process, wait_for_everyone
@@ -53,6 +55,7 @@ from unidetox.replication.plan import (
     model_test_args,
     plan_distill,
     plan_grid,
+    prompts_for_test,
     validation_evaluate_args,
     validation_prompts,
     write_chosen_recipe,
@@ -109,8 +112,7 @@ def distill_texts(rep: Replication) -> DistillPhase:
     plan = plan_distill(args)
     first_alpha = float(args.distill.alphas[0])
     # Never tune on the test set: checked before any test prompt is used.
-    split_info = assert_disjoint_prompts(validation_prompts(args),
-                                         evaluate_on_test(args, [args.grid_target.model], rep.test_dir).prompts)
+    split_info = assert_disjoint_prompts(validation_prompts(args), prompts_for_test(args))
     # Each source's first alpha trains its anti-expert; the runs that reuse it come after every source's first.
     for (source, alpha), distill_args in sorted(plan.items(), key=lambda item: item[0][1] != first_alpha):
         if alpha != first_alpha:
@@ -448,6 +450,7 @@ def write_report(rep: Replication, distill: DistillPhase, grid: GridPhase, chose
         examples=example_continuations(generations, labels, num_examples=4),
         bar={"min_toxicity_drop": args.bar.min_toxicity_drop, "max_ppl_increase": args.bar.max_ppl_increase},
         generations=generations, interval_resamples=args.test.interval_resamples,
+        prompt_kinds=prompt_kinds(load_prompts(prompts_for_test(args))),
         scorer_name=(reports[0].get("scorer") or {}).get("name", "scorer"),
         toxic_threshold=(reports[0].get("eval") or {}).get("toxic_threshold", TOXIC_THRESHOLD),
         extra={"command": " ".join(["unidetox replicate", *args.overrides]), "output_dir": str(out),

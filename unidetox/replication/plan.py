@@ -207,6 +207,11 @@ def assert_disjoint_prompts(validation: PromptsConfig, test: PromptsConfig) -> d
     return {"validation_prompts": len(validation_prompts), "test_prompts": len(test_prompts)}
 
 
+def prompts_for_test(args: ReplicateArguments) -> PromptsConfig:
+    """The test prompts, as every test stage composes them."""
+    return evaluate_on_test(args, [args.grid_target.model], Path(args.output_dir) / "test").prompts
+
+
 def validation_prompts(args: ReplicateArguments) -> PromptsConfig:
     """The grid's validation prompts, as the grid target's detox stage composes them."""
     return detox_stage.parse_args([*args.grid_target.overrides, *args.detox_overrides,

@@ -11,12 +11,13 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from unidetox.detox.selection import METRICS
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
-from unidetox.evaluation.paired import paired_metric_changes, per_prompt_toxicity
+from unidetox.evaluation.paired import paired_changes_by_kind, paired_metric_changes, per_prompt_toxicity
 from unidetox.evaluation.report import write_json
 from unidetox.files import atomic_write_text
 from unidetox.intervals import DEFAULT_RESAMPLES
@@ -73,18 +74,45 @@ def add_paired_intervals(
     """Set each row's ``paired_vs_base`` (its TP/EMT change against its target's base, paired over prompts) and
     return ``{target: UniDetox vs the control}`` the same way. Rows whose model has no generations are skipped."""
     per_prompt = per_prompt_toxicity(generations, threshold)
+    versus_base, versus_control = _comparisons(rows, per_prompt)
+    for row, base in versus_base:
+        row["paired_vs_base"] = paired_metric_changes(per_prompt, base, row["model"], num_resamples, seed)
+    return {target: paired_metric_changes(per_prompt, control, unidetox, num_resamples, seed)
+            for target, (control, unidetox) in versus_control.items()}
+
+
+def add_changes_by_kind(
+    rows: Sequence[dict[str, Any]], generations: Iterable[Mapping[str, Any]], kinds: Mapping[str, str],
+    threshold: float = TOXIC_THRESHOLD, num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """:func:`add_paired_intervals` for each prompt kind (``kinds``: prompt id -> kind, e.g. ToxiGen's hate /
+    neutral): set each row's ``paired_vs_base_by_kind`` and return ``{target: {kind: UniDetox vs the control}}``
+    (:func:`~unidetox.evaluation.paired.paired_changes_by_kind`)."""
+    per_prompt = per_prompt_toxicity(generations, threshold)
+    versus_base, versus_control = _comparisons(rows, per_prompt)
+    for row, base in versus_base:
+        row["paired_vs_base_by_kind"] = paired_changes_by_kind(per_prompt, base, row["model"], kinds, num_resamples,
+                                                               seed)
+    return {target: paired_changes_by_kind(per_prompt, control, unidetox, kinds, num_resamples, seed)
+            for target, (control, unidetox) in versus_control.items()}
+
+
+def _comparisons(rows: Sequence[dict[str, Any]], per_prompt: Mapping[str, Any]
+                 ) -> tuple[list[tuple[dict[str, Any], str]], dict[str, tuple[str, str]]]:
+    """The paired comparisons the generations allow: ``(row, its target's base model)`` for each row but the bases,
+    and ``{target: (control model, UniDetox model)}``."""
     by_key = {(r["method"], r["target"]): r for r in rows}
+    versus_base = []
     for r in rows:
         base = by_key.get(("base", r["target"]))
         if r["method"] != "base" and base is not None and r["model"] in per_prompt and base["model"] in per_prompt:
-            r["paired_vs_base"] = paired_metric_changes(per_prompt, base["model"], r["model"], num_resamples, seed)
+            versus_base.append((r, base["model"]))
     versus_control = {}
     for target in dict.fromkeys(r["target"] for r in rows):
         ud, control = by_key.get(("unidetox", target)), by_key.get(("control", target))
         if ud and control and ud["model"] in per_prompt and control["model"] in per_prompt:
-            versus_control[target] = paired_metric_changes(per_prompt, control["model"], ud["model"], num_resamples,
-                                                           seed)
-    return versus_control
+            versus_control[target] = (control["model"], ud["model"])
+    return versus_base, versus_control
 
 
 def stage_times(log_lines: Iterable[str]) -> list[dict[str, Any]]:
@@ -263,6 +291,7 @@ def assemble_report(
     toxic_threshold: float = TOXIC_THRESHOLD,
     interval_resamples: int = DEFAULT_RESAMPLES,
     scorer_name: str = "scorer",
+    prompt_kinds: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything the replication measured, as one dict (``report.json``).
 
@@ -278,6 +307,10 @@ def assemble_report(
     evaluations (``test_models[key]["scorers"]``, with the samples' ``also_toxicity``), ``scorers[name]`` holds the
     rows' TP/EMT, their changes and intervals, UniDetox against the control and the bar under that scorer; the
     report's ``bar`` is then met only when it is met under every scorer (``bar["met_by_scorer"]``).
+
+    ``prompt_kinds`` (prompt id -> kind, :func:`~unidetox.evaluation.paired.prompt_kinds` of the test prompts):
+    with generations, every change is also split by kind, under each scorer (rows' ``paired_vs_base_by_kind``,
+    ``unidetox_vs_control_by_kind``); prompts without kinds (None, empty) give no split.
     """
     rows = []
     for entry in methods:
@@ -292,36 +325,42 @@ def assemble_report(
     rows.sort(key=lambda r: (list(targets).index(r["target"]) if r["target"] in targets else len(targets),
                              order.get(r["method"], len(order))))
     generations = None if generations is None else list(generations)
-    versus_control, bar_result = _compare_and_judge(rows, targets, generations, bar, toxic_threshold,
-                                                    interval_resamples)
+    judged = partial(_compare_and_judge, targets=targets, bar=bar, toxic_threshold=toxic_threshold,
+                     interval_resamples=interval_resamples, kinds=prompt_kinds)
+    versus_control, by_kind, bar_result = judged(rows, generations)
     under_scorers = {}
     for key in dict.fromkeys(k for m in test_models.values() for k in m.get("scorers") or {}):
         scored = None if generations is None else [{**g, "toxicity": g["also_toxicity"][key]} for g in generations
                                                    if key in (g.get("also_toxicity") or {})]
         key_rows = scorer_rows(rows, test_models, key)
-        key_control, key_bar = _compare_and_judge(key_rows, targets, scored, bar, toxic_threshold, interval_resamples)
-        under_scorers[key] = {"rows": key_rows, "unidetox_vs_control": key_control or {}, "bar": key_bar}
+        key_control, key_by_kind, key_bar = judged(key_rows, scored)
+        under_scorers[key] = {"rows": key_rows, "unidetox_vs_control": key_control or {},
+                              "unidetox_vs_control_by_kind": key_by_kind, "bar": key_bar}
     if under_scorers:
         bar_result = bar_under_every_scorer(bar_result, scorer_name, {k: v["bar"] for k, v in under_scorers.items()})
     return {"rows": rows, "targets": list(targets), "bar": bar_result, "unidetox_vs_control": versus_control or {},
-            "scorers": under_scorers, "grid": dict(grid or {}),
+            "unidetox_vs_control_by_kind": by_kind, "primary_scorer": scorer_name, "scorers": under_scorers,
+            "grid": dict(grid or {}),
             "taskvec": dict(taskvec or {}), "examples": dict(examples or {}), **dict(extra or {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _compare_and_judge(rows: Sequence[dict[str, Any]], targets: Sequence[str],
-                       generations: Sequence[Mapping[str, Any]] | None, bar: Mapping[str, float] | None,
-                       toxic_threshold: float, interval_resamples: int) -> tuple[dict | None, dict[str, Any]]:
-    """Set each row's ``relative_to_base`` (and, with ``generations``, ``paired_vs_base``); return UniDetox against
-    the control (``None`` without generations) and the bar judged on the rows."""
+def _compare_and_judge(rows: Sequence[dict[str, Any]], generations: Sequence[Mapping[str, Any]] | None, *,
+                       targets: Sequence[str], bar: Mapping[str, float] | None, toxic_threshold: float,
+                       interval_resamples: int, kinds: Mapping[str, str] | None) -> tuple[dict | None, dict, dict]:
+    """Set each row's ``relative_to_base`` (and, with ``generations``, ``paired_vs_base``; with ``kinds`` too,
+    ``paired_vs_base_by_kind``); return UniDetox against the control (``None`` without generations), the same by
+    prompt kind (empty without kinds) and the bar judged on the rows."""
     bases = {r["target"]: r for r in rows if r["method"] == "base"}
     for r in rows:
         base = bases.get(r["target"])
         r["relative_to_base"] = relative_changes(r, base) if base is not None and r is not base else None
-    versus_control = None
+    versus_control, by_kind = None, {}
     if generations is not None:
         versus_control = add_paired_intervals(rows, generations, toxic_threshold, interval_resamples)
-    return versus_control, judge_success(rows, targets, **dict(bar or {}), versus_control=versus_control)
+        if kinds:
+            by_kind = add_changes_by_kind(rows, generations, kinds, toxic_threshold, interval_resamples)
+    return versus_control, by_kind, judge_success(rows, targets, **dict(bar or {}), versus_control=versus_control)
 
 
 # What a row under a further scorer keeps of the table's row, next to its own TP and EMT.

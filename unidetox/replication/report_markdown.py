@@ -113,6 +113,31 @@ def under_scorers_markdown(under_scorers: Mapping[str, Mapping[str, Any]]) -> li
     return lines
 
 
+def by_kind_markdown(report: Mapping[str, Any]) -> list[str]:
+    """"By prompt kind": each row's change against its base and UniDetox's against the control on each kind of
+    prompt, one table under each scorer (no lines when the test prompts carry no kinds)."""
+    scorers = {report.get("primary_scorer", "scorer"): report, **(report.get("scorers") or {})}
+    tables = []
+    for name, under in scorers.items():
+        rows = [(f"{r['label']} vs base", r["target"], kind, changes) for r in under["rows"]
+                for kind, changes in (r.get("paired_vs_base_by_kind") or {}).items()]
+        rows += [("UniDetox vs control", target, kind, changes)
+                 for target, by_kind in (under.get("unidetox_vs_control_by_kind") or {}).items()
+                 for kind, changes in by_kind.items()]
+        if rows:
+            tables += ["", f"### Under `{name}`", "", *table_head("change", "target", "prompt kind", "prompts", "TP",
+                                                                  "EMT")]
+            tables += [f"| {label} | {target} | {kind} | {changes['num_prompts']} | "
+                       + " | ".join(_pct_interval(changes.get(m)) for m in METRICS) + " |"
+                       for label, target, kind, changes in rows]
+    if not tables:
+        return []
+    return ["", "## By prompt kind", "", "Each change above on the test prompts of one kind (the prompts' labels; "
+            "ToxiGen: hate = hateful, neutral = benign): relative change of the mean over that kind's prompts "
+            "[paired bootstrap 95 % interval over them]. –: undefined (fewer than 2 prompts of the kind, or the "
+            "reference never toxic on them).", *tables]
+
+
 def render_replication_markdown(report: Mapping[str, Any]) -> str:
     """``report.md``: the table, relative changes + the bar verdict, the validation grid, examples."""
     lines = ["# UniDetox replication", ""]
@@ -123,6 +148,7 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
     lines += _test_table_markdown(report["rows"])
     lines += _relative_table_markdown(report["rows"], report.get("unidetox_vs_control") or {})
     lines += under_scorers_markdown(report.get("scorers") or {})
+    lines += by_kind_markdown(report)
     lines += ["", f"**{report['bar']['verdict']}**", ""]
     lines += _grid_markdown(report.get("grid") or {})
     lines += _source_study_markdown(report.get("source_study") or {})
