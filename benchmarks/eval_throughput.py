@@ -14,12 +14,15 @@ Modes (the same prompts, K samples of ``--max-new-tokens`` tokens each, top-p 0.
   batch prefilled once and its KV cache copied to its rows.
 - ``bucketed``: ``shared`` with ``bucket_by_length=True``: prompts of similar token length batched together, so
   fewer left pads are computed (other batches, so another draw of the same distribution).
+- ``preselected``: ``shared`` with ``preselect_top_k=--preselect-top-k``: each token drawn among the k most likely
+  ones when they hold the nucleus (another random stream, so another draw of the same distribution).
 
 Tokens/s counts every row's ``--max-new-tokens`` (the same work in each mode). Modes are interleaved over repeats
 and the median is reported, so machine noise hits all modes alike; ``identical_samples`` is the share of
 ``shared`` samples equal to the ``mixed`` ones drawn with the same seed (the layouts differ only in the rounding of
 the prefill); ``padding_tokens`` counts the left pads in the prompts of each mode's batches. The last lines are
-``ratio <model> <mode> <x>``, relative to ``mixed``. On CUDA, ``peak_memory_gib`` is each mode's peak allocation
+``ratio <model> <mode> <x>``, relative to ``mixed``, and ``ratio <model> preselect_top_k <x>``, the ``shared``
+sampling's time over the ``preselected`` one's. On CUDA, ``peak_memory_gib`` is each mode's peak allocation
 (the model's weights included).
 
 Each repeat then scores the ``shared`` samples' conditional perplexity under ``--reference`` (default: the model
@@ -55,7 +58,7 @@ from unidetox.evaluation.config import PerplexityConfig
 from unidetox.evaluation.likelihood import aggregate_conditional_perplexity, conditional_nll
 from unidetox.evaluation.prompts import PromptsConfig, load_prompts
 
-MODES = ("authors", "mixed", "shared", "bucketed")
+MODES = ("authors", "mixed", "shared", "bucketed", "preselected")
 SYNTHETIC_PROMPT_WORDS = (3, 30)  # the range of the ToxiGen test prompts' word counts
 
 
@@ -111,6 +114,7 @@ def main():
     parser.add_argument("--top-p", type=float, default=protocol.top_p)
     parser.add_argument("--batch-size", type=int, default=protocol.batch_size,
                         help="rows per generate call in the mixed, shared and bucketed modes")
+    parser.add_argument("--preselect-top-k", type=int, default=256, help="k of the preselected mode")
     parser.add_argument("--reference", default=None, help="reference LM of the conditional perplexity, loaded "
                         "as --models are (default: each model scores its own samples)")
     parser.add_argument("--ppl-batch-size", type=int, default=PerplexityConfig.batch_size,
@@ -158,6 +162,7 @@ def main():
             else:
                 samples = generate_samples(model, tokenizer, prompts, args.num_samples, seed=seed,
                                            share_prefill=mode != "mixed", bucket_by_length=mode == "bucketed",
+                                           preselect_top_k=args.preselect_top_k if mode == "preselected" else None,
                                            **sampling)
             synchronize(args.device)
             return time.perf_counter() - start, samples
@@ -168,7 +173,7 @@ def main():
             "authors": 0,  # one prompt per call: nothing to pad
             **{m: count_padding_tokens(plan_batches(len(prompts), args.num_samples, args.batch_size,
                                                     prompt_lengths=lengths if m == "bucketed" else None), lengths)
-               for m in ("mixed", "shared", "bucketed")},
+               for m in ("mixed", "shared", "bucketed", "preselected")},
         }
         seconds = {m: [] for m in modes}
         peak_memory = dict.fromkeys(modes, 0.0)
@@ -198,6 +203,7 @@ def main():
             "model": name, "random_init": args.random_init, "config_overrides": args.override,
             "num_prompts": len(prompts), "num_samples": args.num_samples,
             "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "batch_size": args.batch_size,
+            "preselect_top_k": args.preselect_top_k if "preselected" in modes else None,
             "device": args.device, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
             "repeats": args.repeats, "seconds": median,
             "tokens_per_s": {m: tokens / s for m, s in median.items()},
@@ -219,6 +225,11 @@ def main():
     for report in reports:
         for mode, ratio in report["ratio_to_mixed"].items():
             print(f"ratio {report['model']} {mode} {ratio:.2f}  ({report['tokens_per_s'][mode]:.1f} tok/s)")
+        if "preselected" in report["seconds"]:
+            print(f"ratio {report['model']} preselect_top_k "
+                  f"{report['seconds']['shared'] / report['seconds']['preselected']:.2f}  "
+                  f"(k={report['preselect_top_k']}: {report['seconds']['shared']:.2f} s shared, "
+                  f"{report['seconds']['preselected']:.2f} s preselected)")
         print(f"ratio {report['model']} cond_ppl_shared {report['ratio_cond_ppl_shared']:.2f}  "
               f"({report['cond_ppl_seconds']['unshared']:.2f} s unshared, "
               f"{report['cond_ppl_seconds']['shared']:.2f} s shared)")

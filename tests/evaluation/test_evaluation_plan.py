@@ -97,3 +97,14 @@ def test_parts_live_where_existing_runs_keep_them(tmp_path):
     assert plan.conditional_path(plain, 1) == parts / model_slug(PLAIN) / "conditional_ppl_seed1.json"
     assert plan.also_path(decoded, 0, "fixed_half") == parts / model_slug(DECODED) / "seed0.also-fixed_half.json"
     assert plan.model_part_path(PLAIN, "wikitext") == parts / model_slug(PLAIN) / "wikitext.json"
+
+
+def test_top_k_preselection_is_part_of_the_generation_fingerprint(tmp_path, fixed_half):
+    """Preselection draws other samples: on, it gives the generations (and what is computed from them) new
+    fingerprints; off (the default), they stay those of existing runs (the test above)."""
+    default = part_fingerprints(plan_for(tmp_path, CapabilitiesConfig()), fixed_half)
+    plan = plan_for(tmp_path, CapabilitiesConfig())
+    plan.args.eval = ToxicityEvalConfig(num_samples=2, max_new_tokens=3, batch_size=4, preselect_top_k=256)
+    preselected = part_fingerprints(plan, fixed_half)
+    for key, fingerprint in default.items():
+        assert (preselected[key] != fingerprint) == (key[1] not in ("wikitext", "mmlu")), key

@@ -21,6 +21,10 @@ into batches, so a batch holds prompts of similar length and few left pads. The 
 the tokenizer and the settings, so every process computes the same one and the seeding contract holds; the
 samples are returned in prompt order either way. Bucketing changes which rows share a batch (and so a seed): the
 samples are another draw from the same distribution, not the unbucketed ones.
+
+Top-k preselection (opt-in, ``preselect_top_k``): each token is drawn among the ``k`` most likely ones when they
+hold at least ``top_p`` of the mass (then they hold the whole nucleus), else from the whole vocabulary as without
+it. Same batches, seeds and nucleus distribution, but another random stream: other samples than without it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor,
 
 from unidetox.checks import require_counts
 from unidetox.decoding.logits_process import distinct_rows, right_padded_rows
-from unidetox.decoding.warpers import sampling_warpers
+from unidetox.decoding.warpers import draws_its_own_tokens, sampling_warpers
 from unidetox.devices import model_device
 
 SamplerFactory = Callable[[torch.LongTensor], LogitsProcessor]
@@ -70,6 +74,14 @@ class ToxicityEvalConfig:
                           "order and the same for any number of processes."},
     )
 
+    preselect_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Draw each token among the k most likely ones (e.g. 256) when they hold at least top_p of "
+                          "the mass, else from the whole vocabulary as with null (the default). The distribution "
+                          "is the same nucleus, drawn faster for large vocabularies, but the random stream and so "
+                          "the samples differ from null's. No effect with top_p 1."},
+    )
+
     def __post_init__(self):
         require_counts(self, ("num_samples", "max_new_tokens", "batch_size"))
         if not 0.0 < self.top_p <= 1.0:
@@ -80,6 +92,9 @@ class ToxicityEvalConfig:
             raise ValueError(f"`toxic_threshold` has to be in [0, 1), but is {self.toxic_threshold}.")
         if not isinstance(self.bucket_by_length, bool):
             raise ValueError(f"`bucket_by_length` has to be true or false, but is {self.bucket_by_length!r}.")
+        k = self.preselect_top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"`preselect_top_k` has to be a positive integer or null (off), but is {k!r}.")
 
     def protocol(self) -> ToxicityEvalConfig:
         """Only the sampling protocol's own fields (for a subclass that adds others)."""
@@ -148,27 +163,26 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def sampling_generation_config(
-    model, tokenizer, max_new_tokens: int, top_p: float, temperature: float
+    model, tokenizer, max_new_tokens: int, top_p: float, temperature: float, *, do_sample: bool = True
 ) -> GenerationConfig:
     """A ``GenerationConfig`` with every sampling knob pinned to the protocol.
 
     ``generate`` fills unset (``None``) fields from the checkpoint's ``generation_config.json`` (Gemma ships
     ``top_k=64``, chat models often a repetition penalty), so each knob that changes the distribution is set here
-    to its neutral value.
+    to its neutral value. ``do_sample=False`` is for a processor list that draws the token itself
+    (:func:`~unidetox.decoding.warpers.draws_its_own_tokens`): ``generate`` then takes the argmax and applies none
+    of the sampling-only knobs, which are left unset.
     """
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    sampling_knobs = dict(top_k=0, top_p=float(top_p), temperature=float(temperature), typical_p=1.0,
+                          epsilon_cutoff=0.0, eta_cutoff=0.0)
     config = GenerationConfig(
-        do_sample=True,
+        do_sample=do_sample,
         max_new_tokens=max_new_tokens,
         min_new_tokens=0,
-        top_k=0,
-        top_p=float(top_p),
-        temperature=float(temperature),
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
+        **(sampling_knobs if do_sample else {}),
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         num_beams=1,
@@ -177,7 +191,7 @@ def sampling_generation_config(
         eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id,
     )
-    if getattr(model.generation_config, "min_p", None) is not None:
+    if do_sample and getattr(model.generation_config, "min_p", None) is not None:
         config.min_p = 0.0  # None would be filled from the checkpoint; 0 keeps every token
     return config
 
@@ -308,6 +322,7 @@ def generate_samples(
     *,
     share_prefill: bool = True,
     bucket_by_length: bool = False,
+    preselect_top_k: int | None = None,
 ) -> list[GeneratedSample]:
     """Sample ``num_samples`` continuations for each prompt; returns this process's share of the samples.
 
@@ -326,6 +341,9 @@ def generate_samples(
             and seeds, so they give the same samples up to floating-point rounding of the prefill.
         bucket_by_length: batch prompts of similar token length together (:func:`plan_batches` with
             :func:`prompt_token_lengths`): less left padding, another draw from the same distribution.
+        preselect_top_k: draw each token among the ``k`` most likely ones when they hold at least ``top_p``
+            (:class:`~unidetox.decoding.warpers.TopKNucleusDraw`), else from the whole vocabulary: the same
+            distribution with another random stream, so other samples than with ``None``.
 
     Returns:
         ``GeneratedSample`` records of the batches this process ran, in prompt order (prompt, then sample).
@@ -335,16 +353,18 @@ def generate_samples(
     if not 0 <= process_index < num_processes:
         raise ValueError(f"`process_index` has to be in [0, {num_processes}), but is {process_index}.")
     ToxicityEvalConfig(num_samples=num_samples, max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
-                       batch_size=batch_size, bucket_by_length=bucket_by_length)  # validates the values
+                       batch_size=batch_size, bucket_by_length=bucket_by_length,
+                       preselect_top_k=preselect_top_k)  # validates the values
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` (e.g. to the EOS token).")
     prompts = list(prompts)
     # generate() would add a TopPLogitsWarper that sorts the whole vocabulary at every step (most of the sampling
     # time for a 262k-token vocabulary on a CPU); the same warpers, with a top-k based nucleus, go in the
     # processor list instead, after any custom processor as generate() orders them.
-    batch = _BatchSampler(model, tokenizer, sampling_generation_config(model, tokenizer, max_new_tokens, top_p=1.0,
-                                                                       temperature=1.0),
-                          sampling_warpers(top_p, temperature), sampler_factory, share_prefill)
+    warpers = sampling_warpers(top_p, temperature, preselect_top_k)
+    generation_config = sampling_generation_config(model, tokenizer, max_new_tokens, top_p=1.0, temperature=1.0,
+                                                   do_sample=not draws_its_own_tokens(warpers))
+    batch = _BatchSampler(model, tokenizer, generation_config, warpers, sampler_factory, share_prefill)
     lengths = prompt_token_lengths(tokenizer, prompts) if bucket_by_length else None
     plan = plan_batches(len(prompts), num_samples, batch_size, prompt_lengths=lengths)
     batches = _with_progress(list(enumerate(plan))[process_index::num_processes], progress)

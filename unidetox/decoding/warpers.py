@@ -104,14 +104,96 @@ class FastTopPLogitsWarper(LogitsProcessor):
         return scores.masked_fill(remove, self.filter_value)
 
 
-def sampling_warpers(top_p: float, temperature: float) -> LogitsProcessorList:
+class TopKNucleusDraw(LogitsProcessor):
+    r"""
+    [`LogitsProcessor`] that DRAWS each row's next token from its top-p nucleus, looked for among the row's
+    ``top_k`` most likely tokens, and returns scores that are 0 at the drawn token and ``-inf`` elsewhere, so that
+    ``generate(do_sample=False)`` (an argmax) emits it. It has to be the last processor of the list.
+
+    With ``do_sample=True``, ``generate`` applies a softmax and ``torch.multinomial`` to the whole vocabulary,
+    and the CPU multinomial makes one random number per vocabulary entry; with Gemma's 262k-token vocabulary
+    that draw and the nucleus search are over 40% of a decode step. Here a row's draw looks at ``top_k`` tokens:
+    when they hold at least ``top_p`` of the row's mass, every token outside them is outside the nucleus too, and
+    the nucleus (the rule of [`TopPLogitsWarper`], as in :class:`FastTopPLogitsWarper`) and its renormalised
+    distribution are found inside them. A row whose ``top_k`` tokens hold less takes the full-vocabulary path of
+    ``generate``: :class:`FastTopPLogitsWarper`, softmax, ``torch.multinomial``. Those rows are drawn first, so
+    when every row of a step falls back the step consumes the random stream exactly as ``generate`` does and
+    draws the same tokens.
+
+    The distribution of each token is the nucleus distribution of ``generate`` (up to the float rounding of the
+    cumulative sums, as for :class:`FastTopPLogitsWarper`), but rows that fit draw from another tensor than
+    ``generate`` would: the random stream, and so the tokens, differ from the full-vocabulary draw.
+    `tests/decoding/test_topk_nucleus.py` checks the distribution with a chi-square test of known power.
+
+    Args:
+        top_p (`float`):
+            The nucleus mass in (0, 1); with 1 the nucleus is the whole vocabulary and nothing can be preselected.
+        top_k (`int`):
+            How many of the most likely tokens are looked at before falling back to the whole vocabulary.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from unidetox.decoding.warpers import TopKNucleusDraw
+
+    >>> scores = torch.tensor([[4.0, 3.0, 0.0, -2.0, -3.0]])
+    >>> _ = torch.manual_seed(0)
+    >>> drawn = TopKNucleusDraw(top_p=0.9, top_k=3)(None, scores)
+    >>> int(drawn.argmax()) in (0, 1), int(drawn.isfinite().sum())
+    (True, 1)
+    ```
+    """
+
+    def __init__(self, top_p: float, top_k: int, filter_value: float = -float("inf")):
+        top_p = float(top_p)
+        if not 0.0 < top_p < 1.0:
+            raise ValueError(f"`top_p` has to be a float in (0, 1) to preselect a nucleus, but is {top_p}; "
+                             "with 1.0 draw from the whole vocabulary.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"`top_k` has to be a positive integer, but is {top_k!r}.")
+        self.top_p, self.top_k, self.filter_value = top_p, top_k, filter_value
+        self.fallback = FastTopPLogitsWarper(top_p)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        probs = scores.softmax(dim=-1)
+        top_probs, top_indices = probs.topk(min(self.top_k, scores.shape[-1]), dim=-1, sorted=True)  # descending
+        outside = (1.0 - top_probs.sum(dim=-1)).clamp_min(0.0)
+        fits = outside <= (1 - self.top_p)
+        rows_left = (~fits).nonzero().squeeze(1)
+        if rows_left.numel():  # first, so that a step where no row fits draws as generate() does
+            warped = self.fallback(None if input_ids is None else input_ids[rows_left], scores[rows_left])
+            tokens[rows_left] = torch.multinomial(warped.softmax(dim=-1), num_samples=1).squeeze(1)
+        if rows_left.numel() < scores.shape[0]:
+            ascending = top_probs[fits].flip(-1)
+            # The reference rule: drop a token when the mass ranked at or below it is <= 1 - top_p; keep the top one.
+            drop = (outside[fits, None] + ascending.cumsum(dim=-1)) <= (1 - self.top_p)
+            drop[..., -1] = False
+            pick = torch.multinomial(ascending.masked_fill(drop, 0.0), num_samples=1)  # weights need no normalising
+            tokens[fits] = top_indices[fits].flip(-1).gather(1, pick).squeeze(1)
+        # `probs` is this call's own buffer: reused for the one-hot scores instead of allocating another.
+        return probs.fill_(self.filter_value).scatter_(1, tokens[:, None], 0.0)
+
+
+def sampling_warpers(top_p: float, temperature: float, preselect_top_k: int | None = None) -> LogitsProcessorList:
     """The temperature and nucleus warpers ``generate`` would add for ``top_p`` / ``temperature``, in its order
     (temperature first), with :class:`FastTopPLogitsWarper` in place of the sorting one. Pass them as
     ``logits_processor`` after any custom processor and set ``top_p=1.0, temperature=1.0`` in the generation
-    config, so ``generate`` adds none of its own."""
+    config, so ``generate`` adds none of its own.
+
+    With ``preselect_top_k`` (and ``top_p < 1``) the nucleus warper is a :class:`TopKNucleusDraw` instead, which
+    draws the token itself: the caller then generates with ``do_sample=False`` (see
+    :func:`draws_its_own_tokens`)."""
     warpers = LogitsProcessorList()
     if float(temperature) != 1.0:
         warpers.append(TemperatureLogitsWarper(float(temperature)))
     if float(top_p) < 1.0:
-        warpers.append(FastTopPLogitsWarper(top_p))
+        warpers.append(FastTopPLogitsWarper(top_p) if preselect_top_k is None else TopKNucleusDraw(top_p, preselect_top_k))
     return warpers
+
+
+def draws_its_own_tokens(processors: LogitsProcessorList) -> bool:
+    """Whether the last of ``processors`` draws the token (:class:`TopKNucleusDraw`): ``generate`` then has to
+    take the argmax (``do_sample=False``) instead of sampling again."""
+    return bool(processors) and isinstance(processors[-1], TopKNucleusDraw)

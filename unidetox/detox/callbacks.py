@@ -211,6 +211,7 @@ class DetoxEvalCallback(TrainerCallback):
             model, tokenizer, self.prompts, cfg.num_samples, max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
             temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
             process_index=shard_index, num_processes=shard_count, bucket_by_length=cfg.bucket_by_length,
+            preselect_top_k=cfg.preselect_top_k,
             progress=progress and "validation: sampling",
         )
         generation_s = time.perf_counter() - start

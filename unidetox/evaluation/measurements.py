@@ -49,7 +49,7 @@ def measure_toxicity(plan: EvaluationPlan, entry: Entry, seed: int, model, token
         max_new_tokens=config.max_new_tokens, top_p=config.top_p, temperature=config.temperature, seed=seed,
         batch_size=config.batch_size, sampler_factory=factory, process_index=procs.process_index,
         num_processes=procs.num_processes, progress=plan.progress(f"sampling {entry.key} (seed {seed})"),
-        bucket_by_length=config.bucket_by_length,
+        bucket_by_length=config.bucket_by_length, preselect_top_k=config.preselect_top_k,
     )
     t1 = time.perf_counter()
     scores = scorer([s.continuation for s in samples])

@@ -166,6 +166,8 @@ class EvaluationPlan:
             "scorer": self.args.scorer.to_public_dict(), "dtype": self.args.dtype,
             # Only when on: bucketing draws other samples, and parts drawn without it keep their fingerprint.
             **({"bucket_by_length": True} if config.bucket_by_length else {}),
+            # Likewise: preselection draws from another random stream.
+            **({"preselect_top_k": config.preselect_top_k} if config.preselect_top_k is not None else {}),
         }
 
     def generation_fingerprint(self, entry: Entry, seed: int) -> str:
