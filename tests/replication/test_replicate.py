@@ -6,9 +6,7 @@ the stage runner, and the tiny replication end to end on two tiny local models o
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import subprocesses
 import torch
 from tiny import tiny_llama, word_tokenizer
+from tiny_replication import differing_numbers, replication_command, save_tiny_models, without_timings
 
 from tests.conftest import SHARED_DATA
 from unidetox.detox.selection import choose_configuration
@@ -449,51 +448,13 @@ STAGE_FILES = [
 ]
 
 
-def _save_tiny_models(root: Path) -> tuple[Path, Path]:
-    """Two tiny random models of different families and tokenizers, saved like any local checkpoint."""
-    from tiny import char_tokenizer, tiny_gemma3
-
-    word = word_tokenizer(padding_side="left")
-    llama_dir, gemma_dir = root / "tiny-llama", root / "tiny-gemma3"
-    tiny_llama(len(word.get_vocab()), seed=0).save_pretrained(llama_dir)
-    word.save_pretrained(llama_dir)
-    char = char_tokenizer()
-    tiny_gemma3(len(char.get_vocab()), seed=0).save_pretrained(gemma_dir)
-    char.save_pretrained(gemma_dir)
-    return llama_dir, gemma_dir
-
-
-def _quoted_list(items: list[str]) -> str:
-    return "[" + ",".join(f"'{item}'" for item in items) + "]"
-
-
 def _tiny_replication(tmp_path, shared_data, *extra):
     """The replication command on two tiny local models (llama + gemma3 families) at experiment=tiny sizes."""
-    llama_dir, gemma_dir = _save_tiny_models(tmp_path)
+    llama_dir, gemma_dir = save_tiny_models(tmp_path)
     out = tmp_path / "rep"
-    tiny_distill = ["data.max_samples=8", "anti_expert.max_steps=2", "anti_expert.per_device_train_batch_size=2",
-                    "anti_expert.max_length=16", "anti_expert.logging_steps=1", "distill.num_samples=4",
-                    "distill.max_length=8", "distill.batch_size=4", "distill.summary_num_samples=0"]
-    tiny_test = ["prompts.num_prompts=4", "eval.num_samples=2", "eval.max_new_tokens=6", "eval.batch_size=32",
-                 "mmlu.subjects=[abstract_algebra]", "mmlu.limit=2", "perplexity.max_tokens=128",
-                 "perplexity.max_length=64", "perplexity.stride=32", f"perplexity.reference_model={llama_dir}",
-                 "progress=false", "also_scorers=[]"]
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-           "recipes/replicate.py", "experiment=tiny", f"output_dir={out}",
-           f"distill.overrides={_quoted_list(tiny_distill)}",
-           f"distill.sources.smollm2.model={llama_dir}",
-           f"distill.sources.smollm2.overrides={_quoted_list(['experiment=embedded_smollm2', f'model.name_or_path={llama_dir}', 'distill.start_token=null'])}",
-           f"distill.sources.gemma3.model={gemma_dir}",
-           # The tiny char-level model repeats its input token; started from <bos> it writes only special tokens.
-           f"distill.sources.gemma3.overrides={_quoted_list(['experiment=embedded_gemma3', f'model.name_or_path={gemma_dir}', 'distill.start_token=e'])}",
-           f"targets.smollm2.model={llama_dir}",
-           f"targets.smollm2.overrides={_quoted_list(['experiment=embedded_smollm2', f'model.name_or_path={llama_dir}'])}",
-           f"targets.gemma3.model={gemma_dir}",
-           f"targets.gemma3.overrides={_quoted_list(['experiment=embedded_gemma3', f'model.name_or_path={gemma_dir}'])}",
-           f"test.overrides={_quoted_list(tiny_test)}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "UNIDETOX_DATA_DIR": str(shared_data)}
-    return cmd, env, out
+    return replication_command(out, llama_dir, gemma_dir, *extra), env, out
 
 
 @pytest.fixture(scope="module")
@@ -548,27 +509,8 @@ def test_tiny_replication_as_concurrent_jobs_gives_the_sequential_report(tmp_pat
     assert len(set(jobs.values())) == len(jobs)
     assert all((out / "jobs" / f"{job_id}_0_log.err").is_file() for job_id in jobs.values())
     _, _, sequential = tiny_sequential_replication
-    differing = _differing_numbers(_comparable_report(out), _comparable_report(sequential))
+    differing = differing_numbers(_comparable_report(out), _comparable_report(sequential))
     assert not differing, differing[:20]
-
-
-def _differing_numbers(left, right, path: str = "", rel: float = 1e-5) -> list[str]:
-    """The paths where two reports differ: any key, string, integer or length exactly, a float beyond ``rel``.
-
-    The jobs run with ``threads_per_job=1`` and the sequential run with the machine's default thread count; a CPU
-    reduction split over another number of threads sums in another order, so floats agree to about 1e-7, not to
-    the last bit. A different sample or choice moves a number by far more than ``rel``."""
-    if isinstance(left, dict) and isinstance(right, dict):
-        if set(left) != set(right):
-            return [f"{path}: keys {sorted(set(left) ^ set(right))}"]
-        return [d for k in left for d in _differing_numbers(left[k], right[k], f"{path}/{k}", rel)]
-    if isinstance(left, list) and isinstance(right, list):
-        if len(left) != len(right):
-            return [f"{path}: {len(left)} != {len(right)} items"]
-        return [d for i, (a, b) in enumerate(zip(left, right, strict=True)) for d in _differing_numbers(a, b, f"{path}[{i}]", rel)]
-    if isinstance(left, float) and isinstance(right, float):
-        return [] if math.isclose(left, right, rel_tol=rel, abs_tol=1e-12) else [f"{path}: {left!r} != {right!r}"]
-    return [] if left == right else [f"{path}: {left!r} != {right!r}"]
 
 
 def _comparable_report(out: Path):
@@ -579,16 +521,7 @@ def _comparable_report(out: Path):
     report = json.loads(text, parse_constant=str)
     for key in ("command", "config"):
         report.pop(key, None)
-
-    def drop_times(value):
-        if isinstance(value, dict):
-            return {k: drop_times(v) for k, v in value.items()
-                    if k not in ("wall_time", "timings", "stage_times") and not k.endswith("_s")}
-        if isinstance(value, list):
-            return [drop_times(v) for v in value]
-        return value
-
-    return drop_times(report)
+    return without_timings(report)
 
 
 def _assert_tiny_report(out):

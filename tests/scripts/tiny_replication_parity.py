@@ -1,20 +1,20 @@
-"""Run the tiny replication with the checkout this file lives in, or compare two such runs.
+"""Run the tiny replication with the checkout this file lives in, compare two such runs, or rerun one.
 
     python tests/scripts/tiny_replication_parity.py run OUT [--models DIR]
     python tests/scripts/tiny_replication_parity.py compare RUN_A RUN_B
+    python tests/scripts/tiny_replication_parity.py rerun OUT [--models DIR]
 
 `run` saves two tiny random models (llama and gemma3 families, seed 0) into DIR (default OUT/models) once, then runs
-`recipes/replicate.py experiment=tiny` on them into OUT/rep with this checkout's code. `compare` checks that two
-runs made the same numbers (report.json, times and paths aside), the same distilled texts and the same stage
-fingerprints. Running `run` with a new checkout on a copy of an old run directory shows that the old stages are
-still valid caches: every stage in the second half of its replicate_log.jsonl is `cached`.
+`recipes/replicate.py experiment=tiny` on them into OUT/rep with this checkout's code (tests/tiny_replication.py).
+`compare` checks that two runs made the same numbers (times and paths aside), the same distilled texts and the same
+fingerprints. `rerun` runs again on an existing OUT, e.g. a new checkout on an old checkout's run directory, and
+fails unless every stage is found finished (a valid cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -23,82 +23,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-TINY_DISTILL = ["data.max_samples=8", "anti_expert.max_steps=2", "anti_expert.per_device_train_batch_size=2",
-                "anti_expert.max_length=16", "anti_expert.logging_steps=1", "distill.num_samples=4",
-                "distill.max_length=8", "distill.batch_size=4", "distill.summary_num_samples=0"]
+from tiny_replication import differing_numbers, replication_command, save_tiny_models, without_timings  # noqa: E402
 
-
-def _quoted(items: list[str]) -> str:
-    return "[" + ",".join(f"'{item}'" for item in items) + "]"
-
-
-def save_models(root: Path) -> tuple[Path, Path]:
-    from tiny import char_tokenizer, tiny_gemma3, tiny_llama, word_tokenizer
-
-    llama_dir, gemma_dir = root / "tiny-llama", root / "tiny-gemma3"
-    if not llama_dir.is_dir():
-        word = word_tokenizer(padding_side="left")
-        tiny_llama(len(word.get_vocab()), seed=0).save_pretrained(llama_dir)
-        word.save_pretrained(llama_dir)
-    if not gemma_dir.is_dir():
-        char = char_tokenizer()
-        tiny_gemma3(len(char.get_vocab()), seed=0).save_pretrained(gemma_dir)
-        char.save_pretrained(gemma_dir)
-    return llama_dir, gemma_dir
+# Differ between two runs of the same settings besides timings: when and by which process, the command line.
+RUN_KEYS = ("time", "created_at", "pid", "command", "config")
 
 
 def run(out: Path, models: Path) -> None:
-    llama, gemma = save_models(models)
-    tiny_test = ["prompts.num_prompts=4", "eval.num_samples=2", "eval.max_new_tokens=6", "eval.batch_size=32",
-                 "mmlu.subjects=[abstract_algebra]", "mmlu.limit=2", "perplexity.max_tokens=128",
-                 "perplexity.max_length=64", "perplexity.stride=32", f"perplexity.reference_model={llama}",
-                 "progress=false", "also_scorers=[]"]
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
-           "recipes/replicate.py", "experiment=tiny", f"output_dir={out / 'rep'}",
-           f"distill.overrides={_quoted(TINY_DISTILL)}",
-           f"distill.sources.smollm2.model={llama}",
-           f"distill.sources.smollm2.overrides={_quoted(['experiment=embedded_smollm2', f'model.name_or_path={llama}', 'distill.start_token=null'])}",
-           f"distill.sources.gemma3.model={gemma}",
-           f"distill.sources.gemma3.overrides={_quoted(['experiment=embedded_gemma3', f'model.name_or_path={gemma}', 'distill.start_token=e'])}",
-           f"targets.smollm2.model={llama}",
-           f"targets.smollm2.overrides={_quoted(['experiment=embedded_smollm2', f'model.name_or_path={llama}'])}",
-           f"targets.gemma3.model={gemma}",
-           f"targets.gemma3.overrides={_quoted(['experiment=embedded_gemma3', f'model.name_or_path={gemma}'])}",
-           f"test.overrides={_quoted(tiny_test)}"]
+    llama, gemma = save_tiny_models(models)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
-
-
-def _without_times(value):
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items()
-                if k not in ("wall_time", "timings", "stage_times", "time", "created_at", "pid", "command", "config")
-                and not k.endswith("_s")}
-    if isinstance(value, list):
-        return [_without_times(v) for v in value]
-    return value
+    subprocess.run(replication_command(out / "rep", llama, gemma), cwd=REPO, env=env, check=True)
 
 
 def _json_lines(path: Path, root: Path) -> list:
     text = path.read_text().replace(str(root), "<root>")
     if path.suffix == ".jsonl":
-        return [_without_times(json.loads(line, parse_constant=str)) for line in text.splitlines() if line.strip()]
-    return _without_times(json.loads(text, parse_constant=str))
-
-
-def differing(left, right, path: str = "", rel: float = 1e-5) -> list[str]:
-    """Where two JSON values differ: keys, strings, integers and lengths exactly, floats beyond ``rel``."""
-    if isinstance(left, dict) and isinstance(right, dict):
-        if set(left) != set(right):
-            return [f"{path}: keys {sorted(set(left) ^ set(right))}"]
-        return [d for k in left for d in differing(left[k], right[k], f"{path}/{k}", rel)]
-    if isinstance(left, list) and isinstance(right, list):
-        if len(left) != len(right):
-            return [f"{path}: {len(left)} != {len(right)} items"]
-        return [d for i, (a, b) in enumerate(zip(left, right, strict=True)) for d in differing(a, b, f"{path}[{i}]", rel)]
-    if isinstance(left, float) and isinstance(right, float):
-        return [] if math.isclose(left, right, rel_tol=rel, abs_tol=1e-12) else [f"{path}: {left!r} != {right!r}"]
-    return [] if left == right else [f"{path}: {left!r} != {right!r}"]
+        return [without_timings(json.loads(line, parse_constant=str), RUN_KEYS) for line in text.splitlines() if line.strip()]
+    return without_timings(json.loads(text, parse_constant=str), RUN_KEYS)
 
 
 def _compared_files(rep: Path) -> list[Path]:
@@ -120,7 +61,7 @@ def compare(a: Path, b: Path) -> list[str]:
     problems = [f"only in one run: {sorted(set(map(str, files_a)) ^ set(map(str, files_b)))}"] if files_a != files_b else []
     for rel in sorted(set(files_a) & set(files_b)):
         if rel.suffix in (".json", ".jsonl"):
-            problems += [f"{rel}{d}" for d in differing(_json_lines(rep_a / rel, a), _json_lines(rep_b / rel, b))][:5]
+            problems += [f"{rel}{d}" for d in differing_numbers(_json_lines(rep_a / rel, a), _json_lines(rep_b / rel, b))][:5]
     texts_a, texts_b = _distilled_texts(rep_a), _distilled_texts(rep_b)
     problems += [f"distilled texts differ: {k}" for k in sorted(set(texts_a) | set(texts_b)) if texts_a.get(k) != texts_b.get(k)]
     print(f"compared {len(files_a)} result files and {len(texts_a)} distilled datasets "
