@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from unidetox.checks import require_counts
+from unidetox.checks import require_count, require_counts
 from unidetox.decoding.logits_process import distinct_rows, right_padded_rows
 from unidetox.decoding.warpers import draws_its_own_tokens, sampling_warpers
 from unidetox.devices import model_device
@@ -92,9 +92,8 @@ class ToxicityEvalConfig:
             raise ValueError(f"`toxic_threshold` has to be in [0, 1), but is {self.toxic_threshold}.")
         if not isinstance(self.bucket_by_length, bool):
             raise ValueError(f"`bucket_by_length` has to be true or false, but is {self.bucket_by_length!r}.")
-        k = self.preselect_top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"`preselect_top_k` has to be a positive integer or null (off), but is {k!r}.")
+        if self.preselect_top_k is not None:
+            require_count("preselect_top_k", self.preselect_top_k, " or null (off)")
 
     def protocol(self) -> ToxicityEvalConfig:
         """Only the sampling protocol's own fields (for a subclass that adds others)."""

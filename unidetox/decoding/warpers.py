@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
+from unidetox.checks import require_count
+
 
 class FastTopPLogitsWarper(LogitsProcessor):
     r"""
@@ -150,8 +152,7 @@ class TopKNucleusDraw(LogitsProcessor):
         if not 0.0 < top_p < 1.0:
             raise ValueError(f"`top_p` has to be a float in (0, 1) to preselect a nucleus, but is {top_p}; "
                              "with 1.0 draw from the whole vocabulary.")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"`top_k` has to be a positive integer, but is {top_k!r}.")
+        require_count("top_k", top_k)
         self.top_p, self.top_k, self.filter_value = top_p, top_k, filter_value
         self.fallback = FastTopPLogitsWarper(top_p)
 

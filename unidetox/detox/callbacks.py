@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from unidetox.checks import require_count
 from unidetox.decoding.protocol import ToxicityEvalConfig, generate_samples, group_by_prompt
 from unidetox.detox.selection import EVAL_LOG_FILE, checkpoint_dir, read_eval_records
 from unidetox.evaluation.likelihood import sliding_window_nll
@@ -66,8 +67,7 @@ class DetoxEvalConfig(ToxicityEvalConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.ppl_batch_size, bool) or not isinstance(self.ppl_batch_size, int) or self.ppl_batch_size < 1:
-            raise ValueError(f"`ppl_batch_size` has to be an integer >= 1, but is {self.ppl_batch_size!r}.")
+        require_count("ppl_batch_size", self.ppl_batch_size)
         if self.ppl_max_length < 2:
             raise ValueError(f"`ppl_max_length` has to be >= 2, but is {self.ppl_max_length}.")
         if self.ppl_max_tokens is not None and self.ppl_max_tokens < 2:

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from unidetox.checks import require_count
 from unidetox.decoding.config import SamplingConfig
 from unidetox.distill.config import DistillConfig
 from unidetox.distill.corpus import corpus_fingerprint, load_toxic_corpus
@@ -111,8 +112,7 @@ def build_text_dataset(corpus_config, num_texts: int, output_dir: str | os.PathL
     ``target == none`` in the local files, so the paper's 34-identity filter (meant for hate rows) is NOT applied:
     it would keep no row. The texts are a seeded shuffle (``corpus_config.shuffle_seed``) of the filtered rows.
     """
-    if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 1:
-        raise ValueError(f"`num_texts` has to be an integer >= 1, but is {num_texts!r}.")
+    require_count("num_texts", num_texts)
     out = Path(output_dir)
     settings = {"kind": kind, "paths": [str(p) for p in corpus_config.resolved_paths()],
                 "hub_id": corpus_config.hub_id, "text_column": corpus_config.text_column,
