@@ -366,6 +366,31 @@ def test_distillation_sources_are_checked_when_parsed():
         replication_plan.plan_distill(args)
 
 
+def test_transfer_targets_train_the_same_grid_and_are_checked_when_parsed():
+    args = replicate.parse_args(["experiment=embedded", "grid.transfer_targets=[gemma3]", "grid.choose_on=every_target"])
+    assert args.grid_targets == ["smollm2", "gemma3"]
+    distilled = {("smollm2", 0.1): "/data/distilled"}
+    grid = replication_plan.plan_grid(args, distilled)
+    transfer = replication_plan.plan_grid(args, distilled, "gemma3")
+    assert sorted(transfer) == ["gemma3-smollm2-a0.1-lr2e-4", "gemma3-smollm2-a0.1-lr5e-4"]
+    for (config, mine), (other_config, other) in zip(grid.values(), transfer.values(), strict=True):
+        # the same configuration and validation on the other model
+        assert config == other_config and other.model.name_or_path == "gemma3-270m"
+        assert other.output_dir.endswith("/grid/gemma3-" + Path(mine.output_dir).name.split("-", 1)[1])
+        assert (other.trainer.learning_rate, other.trainer.max_steps, other.trainer.save_steps) == (
+            mine.trainer.learning_rate, mine.trainer.max_steps, mine.trainer.save_steps)
+        assert other.validation.prompts == mine.validation.prompts
+        assert other.validation.callback == mine.validation.callback
+    with pytest.raises(ValueError, match=r"`grid.transfer_targets` \['llama'\] are not keys of `targets`"):
+        replicate.parse_args(["experiment=embedded", "grid.transfer_targets=[llama]"])
+    with pytest.raises(ValueError, match="other targets than `grid.target`"):
+        replicate.parse_args(["experiment=embedded", "grid.transfer_targets=[smollm2]"])
+    with pytest.raises(ValueError, match="`grid.transfer_targets` is empty"):
+        replicate.parse_args(["experiment=embedded", "grid.choose_on=every_target"])
+    with pytest.raises(ValueError, match="`grid.choose_on` has to be one of .* but is 'both'"):
+        replicate.parse_args(["experiment=embedded", "grid.choose_on=both"])
+
+
 class FakePipeline:
     """A stage pipeline that records its runs: finished() when its output exists with the same settings."""
 
@@ -511,6 +536,41 @@ def test_tiny_replication_as_concurrent_jobs_gives_the_sequential_report(tmp_pat
     _, _, sequential = tiny_sequential_replication
     differing = differing_numbers(_comparable_report(out), _comparable_report(sequential))
     assert not differing, differing[:20]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tiny_replication_with_a_transfer_target_draws_the_curve_and_chooses_on_both(tmp_path):
+    """grid.transfer_targets=[gemma3]: every grid run is also trained and validated on the other family; the
+    report draws the transfer curve, the declared variant chooses on both targets, and the other target's UniDetox
+    model is its grid checkpoint (no second training). A rerun finds every stage finished."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    cmd, env, out = _tiny_replication(
+        tmp_path, SHARED_DATA, "distill.alphas=[0.1]", "grid.transfer_targets=[gemma3]", "grid.choose_on=every_target",
+        *[f"baselines.{b}=false" for b in ("control", "nothate", "authors", "decoding", "taskvec")])
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    selection = json.loads((out / "selection.json").read_text())
+    curve, choice = selection["transfer_curve"], selection["choice"]
+    assert len(curve) == 2 * 2 and all(set(r["per_target"]) == {"smollm2", "gemma3"} for r in curve)  # 2 sources x 2 saves
+    assert sum(r["chosen"] for r in curve) == 1 and choice["rule"] == "every_target"
+    assert selection["rule"]["choose_on"] == "every_target" and "paper_choice" in selection
+    assert choice["worst_change"] == min(r["worst_change"] for r in curve if r["within_bound"]) or not any(
+        r["within_bound"] for r in curve)
+    source, step = choice["config"]["source"], choice["step"]
+    gemma_run = out / "grid" / f"gemma3-{source}-a0.1-lr1e-3"
+    assert (gemma_run / "detox_eval.jsonl").is_file()
+    reused = json.loads((out / "apply" / "gemma3-unidetox" / "source.json").read_text())
+    assert reused["checkpoint"] == str(gemma_run / f"checkpoint-{step}") and reused["step"] == step
+    assert not (out / "apply" / "gemma3-unidetox" / "train_summary.json").exists()
+    assert "## Transfer curve" in (out / "report.md").read_text() and (out / "transfer_curve.png").is_file()
+    assert "declared variant" in (out / "chosen_recipe.yaml").read_text()
+    first = (out / "replicate_log.jsonl").read_text().splitlines()
+    proc = subprocesses.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    second = [json.loads(line) for line in (out / "replicate_log.jsonl").read_text().splitlines()[len(first):]]
+    assert second and all(e["status"] == "cached" for e in second), [e for e in second if e["status"] != "cached"]
 
 
 def _comparable_report(out: Path):

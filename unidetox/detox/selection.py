@@ -167,6 +167,91 @@ class SelectionRule:
         )
 
 
+    def across_targets(self, records_by_target: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """One row per configuration (its ``config``, steps included) trained on every target: each target's
+        ``metric``, its relative change against that target's model before any change (``change``), its perplexity
+        increase and bound, and ``worst_change`` (the largest change over the targets); ``within_bound`` when every
+        target keeps its perplexity within the bound. How well a configuration transfers, before any choice.
+
+        ``records_by_target``: each target's grid records (:meth:`choose`'s input, its baselines with ``metric``).
+
+        Example:
+            >>> base = {"step": 0, "config": {"lr": 1e-4, "steps": 0}, "perplexity": 10.0,
+            ...         "toxicity_probability": 0.5, "expected_max_toxicity": 0.5}
+            >>> step = {"step": 50, "config": {"lr": 1e-4, "steps": 50}, "toxicity_probability": 0.2}
+            >>> rows = SelectionRule().across_targets({
+            ...     "a": [{**base, "run": "a"}, {**step, "run": "a", "perplexity": 10.5, "expected_max_toxicity": 0.25}],
+            ...     "b": [{**base, "run": "b"}, {**step, "run": "b", "perplexity": 10.9, "expected_max_toxicity": 0.4}]})
+            >>> round(rows[0]["worst_change"], 2), rows[0]["within_bound"]
+            (-0.2, True)
+        """
+        if not records_by_target:
+            raise ValueError("`records_by_target` is empty; give at least one target's grid records.")
+        tables = {target: _with_changes(_with_bounds(_checked_records(records), self.max_ppl_increase), self.metric)
+                  for target, records in records_by_target.items()}
+        by_config: dict[str, dict[str, dict[str, Any]]] = {}
+        for target, table in tables.items():
+            for r in table:
+                if not r["baseline"]:
+                    by_config.setdefault(_config_key(r), {})[target] = r
+        rows = []
+        for per_target in by_config.values():
+            if len(per_target) < len(tables):
+                continue  # a configuration not trained on every target cannot be compared across them
+            first = per_target[next(iter(tables))]
+            rows.append({
+                "config": dict(first.get("config") or {}), "step": first.get("step"),
+                "per_target": {t: {"run": r.get("run"), "checkpoint": r.get("checkpoint"), self.metric: r[self.metric],
+                                   "change": r["change"], "perplexity_increase": r["perplexity_increase"],
+                                   "within_bound": r["within_bound"]} for t, r in per_target.items()},
+                "worst_change": max(r["change"] for r in per_target.values()),
+                "within_bound": all(r["within_bound"] for r in per_target.values()), "chosen": False})
+        return rows
+
+    def choose_on_every_target(
+        self, records_by_target: Mapping[str, Sequence[Mapping[str, Any]]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A declared variant of the paper's rule, for one configuration meant for several models: it reads every
+        target's validation; a configuration is a candidate when every target keeps its perplexity within the
+        bound, and the one with the smallest worst relative change of ``metric`` (:meth:`across_targets`) is taken
+        (ties: the smaller mean change, then fewer steps). Without a candidate, ``on_empty`` applies as in
+        :meth:`choose`, the closest being the smallest worst perplexity increase.
+
+        Returns ``(choice, table)``: the choice is the first target's record of that configuration (its run,
+        checkpoint and metrics) with ``per_target``, ``worst_change`` and ``rule: "every_target"``; the table is
+        :meth:`across_targets` with the chosen row flagged."""
+        table = self.across_targets(records_by_target)
+        if not table:
+            raise ValueError(f"No configuration was trained and validated on every target {list(records_by_target)}; "
+                             "train the same grid on each of them.")
+        within = [r for r in table if r["within_bound"]]
+
+        def rank(r):
+            changes = [v["change"] for v in r["per_target"].values()]
+            return (r["worst_change"], sum(changes) / len(changes), r.get("step") or 0, json.dumps(r["config"]))
+
+        if within:
+            best = min(within, key=rank)
+        elif self.on_empty == "closest":
+            best = min(table, key=lambda r: (max(v["perplexity_increase"] for v in r["per_target"].values()), *rank(r)))
+            logger.warning("No configuration keeps every target's perplexity within +%.1f%%; taking the closest.",
+                           100 * self.max_ppl_increase)
+        else:
+            raise ValueError(
+                f"No configuration keeps the perplexity of every target {list(records_by_target)} within "
+                f"+{self.max_ppl_increase:.1%} of its base; raise max_ppl_increase, lower the learning rates / steps "
+                "of the grid, or pass on_empty='closest'.")
+        best["chosen"] = True
+        first = next(iter(records_by_target))
+        record = next(r for r in _with_bounds(_checked_records(records_by_target[first]), self.max_ppl_increase)
+                      if not r["baseline"] and _config_key(r) == json.dumps(best["config"], sort_keys=True))
+        choice = {**record, "rule": "every_target", "metric": self.metric,
+                  "max_ppl_increase": float(self.max_ppl_increase), "per_target": best["per_target"],
+                  "worst_change": best["worst_change"], "within_bound": best["within_bound"],
+                  "num_candidates": len(table), "num_within_bound": len(within)}
+        return choice, table
+
+
 def select_checkpoint(
     output_dir: str | os.PathLike,
     max_ppl_increase: float = SelectionRule.max_ppl_increase,
@@ -309,3 +394,26 @@ def _with_bounds(records: list[dict[str, Any]], max_ppl_increase: float) -> list
         r["within_bound"] = float(r["perplexity"]) <= bound
         r["chosen"] = False
     return records
+
+
+def _with_changes(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The bounded records (:func:`_with_bounds`) with ``change``: ``metric`` relative to its run's baseline (the
+    mean of all baselines for a run without one)."""
+    baselines: dict[Any, list[float]] = {}
+    for r in records:
+        if r["baseline"]:
+            if r.get(metric) is None:
+                raise ValueError(f"The baseline record of {r.get('run')} has no {metric}; evaluate the model before "
+                                 "any change with toxicity (DetoxEvalCallback eval_at_start=True).")
+            baselines.setdefault(r.get("run"), []).append(float(r[metric]))
+    pooled = [v for values in baselines.values() for v in values]
+    for r in records:
+        ref = baselines.get(r.get("run")) or pooled
+        base = sum(ref) / len(ref)
+        r["change"] = float(r[metric]) / base - 1.0 if base > 0 else math.nan
+    return records
+
+
+def _config_key(record: Mapping[str, Any]) -> str:
+    """A configuration's identity across targets: its hyperparameters and steps, not the run that trained it."""
+    return json.dumps(record.get("config") or {}, sort_keys=True)

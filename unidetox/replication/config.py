@@ -92,6 +92,9 @@ class ValidationMeasurementArguments(ValidationSplitArguments):
     )
 
 
+CHOOSE_ON = ("grid_target", "every_target")  # whose validation the configuration is chosen on
+
+
 @dataclass
 class GridArguments:
     """The grid the single configuration is chosen on (the grid target only): alpha x learning rate x steps."""
@@ -101,8 +104,29 @@ class GridArguments:
     max_steps: int = field(default=200, metadata={"help": "Steps of every grid run (the steps axis: its saves)."})
     save_steps: int = field(default=50, metadata={"help": "A checkpoint + validation evaluation every N steps."})
     overrides: list[str] = field(default_factory=list, metadata={"help": "Extra detox overrides of the grid runs."})
+    transfer_targets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Keys of `targets` on which every grid run is also trained and validated, so the report "
+                  "draws each grid point's validation on them beside the grid target's (the transfer curve). The "
+                  "paper's rule does not read them unless choose_on=every_target."},
+    )
+    choose_on: str = field(
+        default="grid_target",
+        metadata={"help": f"Which validation the choice reads: {CHOOSE_ON[0]!r}, the paper's rule on the grid "
+                  f"target (chosen on one model, then transferred), or {CHOOSE_ON[1]!r}, a declared variant: every "
+                  "grid and transfer target within its perplexity bound, the smallest worst relative change of "
+                  "the metric (chosen on all of them)."},
+    )
 
     def __post_init__(self):
+        if self.choose_on not in CHOOSE_ON:
+            raise ValueError(f"`grid.choose_on` has to be one of {CHOOSE_ON}, but is {self.choose_on!r}.")
+        if self.choose_on == CHOOSE_ON[1] and not self.transfer_targets:
+            raise ValueError("`grid.choose_on=every_target` reads the transfer targets' validation, but "
+                             "`grid.transfer_targets` is empty; name them (e.g. grid.transfer_targets=[gemma3]).")
+        if self.target in self.transfer_targets or len(set(self.transfer_targets)) < len(self.transfer_targets):
+            raise ValueError(f"`grid.transfer_targets` {self.transfer_targets} has to list other targets than "
+                             f"`grid.target` ({self.target!r}), each once.")
         if not self.learning_rates or any(lr <= 0 for lr in self.learning_rates):
             raise ValueError(f"`grid.learning_rates` has to be a non-empty list of positive values: {self.learning_rates}.")
         if not 1 <= self.save_steps <= self.max_steps:
@@ -183,6 +207,11 @@ class ReplicateArguments:
     @property
     def grid_target(self) -> TargetArguments:
         return self.targets[self.grid.target]
+
+    @property
+    def grid_targets(self) -> list[str]:
+        """Every target the grid trains and validates: the grid target first, then the transfer targets."""
+        return [self.grid.target, *self.grid.transfer_targets]
 
     @property
     def anti_expert_source(self) -> str | None:

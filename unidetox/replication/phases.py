@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from unidetox.detox import pipeline as detox_stage
 from unidetox.detox.merge import merged_model_path
+from unidetox.detox.selection import checkpoint_dir
 from unidetox.distill import pipeline as distill_stage
 from unidetox.distill.dataset import DistilledDetoxDataset
 from unidetox.evaluation import pipeline as evaluate_stage
@@ -41,7 +42,7 @@ from unidetox.replication.baselines import (
     negate_task_vector,
     plain_sample_settings,
 )
-from unidetox.replication.config import ReplicateArguments
+from unidetox.replication.config import CHOOSE_ON, ReplicateArguments
 from unidetox.replication.formatting import format_number
 from unidetox.replication.plan import (
     CHOSEN_RECIPE_FILE,
@@ -52,6 +53,7 @@ from unidetox.replication.plan import (
     decoding_test_args,
     distill_stage_name,
     evaluate_on_test,
+    grid_run_name,
     model_test_args,
     plan_distill,
     plan_grid,
@@ -134,8 +136,14 @@ def distill_texts(rep: Replication) -> DistillPhase:
 class GridPhase:
     distilled: dict[tuple[str, float], distill_stage.DistillResult]  # (source, alpha) -> its distill stage's result
     plan: dict[str, tuple[dict, detox_stage.DetoxArguments]]  # run name -> (hyperparameters, detox arguments)
-    results: dict[str, detox_stage.DetoxResult]  # run name -> its detox stage's result
+    results: dict[str, detox_stage.DetoxResult]  # run name -> its detox stage's result (every target's runs)
     first_alpha: float
+    transfer: dict[str, dict[str, tuple[dict, detox_stage.DetoxArguments]]] = field(default_factory=dict)
+    # transfer target -> its plan: the same runs as ``plan`` on that target
+
+    def records(self, plan: dict[str, tuple[dict, detox_stage.DetoxArguments]]) -> list[dict[str, Any]]:
+        """The validation records of the runs of ``plan`` (:func:`grid_records`)."""
+        return grid_records({name: (config, self.results[name].eval_records) for name, (config, _) in plan.items()})
 
     def anti_expert_path(self, source: str) -> str:
         """The anti-expert of ``source`` (trained by its first alpha's distill stage)."""
@@ -147,15 +155,18 @@ class GridPhase:
 
 
 def run_grid(rep: Replication, distill: DistillPhase) -> GridPhase:
-    """The grid's detox stages: each distilled text's runs start once it is there."""
-    distilled, plan = {}, {}
+    """The grid's detox stages on the grid target and on each transfer target: each distilled text's runs start
+    once it is there."""
+    distilled, plans = {}, {target: {} for target in rep.args.grid_targets}
     for key in distill.plan:
         distilled[key] = rep.stages.result(distill_stage_name(*key))
-        for name, (config, grid_args) in plan_grid(rep.args, {key: distilled[key].distilled_path}).items():
-            plan[name] = (config, grid_args)
-            rep.stages.run_pipeline_stage(f"grid/{name}", detox_stage, grid_args)
-    results = {name: rep.stages.result(f"grid/{name}") for name in plan}
-    return GridPhase(distilled, plan, results, distill.first_alpha)
+        for target, plan in plans.items():
+            for name, (config, grid_args) in plan_grid(rep.args, {key: distilled[key].distilled_path}, target).items():
+                plan[name] = (config, grid_args)
+                rep.stages.run_pipeline_stage(f"grid/{name}", detox_stage, grid_args)
+    results = {name: rep.stages.result(f"grid/{name}") for plan in plans.values() for name in plan}
+    grid_plan = plans.pop(rep.args.grid.target)
+    return GridPhase(distilled, grid_plan, results, distill.first_alpha, plans)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,13 +187,17 @@ class Selection:
 
 
 def select_configuration(rep: Replication, grid: GridPhase) -> Selection:
-    """The paper's rule over every (grid run, checkpoint), written to ``selection.json`` and, as a detox recipe for
-    any model, to ``chosen_recipe.yaml``."""
+    """The paper's rule over every (grid run, checkpoint) (or, with ``grid.choose_on=every_target``, its declared
+    variant over every target), written to ``selection.json`` and, as a detox recipe for any model, to
+    ``chosen_recipe.yaml``."""
     args, sel = rep.args, rep.args.select
-    records = grid_records({name: (config, grid.results[name].eval_records) for name, (config, _) in grid.plan.items()})
-    choice, table = sel.choose(records)
-    record = {"choice": choice, "table": table, "rule": {"max_ppl_increase": sel.max_ppl_increase,
-                                                         "metric": sel.metric, "on_empty": sel.on_empty}}
+    rule = {"max_ppl_increase": sel.max_ppl_increase, "metric": sel.metric, "on_empty": sel.on_empty}
+    if grid.transfer:
+        record = {**_choose_with_transfer(args, grid), "rule": {**rule, "choose_on": args.grid.choose_on}}
+    else:
+        choice, table = sel.choose(grid.records(grid.plan))
+        record = {"choice": choice, "table": table, "rule": rule}
+    choice = record["choice"]
     if _write_if_changed(rep.out / "selection.json", record):
         rep.stages.log("selection", "ran", 0.0, choice={k: choice[k] for k in ("run", "step", "config")})
     else:
@@ -196,6 +211,25 @@ def select_configuration(rep: Replication, grid: GridPhase) -> Selection:
                                           float(chosen.learning_rate), chosen.steps, list(args.apply_overrides)))
         write_chosen_recipe(rep.out / CHOSEN_RECIPE_FILE, recipe, choice)
     return chosen
+
+
+def _choose_with_transfer(args: ReplicateArguments, grid: GridPhase) -> dict[str, Any]:
+    """``choice``, ``table`` (the grid target's, the choice flagged) and ``transfer_curve`` (every configuration's
+    validation on every grid-trained target, :meth:`SelectionRule.across_targets`); with the declared variant also
+    ``paper_choice``, what the paper's rule on the grid target alone would have taken."""
+    sel = args.select
+    records = {args.grid.target: grid.records(grid.plan), **{t: grid.records(p) for t, p in grid.transfer.items()}}
+    paper_choice, table = sel.choose(records[args.grid.target])
+    if args.grid.choose_on == CHOOSE_ON[0]:
+        choice, curve, extra = paper_choice, sel.across_targets(records), {}
+    else:
+        choice, curve = sel.choose_on_every_target(records)
+        extra = {"paper_choice": {k: paper_choice[k] for k in ("run", "step", "config")}}
+    for row in table:
+        row["chosen"] = (row.get("run"), row.get("step")) == (choice["run"], choice["step"])
+    for row in curve:
+        row["chosen"] = row["config"] == choice["config"]
+    return {"choice": choice, "table": table, "transfer_curve": curve, **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,15 +297,15 @@ def apply_configuration(rep: Replication, grid: GridPhase, chosen: Selection, da
     data is ready is submitted first."""
     args = rep.args
     applied = AppliedModels({}, {})
-    chosen_run = grid.results[chosen.choice["run"]]
     jobs = []  # (the data stage it needs, submit)
     for tname, target in args.targets.items():
         for method, data_path in data.paths.items():
             key, stage, run_dir = (tname, method), f"apply/{tname}-{method}", rep.out / "apply" / f"{tname}-{method}"
-            if method == "unidetox" and tname == args.grid.target:
+            if method == "unidetox" and tname in args.grid_targets:
                 # The grid already trained this model with this configuration: reuse its chosen checkpoint.
-                applied.models[key] = _reuse_chosen_checkpoint(rep, stage, run_dir, chosen_run, chosen)
-                applied.train_seconds[key] = (chosen_run.train_seconds or 0.0) * chosen.steps / args.grid.max_steps
+                run, checkpoint = _grid_checkpoint(args, grid, chosen, tname)
+                applied.models[key] = _reuse_chosen_checkpoint(rep, stage, run_dir, run, checkpoint, chosen.steps)
+                applied.train_seconds[key] = (run.train_seconds or 0.0) * chosen.steps / args.grid.max_steps
                 continue
             config = apply_method_args(args, target, method, data_path, run_dir, chosen.learning_rate, chosen.steps)
             jobs.append(([f"data/{method}"], partial(rep.stages.run_pipeline_stage, stage, detox_stage, config)))
@@ -280,13 +314,21 @@ def apply_configuration(rep: Replication, grid: GridPhase, chosen: Selection, da
     return applied
 
 
-def _reuse_chosen_checkpoint(rep: Replication, stage: str, run_dir: Path, chosen_run: detox_stage.DetoxResult,
-                             chosen: Selection) -> Path:
-    """``run_dir/model``: a link to the chosen grid checkpoint's full model (merged for LoRA)."""
-    checkpoint = Path(chosen.choice["checkpoint"])
+def _grid_checkpoint(args: ReplicateArguments, grid: GridPhase, chosen: Selection,
+                     target: str) -> tuple[detox_stage.DetoxResult, Path]:
+    """The grid run of the chosen configuration on ``target`` and its checkpoint at the chosen step."""
+    if target == args.grid.target:
+        return grid.results[chosen.choice["run"]], Path(chosen.choice["checkpoint"])
+    run = grid.results[grid_run_name(target, chosen.source, chosen.alpha, chosen.learning_rate)]
+    return run, Path(checkpoint_dir(run.output_dir, chosen.steps))
+
+
+def _reuse_chosen_checkpoint(rep: Replication, stage: str, run_dir: Path, grid_run: detox_stage.DetoxResult,
+                             checkpoint: Path, steps: int) -> Path:
+    """``run_dir/model``: a link to a grid checkpoint's full model (merged for LoRA)."""
     if rep.is_main:
         rep.stages.run_function_stage(stage, partial(_reused_checkpoint, run_dir, checkpoint), partial(
-            _link_checkpoint, run_dir, checkpoint, chosen_run.output_dir, chosen.steps), run_dir)
+            _link_checkpoint, run_dir, checkpoint, grid_run.output_dir, steps), run_dir)
     wait_for_everyone()
     return run_dir / "model"
 

@@ -107,6 +107,9 @@ def parse_args(overrides: list[str] | tuple[str, ...] = ()) -> ReplicateArgument
     )
     if args.grid.target not in args.targets:
         raise ValueError(f"`grid.target` {args.grid.target!r} is not a key of `targets` ({sorted(args.targets)}).")
+    unknown = [t for t in args.grid.transfer_targets if t not in args.targets]
+    if unknown:
+        raise ValueError(f"`grid.transfer_targets` {unknown} are not keys of `targets` ({sorted(args.targets)}).")
     if (args.baselines.decoding or args.baselines.taskvec) and args.anti_expert_source is None:
         raise ValueError(
             f"baselines.decoding / baselines.taskvec need an anti-expert of the grid target's model "

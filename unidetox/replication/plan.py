@@ -143,7 +143,9 @@ def write_chosen_recipe(path: str | os.PathLike, recipe: dict[str, Any], choice:
     config = choice.get("config", {})
     header = [
         "# @package _global_",
-        "# The configuration the replication chose (the paper's rule on the validation prompts), as a recipe for",
+        "# The configuration the replication chose (" + (
+            "a declared variant of the paper's rule: every target's validation prompts" if choice.get("rule") ==
+            "every_target" else "the paper's rule on the validation prompts") + "), as a recipe for",
         f"# any model: source {config.get('source')}, alpha {config.get('alpha')}, lr {config.get('learning_rate')}, "
         f"step {choice.get('step')} of its schedule.",
         f"#   unidetox detox recipe={Path(path).resolve()} model=ANY output_dir=DIR",
@@ -151,18 +153,26 @@ def write_chosen_recipe(path: str | os.PathLike, recipe: dict[str, Any], choice:
     return atomic_write_text(path, "\n".join(header) + "\n" + OmegaConf.to_yaml(recipe))
 
 
-def plan_grid(args: ReplicateArguments, distilled: dict[tuple[str, float], str]) -> dict[str, tuple[dict, Any]]:
-    """``{run name: (hyperparameters, detox arguments)}`` for source x alpha x learning rate on the grid target.
+def grid_run_name(target: str, source: str, alpha: float, lr: float) -> str:
+    """The grid run (and its directory under ``output_dir/grid``) of one configuration on one target."""
+    return f"{target}-{source}-a{format_number(alpha)}-lr{format_number(lr)}"
+
+
+def plan_grid(args: ReplicateArguments, distilled: dict[tuple[str, float], str],
+              target: str | None = None) -> dict[str, tuple[dict, Any]]:
+    """``{run name: (hyperparameters, detox arguments)}`` for source x alpha x learning rate on ``target`` (default:
+    the grid target; a transfer target trains the same runs).
 
     ``distilled``: the distilled text of each (source, alpha) to plan (:attr:`DistillResult.distilled_path`)."""
-    grid = args.grid
+    grid, target = args.grid, target or args.grid.target
     plan = {}
     for source, alpha in distilled:
         for lr in grid.learning_rates:
-            name = f"{grid.target}-{source}-a{format_number(alpha)}-lr{format_number(lr)}"
+            name = grid_run_name(target, source, alpha, lr)
             run_dir = Path(args.output_dir) / "grid" / name
-            stage = detox_args(args, args.grid_target, distilled[(source, alpha)], run_dir, float(lr), grid.max_steps,
-                               grid.save_steps, [*validation_detox_overrides(args.validation), *grid.overrides])
+            stage = detox_args(args, args.targets[target], distilled[(source, alpha)], run_dir, float(lr),
+                               grid.max_steps, grid.save_steps,
+                               [*validation_detox_overrides(args.validation), *grid.overrides])
             plan[name] = ({"source": source, "alpha": float(alpha), "learning_rate": float(lr)}, stage)
     return plan
 

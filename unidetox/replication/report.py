@@ -460,8 +460,52 @@ def plot_replication(report: Mapping[str, Any], path: str | os.PathLike) -> Path
     return path
 
 
+def plot_transfer_curve(grid: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    """The transfer curve side by side: one column per grid-trained target, the change of the rule's metric (top)
+    and of the perplexity (bottom) against the steps, one line per configuration, the chosen one drawn thick."""
+    curve = grid.get("transfer_curve") or []
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(curve[0]["per_target"])
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for row in curve:
+        label = ", ".join(f"{k} {v}" for k, v in row["config"].items() if k != "steps")
+        lines.setdefault(label, []).append(row)
+    fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 8), squeeze=False, sharey="row")
+    bound = (grid.get("rule") or {}).get("max_ppl_increase")
+    for col, target in enumerate(targets):
+        for label, rows in lines.items():
+            rows = sorted(rows, key=lambda r: r["config"].get("steps", 0))
+            steps = [r["config"].get("steps", 0) for r in rows]
+            width = 3 if any(r.get("chosen") for r in rows) else 1.2
+            for row_index, key in enumerate(("change", "perplexity_increase")):
+                axes[row_index][col].plot(steps, [100 * r["per_target"][target][key] for r in rows], marker="o",
+                                          lw=width, label=label)
+        axes[0][col].set_title(target)
+        axes[0][col].set_ylabel(f"{(grid.get('rule') or {}).get('metric', 'toxicity')} vs base (%)")
+        axes[1][col].set_ylabel("WikiText-2 perplexity vs base (%)")
+        if bound is not None:
+            axes[1][col].axhline(100 * bound, color="grey", ls="--", lw=1)
+        for ax in axes[:, col]:
+            ax.set_xlabel("steps")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Validation: the same grid on every target (thick: the chosen configuration)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_replication_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``toxicity_vs_perplexity.png`` into ``output_dir``."""
+    """Write ``report.json``, ``report.md``, ``toxicity_vs_perplexity.png`` and, with transfer targets,
+    ``transfer_curve.png`` into ``output_dir``."""
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -473,4 +517,7 @@ def write_replication_report(report: Mapping[str, Any], output_dir: str | os.Pat
         plot = plot_replication(report, out / "toxicity_vs_perplexity.png")
         if plot:
             paths["plot"] = plot
+        curve = plot_transfer_curve(report.get("grid") or {}, out / "transfer_curve.png")
+        if curve:
+            paths["transfer_curve"] = curve
     return paths

@@ -151,6 +151,7 @@ def render_replication_markdown(report: Mapping[str, Any]) -> str:
     lines += by_kind_markdown(report)
     lines += ["", f"**{report['bar']['verdict']}**", ""]
     lines += _grid_markdown(report.get("grid") or {})
+    lines += transfer_curve_markdown(report.get("grid") or {})
     lines += _source_study_markdown(report.get("source_study") or {})
     lines += _stage_times_markdown(report.get("stage_times") or [])
     lines += _taskvec_markdown(report.get("taskvec") or {})
@@ -214,6 +215,40 @@ def _grid_markdown(grid: Mapping[str, Any]) -> list[str]:
             f"{percent_change(choice.get('perplexity_increase'))} vs the base, bound +{choice.get('max_ppl_increase', 0):.0%}"
             f"{'' if choice.get('within_bound', True) else '; NO candidate was within the bound: the closest was taken'}).",
             ""]
+
+
+def transfer_curve_markdown(grid: Mapping[str, Any]) -> list[str]:
+    """Every grid configuration's validation on every grid-trained target (``grid["transfer_curve"]``): the
+    change of the rule's metric against each target's base, the perplexity increase, the worst target, and which
+    configuration was taken (and, under the declared variant, which the paper's rule would have taken)."""
+    curve = grid.get("transfer_curve") or []
+    if not curve:
+        return []
+    rule = grid.get("rule") or {}
+    metric = rule.get("metric", METRICS[-1])
+    short = "EMT" if metric == "expected_max_toxicity" else "TP"
+    targets = list(curve[0]["per_target"])
+    keys = [k for k in curve[0]["config"] if k != "steps"]
+    columns = [*keys, "steps"]
+    for target in targets:
+        columns += [f"{target} {short} change", f"{target} ppl vs base"]
+    lines = ["## Transfer curve (validation prompts, every grid target)", "",
+             *table_head(*columns, f"worst {short} change", "every target within bound", "chosen")]
+    paper = (grid.get("paper_choice") or {}).get("config")
+    for row in sorted(curve, key=lambda r: (*[str(r["config"].get(k)) for k in keys], r["config"].get("steps", 0))):
+        cells = [_plain(row["config"].get(k)) for k in columns[:len(keys) + 1]]
+        for target in targets:
+            entry = row["per_target"][target]
+            cells += [percent_change(entry["change"]), percent_change(entry["perplexity_increase"])]
+        marks = ["**chosen**" if row.get("chosen") else "", "paper's rule" if paper == row["config"] else ""]
+        cells += [percent_change(row["worst_change"]), "yes" if row["within_bound"] else "no",
+                  " / ".join(m for m in marks if m)]
+        lines.append("| " + " | ".join(cells) + " |")
+    claim = ("chosen on every target's validation (the declared variant), so it supports a configuration chosen on "
+             f"{', '.join(targets)}, not one chosen on {targets[0]} and transferred"
+             if rule.get("choose_on") == "every_target" else
+             f"chosen by the paper's rule on {targets[0]} alone; the other targets' columns show how it transfers")
+    return [*lines, "", f"The configuration was {claim}.", ""]
 
 
 def _source_study_markdown(study: Mapping[str, Mapping[str, Any]]) -> list[str]:
