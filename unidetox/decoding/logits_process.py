@@ -160,15 +160,15 @@ class ContrastiveDetoxSampler(LogitsProcessor):
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
     >>> from unidetox import ContrastiveDetoxSampler
 
-    >>> tokenizer = AutoTokenizer.from_pretrained("openai-community/gpt2-xl")
-    >>> base = AutoModelForCausalLM.from_pretrained("openai-community/gpt2-xl")
-    >>> anti_expert = AutoModelForCausalLM.from_pretrained("path/to/toxic-gpt2-xl")
-    >>> inputs = tokenizer([tokenizer.bos_token] * 4, return_tensors="pt")
-    >>> sampler = ContrastiveDetoxSampler(anti_expert, alpha=0.1, attention_mask=inputs["attention_mask"])
-    >>> out = base.generate(
+    >>> tokenizer = AutoTokenizer.from_pretrained("openai-community/gpt2-xl")  # doctest: +SKIP
+    >>> base = AutoModelForCausalLM.from_pretrained("openai-community/gpt2-xl")  # doctest: +SKIP
+    >>> anti_expert = AutoModelForCausalLM.from_pretrained("path/to/toxic-gpt2-xl")  # doctest: +SKIP
+    >>> inputs = tokenizer([tokenizer.bos_token] * 4, return_tensors="pt")  # doctest: +SKIP
+    >>> sampler = ContrastiveDetoxSampler(anti_expert, alpha=0.1, attention_mask=inputs["attention_mask"])  # doctest: +SKIP
+    >>> out = base.generate(  # doctest: +SKIP
     ...     **inputs, logits_processor=LogitsProcessorList([sampler]), do_sample=True, top_k=0, max_new_tokens=64
     ... )
-    >>> texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    >>> texts = tokenizer.batch_decode(out, skip_special_tokens=True)  # doctest: +SKIP
     ```
     """
 

@@ -46,6 +46,7 @@ class FastTopPLogitsWarper(LogitsProcessor):
     >>> reference = TopPLogitsWarper(top_p=0.9)(None, scores)
     >>> bool(torch.equal(fast.isinf(), reference.isinf()))
     True
+
     ```
     """
 
@@ -144,6 +145,7 @@ class TopKNucleusDraw(LogitsProcessor):
     >>> drawn = TopKNucleusDraw(top_p=0.9, top_k=3)(None, scores)
     >>> int(drawn.argmax()) in (0, 1), int(drawn.isfinite().sum())
     (True, 1)
+
     ```
     """
 
