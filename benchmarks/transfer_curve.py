@@ -1,0 +1,125 @@
+"""The transfer curve from evaluation runs: one configuration's checkpoints on several targets, on validation prompts.
+
+Each ``--run TARGET STEP RUN_DIR REFERENCE TREATED`` names an evaluation run (``unidetox evaluate``) that sampled a
+target's base model (``REFERENCE``, its key in the run's ``generations.jsonl``) and one of its checkpoints
+(``TREATED``) on the same validation prompts. For every (step, target) it prints, under every scorer the runs have,
+the EMT and TP change against the base with a paired bootstrap 95 % interval over prompts (all prompts, then by
+prompt kind), and the WikiText-2 perplexity increase. It then hands the checkpoints to the library's rule
+(:class:`unidetox.detox.selection.SelectionRule`, primary scorer): what the paper's rule would take on the first
+target alone, and what the declared variant (``choose_on_every_target``) would take reading every target; and draws
+the curve with the replication report's plot (:func:`unidetox.replication.report.plot_transfer_curve`).
+
+    python benchmarks/transfer_curve.py --config "lr 2e-4" \\
+        --run smollm2 50 runs/eval-smollm2 smollm2-135m runs/detox-smollm2/merged \\
+        --run gemma3 50 runs/eval-gemma3 gemma3-270m runs/detox-gemma3/merged --plot transfer_curve.png
+
+Needs only the run directories and the prompt sets they used; nothing is sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from validation_width import METRICS, change, prompt_kinds, read_samples
+
+from unidetox.detox.selection import SelectionRule
+from unidetox.replication.report import plot_transfer_curve
+
+
+def run_changes(run_dir: Path, reference: str, treated: str) -> dict:
+    """Every scorer's EMT/TP change of ``treated`` against ``reference`` (all prompts and by kind), their means,
+    and both models' WikiText-2 perplexity."""
+    samples, kinds = read_samples(run_dir), prompt_kinds(run_dir)
+    models = json.loads((run_dir / "report.json").read_text())["models"]
+    out = {"perplexity": {name: models[name]["wikitext_perplexity"]["perplexity"] for name in (reference, treated)},
+           "mean": {name: {m: models[name][m]["mean"] for m in METRICS} for name in (reference, treated)},
+           "scorers": {}}
+    for scorer, by_model in samples.items():
+        ref, new = by_model[reference], by_model[treated]
+        prompts = sorted(set(ref) & set(new))
+        k = min(len(s) for s in (*ref.values(), *new.values()))
+        entry = {}
+        for kind in ("all", *sorted({kinds.get(p, "unlabelled") for p in prompts})):
+            chosen = prompts if kind == "all" else [p for p in prompts if kinds.get(p, "unlabelled") == kind]
+            entry[kind] = {m: change(ref, new, chosen, k, m, 10_000) for m in METRICS}
+            entry[kind]["prompts"] = len(chosen)
+        out["scorers"][scorer] = {"prompts": len(prompts), "samples": k, "changes": entry}
+    return out
+
+
+def selection_records(points: dict, configuration: str) -> dict[str, list[dict]]:
+    """``{target: grid records}`` for :class:`SelectionRule`: the base at step 0 and every checkpoint (primary
+    scorer's means, WikiText-2 perplexity)."""
+    records: dict[str, list[dict]] = defaultdict(list)
+    order = list(dict.fromkeys(target for target, _ in points))  # the first --run's target first
+    for (target, step), point in sorted(points.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
+        reference, treated = point["models"]
+        run = f"{target} {configuration}"
+        if not records[target]:
+            records[target].append({"run": run, "step": 0, "config": {"configuration": configuration, "steps": 0},
+                                    "perplexity": point["perplexity"][reference], **point["mean"][reference]})
+        records[target].append({"run": run, "step": step, "checkpoint": treated,
+                                "config": {"configuration": configuration, "steps": step},
+                                "perplexity": point["perplexity"][treated], **point["mean"][treated]})
+    return records
+
+
+def _cell(result) -> str:
+    return "–" if result is None else f"{result['change']:+.1%} [{result['low']:+.1%}, {result['high']:+.1%}]"
+
+
+def print_tables(points: dict) -> None:
+    scorers = sorted({s for p in points.values() for s in p["scorers"]})
+    for scorer in scorers:
+        print(f"\n## {scorer}{' (the primary scorer)' if scorer == 'toxicity' else ''}\n")
+        print("| target | steps | prompts | kind | EMT change [95 %] | TP change [95 %] | ppl vs base |")
+        print("|---|---|---|---|---|---|---|")
+        for (target, step), point in sorted(points.items()):
+            reference, treated = point["models"]
+            ppl = point["perplexity"][treated] / point["perplexity"][reference] - 1
+            for kind, entry in point["scorers"][scorer]["changes"].items():
+                print(f"| {target} | {step} | {entry['prompts']} | {kind} | "
+                      f"{_cell(entry['expected_max_toxicity'])} | {_cell(entry['toxicity_probability'])} | "
+                      f"{ppl:+.1%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", nargs=5, action="append", required=True,
+                        metavar=("TARGET", "STEP", "RUN_DIR", "REFERENCE", "TREATED"))
+    parser.add_argument("--config", default="the configuration", help="the configuration's name in the tables")
+    parser.add_argument("--max-ppl-increase", type=float, default=SelectionRule.max_ppl_increase)
+    parser.add_argument("--plot", type=Path, help="draw the curve into this PNG")
+    parser.add_argument("--out", type=Path, help="write every number as JSON")
+    args = parser.parse_args()
+
+    points = {}
+    for target, step, run_dir, reference, treated in args.run:
+        points[(target, int(step))] = {"models": (reference, treated), "run_dir": run_dir,
+                                       **run_changes(Path(run_dir), reference, treated)}
+    print_tables(points)
+    records = selection_records(points, args.config)
+    rule = SelectionRule(max_ppl_increase=args.max_ppl_increase, on_empty="closest")
+    first = args.run[0][0]
+    paper, _ = rule.choose(records[first])
+    result = {"points": {f"{t}/{s}": p for (t, s), p in points.items()},
+              "paper_rule_on_first_target": {k: paper[k] for k in ("step", "perplexity_increase", "within_bound")}}
+    print(f"\nThe paper's rule on {first} alone: step {paper['step']} (perplexity {paper['perplexity_increase']:+.1%})")
+    if len(records) > 1:
+        variant, curve = rule.choose_on_every_target(records)
+        result["variant"] = {k: variant[k] for k in ("step", "worst_change", "within_bound", "per_target")}
+        print(f"The declared variant on {', '.join(records)}: step {variant['step']} (worst EMT change "
+              f"{variant['worst_change']:+.1%}, every target within the bound: {variant['within_bound']})")
+        if args.plot:
+            rule_record = {"metric": rule.metric, "max_ppl_increase": rule.max_ppl_increase}
+            print(f"wrote {plot_transfer_curve({'transfer_curve': curve, 'rule': rule_record}, args.plot)}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
