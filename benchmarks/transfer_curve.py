@@ -23,7 +23,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from validation_width import METRICS, change, prompt_kinds, read_samples
+from validation_width import METRICS, changes_by_kind, prompt_kinds, read_samples
 
 from unidetox.detox.selection import SelectionRule
 from unidetox.replication.report import plot_transfer_curve
@@ -39,14 +39,9 @@ def run_changes(run_dir: Path, reference: str, treated: str) -> dict:
            "scorers": {}}
     for scorer, by_model in samples.items():
         ref, new = by_model[reference], by_model[treated]
-        prompts = sorted(set(ref) & set(new))
-        k = min(len(s) for s in (*ref.values(), *new.values()))
-        entry = {}
-        for kind in ("all", *sorted({kinds.get(p, "unlabelled") for p in prompts})):
-            chosen = prompts if kind == "all" else [p for p in prompts if kinds.get(p, "unlabelled") == kind]
-            entry[kind] = {m: change(ref, new, chosen, k, m, 10_000) for m in METRICS}
-            entry[kind]["prompts"] = len(chosen)
-        out["scorers"][scorer] = {"prompts": len(prompts), "samples": k, "changes": entry}
+        changes = changes_by_kind(ref, new, kinds)
+        out["scorers"][scorer] = {"prompts": changes["all"]["prompts"],
+                                  "samples": min(len(s) for s in (*ref.values(), *new.values())), "changes": changes}
     return out
 
 

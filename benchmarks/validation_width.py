@@ -68,6 +68,19 @@ def change(reference, treated, prompts: Sequence[str], k: int, metric: str, num_
     return paired_change(ref, new, num_resamples=num_resamples, seed=seed)
 
 
+def changes_by_kind(reference, treated, kinds: Mapping[str, str], num_resamples: int = 10_000) -> dict[str, dict]:
+    """The EMT and TP change of ``treated`` against ``reference`` over the prompts both sampled, with every sample
+    (``all``, then each prompt kind of ``kinds``), and how many prompts each covers."""
+    prompts = sorted(set(reference) & set(treated))
+    k = min(len(s) for s in (*reference.values(), *treated.values()))
+    out = {}
+    for kind in ("all", *sorted({kinds.get(p, "unlabelled") for p in prompts})):
+        chosen = prompts if kind == "all" else [p for p in prompts if kinds.get(p, "unlabelled") == kind]
+        out[kind] = {metric: change(reference, treated, chosen, k, metric, num_resamples) for metric in METRICS}
+        out[kind]["prompts"] = len(chosen)
+    return out
+
+
 def half_width_points(result) -> float:
     return 100 * (result["high"] - result["low"]) / 2
 
@@ -105,11 +118,7 @@ def main() -> None:
         reference, treated = by_model[args.reference], by_model[args.treated]
         prompts = sorted(set(reference) & set(treated))
         k_full = min(len(s) for s in (*reference.values(), *treated.values()))
-        full = {}
-        for kind in ("all", *sorted(set(kinds.get(p, "unlabelled") for p in prompts))):
-            chosen = prompts if kind == "all" else [p for p in prompts if kinds.get(p, "unlabelled") == kind]
-            full[kind] = {metric: change(reference, treated, chosen, k_full, metric, 10_000) for metric in METRICS}
-            full[kind]["prompts"] = len(chosen)
+        full = changes_by_kind(reference, treated, kinds)
         sizes = [n for n in map(int, args.prompts.split(",")) if n <= len(prompts)]
         ks = [k for k in map(int, args.samples.split(",")) if k <= k_full]
         result["scorers"][scorer] = {"prompts": len(prompts), "samples": k_full, "full": full,

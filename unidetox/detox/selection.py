@@ -185,6 +185,11 @@ class SelectionRule:
             >>> round(rows[0]["worst_change"], 2), rows[0]["within_bound"]
             (-0.2, True)
         """
+        return [row for row, _ in self._across_targets(records_by_target)]
+
+    def _across_targets(self, records_by_target: Mapping[str, Sequence[Mapping[str, Any]]]
+                        ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """:meth:`across_targets`' rows, each with the first target's full record of that configuration."""
         if not records_by_target:
             raise ValueError("`records_by_target` is empty; give at least one target's grid records.")
         tables = {target: _with_changes(_with_bounds(_checked_records(records), self.max_ppl_increase), self.metric)
@@ -199,13 +204,13 @@ class SelectionRule:
             if len(per_target) < len(tables):
                 continue  # a configuration not trained on every target cannot be compared across them
             first = per_target[next(iter(tables))]
-            rows.append({
+            rows.append(({
                 "config": dict(first.get("config") or {}), "step": first.get("step"),
                 "per_target": {t: {"run": r.get("run"), "checkpoint": r.get("checkpoint"), self.metric: r[self.metric],
                                    "change": r["change"], "perplexity_increase": r["perplexity_increase"],
                                    "within_bound": r["within_bound"]} for t, r in per_target.items()},
                 "worst_change": max(r["change"] for r in per_target.values()),
-                "within_bound": all(r["within_bound"] for r in per_target.values()), "chosen": False})
+                "within_bound": all(r["within_bound"] for r in per_target.values()), "chosen": False}, first))
         return rows
 
     def choose_on_every_target(
@@ -220,7 +225,8 @@ class SelectionRule:
         Returns ``(choice, table)``: the choice is the first target's record of that configuration (its run,
         checkpoint and metrics) with ``per_target``, ``worst_change`` and ``rule: "every_target"``; the table is
         :meth:`across_targets` with the chosen row flagged."""
-        table = self.across_targets(records_by_target)
+        rows = self._across_targets(records_by_target)
+        table = [row for row, _ in rows]
         if not table:
             raise ValueError(f"No configuration was trained and validated on every target {list(records_by_target)}; "
                              "train the same grid on each of them.")
@@ -242,9 +248,7 @@ class SelectionRule:
                 f"+{self.max_ppl_increase:.1%} of its base; raise max_ppl_increase, lower the learning rates / steps "
                 "of the grid, or pass on_empty='closest'.")
         best["chosen"] = True
-        first = next(iter(records_by_target))
-        record = next(r for r in _with_bounds(_checked_records(records_by_target[first]), self.max_ppl_increase)
-                      if not r["baseline"] and _config_key(r) == json.dumps(best["config"], sort_keys=True))
+        record = next(first for row, first in rows if row is best)
         choice = {**record, "rule": "every_target", "metric": self.metric,
                   "max_ppl_increase": float(self.max_ppl_increase), "per_target": best["per_target"],
                   "worst_change": best["worst_change"], "within_bound": best["within_bound"],
@@ -373,20 +377,14 @@ def _checked_records(grid_records: Sequence[Mapping[str, Any]]) -> list[dict[str
 def _with_bounds(records: list[dict[str, Any]], max_ppl_increase: float) -> list[dict[str, Any]]:
     """The records with their run's baseline perplexity, bound, ``perplexity_increase``, ``within_bound`` and
     ``chosen`` (False); a run without a baseline of its own is bounded by the mean of all baselines."""
-    baselines: dict[Any, list[float]] = {}
-    for r in records:
-        if r["baseline"]:
-            baselines.setdefault(r.get("run"), []).append(float(r["perplexity"]))
-    if not baselines:
+    if not any(r["baseline"] for r in records):
         raise ValueError(
             "No baseline record (step 0 / baseline: true) to compare perplexity against; evaluate the model before "
             "any change (DetoxEvalCallback eval_at_start=True, or the base model in the lambda sweep)."
         )
-    pooled = [v for values in baselines.values() for v in values]
-    overall = sum(pooled) / len(pooled)
+    base_of = _baseline_means(records, "perplexity")
     for r in records:
-        ref = baselines.get(r.get("run"))
-        base_ppl = sum(ref) / len(ref) if ref else overall
+        base_ppl = base_of(r)
         bound = base_ppl * (1.0 + max_ppl_increase)
         r["baseline_perplexity"] = base_ppl
         r["bound"] = bound
@@ -399,17 +397,13 @@ def _with_bounds(records: list[dict[str, Any]], max_ppl_increase: float) -> list
 def _with_changes(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """The bounded records (:func:`_with_bounds`) with ``change``: ``metric`` relative to its run's baseline (the
     mean of all baselines for a run without one)."""
-    baselines: dict[Any, list[float]] = {}
     for r in records:
-        if r["baseline"]:
-            if r.get(metric) is None:
-                raise ValueError(f"The baseline record of {r.get('run')} has no {metric}; evaluate the model before "
-                                 "any change with toxicity (DetoxEvalCallback eval_at_start=True).")
-            baselines.setdefault(r.get("run"), []).append(float(r[metric]))
-    pooled = [v for values in baselines.values() for v in values]
+        if r["baseline"] and r.get(metric) is None:
+            raise ValueError(f"The baseline record of {r.get('run')} has no {metric}; evaluate the model before "
+                             "any change with toxicity (DetoxEvalCallback eval_at_start=True).")
+    base_of = _baseline_means(records, metric)
     for r in records:
-        ref = baselines.get(r.get("run")) or pooled
-        base = sum(ref) / len(ref)
+        base = base_of(r)
         r["change"] = float(r[metric]) / base - 1.0 if base > 0 else math.nan
     return records
 
@@ -417,3 +411,19 @@ def _with_changes(records: list[dict[str, Any]], metric: str) -> list[dict[str, 
 def _config_key(record: Mapping[str, Any]) -> str:
     """A configuration's identity across targets: its hyperparameters and steps, not the run that trained it."""
     return json.dumps(record.get("config") or {}, sort_keys=True)
+
+
+def _baseline_means(records: list[dict[str, Any]], key: str):
+    """``record -> float``: the mean ``key`` of the record's run's baselines, or of all baselines for a run without
+    one (a single base record serves a sweep such as the task-vector lambdas)."""
+    baselines: dict[Any, list[float]] = {}
+    for r in records:
+        if r["baseline"]:
+            baselines.setdefault(r.get("run"), []).append(float(r[key]))
+    pooled = [v for values in baselines.values() for v in values]
+
+    def mean_of(record: Mapping[str, Any]) -> float:
+        values = baselines.get(record.get("run")) or pooled
+        return sum(values) / len(values)
+
+    return mean_of
