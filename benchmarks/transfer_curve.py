@@ -71,19 +71,12 @@ def selection_records(points: dict) -> dict[str, list[dict]]:
     return records
 
 
-class _ConfigAction(argparse.Action):
-    """``--config NAME``: the configuration that the ``--run`` arguments after it belong to."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.config = values
-
-
 class _RunAction(argparse.Action):
-    """``--run ...``: appended with the configuration named by the last ``--config`` before it."""
+    """``--run ...``: appended with the configuration named by the last ``--config`` before it (argparse stores
+    each option as it reaches it, so ``namespace.config`` is that one)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        runs = list(getattr(namespace, self.dest) or [])
-        namespace.run = [*runs, (namespace.config, *values)]
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (namespace.config, *values)])
 
 
 def _named(record) -> str:
@@ -111,7 +104,7 @@ def print_tables(points: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action=_ConfigAction, default="the configuration",
+    parser.add_argument("--config", default="the configuration",
                         help="the configuration that the --run arguments after it belong to (its name in the tables)")
     parser.add_argument("--run", nargs=5, action=_RunAction, required=True,
                         metavar=("TARGET", "STEP", "RUN_DIR", "REFERENCE", "TREATED"))
