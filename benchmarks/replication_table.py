@@ -22,12 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
-from unidetox.evaluation.paired import prompt_kinds
 from unidetox.evaluation.pipeline import EvaluateResult
-from unidetox.evaluation.prompts import PromptsConfig, load_prompts
+from unidetox.evaluation.rescore import run_prompt_kinds
 from unidetox.replication.report import assemble_report, write_replication_report
 
 METHODS = ("base", "unidetox", "control")
@@ -49,12 +46,6 @@ def judged_report(result: EvaluateResult, targets: Sequence[Sequence[str]], kind
         scorer_name=(report.get("scorer") or {}).get("name", "scorer"),
         toxic_threshold=(report.get("eval") or {}).get("toxic_threshold", TOXIC_THRESHOLD),
         extra={"description": title, "output_dir": result.output_dir})
-
-
-def run_prompt_kinds(run_dir: Path) -> dict[str, str]:
-    """Each prompt's kind (ToxiGen's hate / neutral) from the prompt set the run was made with."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return prompt_kinds(load_prompts(PromptsConfig(**config["prompts"])))
 
 
 def build_parser() -> argparse.ArgumentParser:
