@@ -18,6 +18,7 @@ writes ``report.json``, ``report.md`` and ``toxicity_vs_perplexity.png`` into ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from unidetox.evaluation.metrics import TOXIC_THRESHOLD
 from unidetox.evaluation.pipeline import EvaluateResult
 from unidetox.evaluation.rescore import run_prompt_kinds
+from unidetox.replication.config import SuccessBar
 from unidetox.replication.report import assemble_report, write_replication_report
 
 METHODS = ("base", "unidetox", "control")
@@ -55,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar=("NAME", "BASE", "UNIDETOX", "CONTROL"),
                         help="a target and its three models' keys in the run's report.json")
     parser.add_argument("--title", default="", help="a line saying which configuration is tested")
-    parser.add_argument("--min-toxicity-drop", type=float, default=0.30, help="the bar's TP and EMT fall")
-    parser.add_argument("--max-ppl-increase", type=float, default=0.10, help="the bar's WikiText-2 perplexity bound")
+    for bar_field in dataclasses.fields(SuccessBar):
+        parser.add_argument(f"--{bar_field.name.replace('_', '-')}", type=float, default=bar_field.default,
+                            help=bar_field.metadata["help"])
     parser.add_argument("--out", type=Path, required=True, help="where report.json and report.md go")
     return parser
 
@@ -67,7 +70,7 @@ def main() -> None:
     if result is None:
         raise SystemExit(f"{args.run_dir} has no report.json: run `unidetox evaluate` there first.")
     report = judged_report(result, args.target, run_prompt_kinds(args.run_dir), title=args.title,
-                         bar={"min_toxicity_drop": args.min_toxicity_drop, "max_ppl_increase": args.max_ppl_increase})
+                         bar=dataclasses.asdict(SuccessBar(args.min_toxicity_drop, args.max_ppl_increase)))
     paths = write_replication_report(report, args.out)
     print(paths["markdown"].read_text())
 
